@@ -1,0 +1,1 @@
+"""Dataset configuration, media sources, buckets and cache files (arrive with the caching issue)."""

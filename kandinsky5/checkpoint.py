@@ -1,0 +1,169 @@
+"""Load DiT weights from the official single files or diffusers-format folders.
+
+Accepted: a ``.safetensors`` file; a ``*.safetensors.index.json`` (sharded); a folder holding one
+of those, or a diffusers model folder with a ``transformer/`` subfolder. A common key prefix
+(``model.diffusion_model.``, ``diffusion_model.``, ``transformer.``, ``model.``, ``module.``) is
+stripped. Tensors are read one at a time from the memory-mapped file straight into their final
+dtype and device, into a model built on the ``meta`` device, so no full-size copy in another
+dtype ever exists. A checkpoint of another architecture fails with the first differing key and
+the tasks whose architecture the checkpoint does fit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from modules.atomic_save import save_safetensors_atomic
+
+from .dit import DiffusionTransformer3D, keeps_fp32
+from .tasks import TASKS, TaskPreset
+
+KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "module.")
+FP8_SCALE_SUFFIX = ".scale_weight"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors file(s) a DiT checkpoint path stands for."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"DiT checkpoint {path} does not exist")
+    if path.is_dir():
+        if (path / "transformer").is_dir() and not any(path.glob("*.safetensors")):
+            path = path / "transformer"
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        singles = sorted(path.glob("*.safetensors"))
+        if indexes:
+            path = indexes[0]
+        elif len(singles) == 1:
+            return singles
+        else:
+            found = ", ".join(p.name for p in singles) or "none"
+            raise CheckpointError(
+                f"folder {path} should hold one .safetensors file or a *.safetensors.index.json; found {found}"
+            )
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise CheckpointError(f"{path} is not a safetensors index (expected a 'weight_map'): {error}") from None
+        shards = [path.parent / name for name in sorted(set(weight_map.values()))]
+        missing = [str(s) for s in shards if not s.exists()]
+        if missing:
+            raise CheckpointError(f"{path} lists shard(s) that do not exist: {', '.join(missing)}")
+        return shards
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"DiT checkpoint {path} is not a .safetensors file (or a folder / index of them)")
+    return [path]
+
+
+def _common_prefix(keys: list[str]) -> str:
+    for prefix in KEY_PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return prefix
+    return ""
+
+
+def read_layout(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """Model key -> (file, key in that file, shape), without reading any tensor data."""
+    raw: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    raw[key] = (file, tuple(f.get_slice(key).get_shape()))
+        except Exception as error:  # safetensors raises its own error types for damaged headers
+            raise CheckpointError(f"cannot read {file} as safetensors: {error}") from None
+    prefix = _common_prefix(list(raw))
+    return {key[len(prefix) :]: (file, key, shape) for key, (file, shape) in raw.items()}
+
+
+@cache
+def _expected_shapes(params_items: tuple) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = DiffusionTransformer3D(**dict(params_items))
+    return {key: tuple(t.shape) for key, t in model.state_dict().items()}
+
+
+def expected_shapes(dit_params: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return _expected_shapes(tuple(sorted(dit_params.items())))
+
+
+def matching_tasks(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Tasks whose DiT has exactly these keys and shapes."""
+    return [name for name, task in TASKS.items() if expected_shapes(task.dit_params) == dict(shapes)]
+
+
+def check_architecture(layout: Mapping[str, tuple[Path, str, tuple[int, ...]]], task: TaskPreset, source: str) -> None:
+    if any(key.endswith(FP8_SCALE_SUFFIX) for key in layout):
+        raise CheckpointError(
+            f"{source} is an fp8 checkpoint (it has '{FP8_SCALE_SUFFIX}' keys); fp8 checkpoints are not supported yet"
+        )
+    expected = expected_shapes(task.dit_params)
+    found = {key: shape for key, (_, _, shape) in layout.items()}
+    if found == expected:
+        return
+    problems = [
+        f"key {k!r} has shape {list(found[k])} in the checkpoint, the task expects {list(shape)}"
+        for k, shape in expected.items()
+        if k in found and found[k] != shape
+    ]
+    problems += [f"key {k!r} is missing" for k in expected if k not in found]
+    problems += [f"unexpected key {k!r}" for k in found if k not in expected]
+    fits = [name for name in matching_tasks(found) if not name.startswith("tiny-") or task.name.startswith("tiny-")]
+    hint = f" The checkpoint fits these tasks: {', '.join(fits)}." if fits else " No known task has this architecture."
+    more = f" ({len(problems) - 1} more differences)" if len(problems) > 1 else ""
+    raise CheckpointError(f"{source} does not fit task {task.name!r}: {problems[0]}{more}.{hint}")
+
+
+def _set_parameter(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path)
+    module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _materialize(tensor: torch.Tensor, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor in its final dtype, in memory of its own. safetensors can hand out CPU tensors that are
+    not 64-byte aligned, which sends matmuls down other (slower, differently rounding) kernel paths."""
+    target = torch.float32 if keeps_fp32(key) else dtype
+    if tensor.dtype != target:
+        return tensor.to(target)
+    return tensor.clone() if tensor.device.type == "cpu" else tensor
+
+
+def load_dit(
+    path: str | Path, task: TaskPreset, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+) -> DiffusionTransformer3D:
+    """Build the task's DiT and fill it from ``path``; parameters are frozen (requires_grad False)."""
+    files = checkpoint_files(path)
+    layout = read_layout(files)
+    check_architecture(layout, task, str(path))
+    with torch.device("meta"):
+        model = DiffusionTransformer3D(**task.dit_params)
+    device = torch.device(device)
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for key, (file, file_key, _) in layout.items():
+        by_file.setdefault(file, []).append((key, file_key))
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key, file_key in keys:
+                _set_parameter(model, key, _materialize(f.get_tensor(file_key), key, dtype))
+    return model
+
+
+def save_dit(model: DiffusionTransformer3D, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write the DiT's state dict as one safetensors file with the official key names."""
+    meta = {"dit_params": json.dumps(model.config)}
+    meta.update(metadata or {})
+    save_safetensors_atomic(model.state_dict(), path, metadata=meta)

@@ -1,0 +1,64 @@
+"""Argument helpers shared by the command-line scripts."""
+
+from __future__ import annotations
+
+import argparse
+
+from .attention import BACKENDS, DEFAULT_BACKEND
+from .tasks import TASKS, TaskPreset, UnknownTaskError, get_task
+
+ATTENTION_FLAGS = {
+    "sdpa": "PyTorch scaled_dot_product_attention (default; works on CPU and GPU, needs no extra package)",
+    "flash_attn": "FlashAttention 2 (pip install flash-attn; CUDA only)",
+    "flash3": "FlashAttention 3 (Hopper GPUs; flash_attn_interface built from flash-attention's hopper/ folder)",
+    "xformers": "xformers memory-efficient attention (pip install xformers; CUDA only)",
+    "sage_attn": "SageAttention (pip install sageattention; CUDA only)",
+}
+_FLAG_TO_BACKEND = {"sage_attn": "sage"}
+
+
+def _task(name: str) -> TaskPreset:
+    try:
+        return get_task(name)
+    except UnknownTaskError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def task_table() -> str:
+    return "\n".join(f"  {name:<28} {task.description}" for name, task in TASKS.items())
+
+
+def add_task_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--task",
+        type=_task,
+        default=default,
+        required=default is None,
+        metavar="TASK",
+        help="model configuration: architecture and default settings (see the task list below); "
+        "the weights come from --dit" + (f" (default: {default})" if default else ""),
+    )
+    parser.epilog = ((parser.epilog or "") + "\n\ntasks:\n" + task_table()).strip()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("attention backend (choose at most one)").add_mutually_exclusive_group()
+    for flag, text in ATTENTION_FLAGS.items():
+        group.add_argument(f"--{flag}", action="store_true", help=text)
+
+
+def attention_backend(args: argparse.Namespace) -> str:
+    for flag in ATTENTION_FLAGS:
+        if getattr(args, flag, False):
+            backend = _FLAG_TO_BACKEND.get(flag, flag)
+            assert backend in BACKENDS
+            return backend
+    return DEFAULT_BACKEND
+
+
+def exit_not_implemented(description: str, issue_title: str, argv: list[str] | None = None) -> None:
+    """Entry point of a command whose work has not landed yet: ``--help`` works, running says so."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.parse_args(argv)
+    raise SystemExit(f'not implemented yet: this command arrives with the issue "{issue_title}".')

@@ -1,0 +1,349 @@
+"""The Kandinsky 5 diffusion transformer (DiT), with a batch dimension and masked text.
+
+Module names and parameter shapes equal the official checkpoints (and diffusers'
+``Kandinsky5Transformer3DModel``), so a state dict loads without renaming.
+
+Precision follows the official model: the time embedding, every modulation, the
+norm-scale-shift, the gated residual sums, the q/k RMSNorm and the rotary embedding run in fp32;
+the other Linear layers and the attention kernel run in the compute dtype (the dtype of the
+Linear weights). Which parameters stay fp32 whatever the compute dtype is declared once, in
+``FP32_PARAMETER_PATTERNS``.
+
+Shapes: visual input (B, T, H, W, C) with C = 16, or 33 when visual conditioning / instruct
+channels are present; text (B, L, in_text_dim) right-padded, with a key padding mask (B, L);
+pooled text (B, in_text_dim2); time (B,) = sigma * 1000 in fp32. Output (B, T, H, W, 16).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import DEFAULT_BACKEND, attention, check_backend
+from .rope import RopeCache, apply_rotation, frequencies, text_angles, visual_angles
+
+# Parameters whose names contain one of these stay fp32 whatever the compute dtype.
+FP32_PARAMETER_PATTERNS = ("time_embeddings", "modulation", "norm")
+LAYER_NORM_EPS = 1e-5
+
+
+def keeps_fp32(parameter_name: str) -> bool:
+    return any(pattern in parameter_name for pattern in FP32_PARAMETER_PATTERNS)
+
+
+def fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer`` applied in fp32 (a no-op cast when its weights are already fp32, as they normally are)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def rms_norm_fp32(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm (no affine) then scale and shift, in fp32; returns fp32."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=LAYER_NORM_EPS) * (1.0 + scale) + shift
+
+
+def gated_add(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x + gate * update in fp32, returned in x's dtype."""
+    return (x.float() + gate * update.float()).to(x.dtype)
+
+
+class TimeEmbeddings(nn.Module):
+    """Sinusoidal embedding of sigma*1000 (width model_dim) followed by a 2-layer MLP; fp32."""
+
+    def __init__(self, model_dim: int, time_dim: int):
+        super().__init__()
+        self.model_dim = model_dim
+        self.in_layer = nn.Linear(model_dim, time_dim)
+        self.out_layer = nn.Linear(time_dim, time_dim)
+
+    def forward(self, time: torch.Tensor) -> torch.Tensor:
+        args = torch.outer(time.float(), frequencies(self.model_dim, time.device))
+        embed = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return fp32_linear(self.out_layer, F.silu(fp32_linear(self.in_layer, embed)))
+
+
+class TextEmbeddings(nn.Module):
+    """Linear projection (compute dtype) then an affine LayerNorm (fp32); returns the compute dtype."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        projected = self.in_layer(text.to(self.in_layer.weight.dtype))
+        norm = self.norm
+        weight, bias = norm.weight.float(), norm.bias.float()
+        normed = F.layer_norm(projected.float(), norm.normalized_shape, weight, bias, eps=norm.eps)
+        return normed.to(projected.dtype)
+
+
+class VisualEmbeddings(nn.Module):
+    """Patchify (B, T, H, W, C) into (B, T', H', W', pt*ph*pw*C) with channels fastest, then project."""
+
+    def __init__(self, in_channels: int, model_dim: int, patch_size: tuple[int, int, int]):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.in_layer = nn.Linear(math.prod(patch_size) * in_channels, model_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h, w, c = x.shape
+        pt, ph, pw = self.patch_size
+        patches = x.view(b, t // pt, pt, h // ph, ph, w // pw, pw, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+        return self.in_layer(patches.reshape(b, t // pt, h // ph, w // pw, -1).to(self.in_layer.weight.dtype))
+
+
+class Modulation(nn.Module):
+    """SiLU then Linear(time_dim -> n * model_dim); fp32. Returns (B, 1, n * model_dim)."""
+
+    def __init__(self, time_dim: int, model_dim: int, num_params: int):
+        super().__init__()
+        self.out_layer = nn.Linear(time_dim, num_params * model_dim)
+
+    def forward(self, time_embed: torch.Tensor) -> torch.Tensor:
+        return fp32_linear(self.out_layer, F.silu(time_embed.float()))[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with q/k RMSNorm (fp32) and optional rotary embedding (fp32)."""
+
+    def __init__(self, model_dim: int, head_dim: int):
+        super().__init__()
+        self.num_heads = model_dim // head_dim
+        self.to_query = nn.Linear(model_dim, model_dim)
+        self.to_key = nn.Linear(model_dim, model_dim)
+        self.to_value = nn.Linear(model_dim, model_dim)
+        self.query_norm = nn.RMSNorm(head_dim)
+        self.key_norm = nn.RMSNorm(head_dim)
+        self.out_layer = nn.Linear(model_dim, model_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        backend: str,
+    ) -> torch.Tensor:
+        q = self.to_query(x).unflatten(-1, (self.num_heads, -1))
+        k = self.to_key(context).unflatten(-1, (self.num_heads, -1))
+        v = self.to_value(context).unflatten(-1, (self.num_heads, -1))
+        q, k = rms_norm_fp32(self.query_norm, q), rms_norm_fp32(self.key_norm, k)
+        if rope is not None:
+            q, k = apply_rotation(q, rope), apply_rotation(k, rope)
+        out = attention(q.to(v.dtype), k.to(v.dtype), v, key_mask, backend)
+        return self.out_layer(out.flatten(-2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, model_dim: int, ff_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(model_dim, ff_dim, bias=False)
+        self.out_layer = nn.Linear(ff_dim, model_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.gelu(self.in_layer(x)))
+
+
+class TextBlock(nn.Module):
+    """Text transformer block: self-attention with 1-D RoPE, then feed-forward."""
+
+    def __init__(self, model_dim: int, time_dim: int, ff_dim: int, head_dim: int):
+        super().__init__()
+        self.text_modulation = Modulation(time_dim, model_dim, 6)
+        self.self_attention = Attention(model_dim, head_dim)
+        self.feed_forward = FeedForward(model_dim, ff_dim)
+
+    def forward(self, text, time_embed, rope, text_mask, backend: str) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.text_modulation(time_embed).chunk(6, dim=-1)
+        out = modulate(text, shift_a, scale_a).to(text.dtype)
+        text = gated_add(text, gate_a, self.self_attention(out, out, text_mask, rope, backend))
+        out = modulate(text, shift_f, scale_f).to(text.dtype)
+        return gated_add(text, gate_f, self.feed_forward(out))
+
+
+class VisualBlock(nn.Module):
+    """Visual transformer block: self-attention with 3-D RoPE, cross-attention to the text, feed-forward."""
+
+    def __init__(self, model_dim: int, time_dim: int, ff_dim: int, head_dim: int):
+        super().__init__()
+        self.visual_modulation = Modulation(time_dim, model_dim, 9)
+        self.self_attention = Attention(model_dim, head_dim)
+        self.cross_attention = Attention(model_dim, head_dim)
+        self.feed_forward = FeedForward(model_dim, ff_dim)
+
+    def forward(self, visual, text, time_embed, rope, text_mask, backend: str) -> torch.Tensor:
+        params = self.visual_modulation(time_embed).chunk(9, dim=-1)
+        shift, scale, gate = params[0:3]
+        out = modulate(visual, shift, scale).to(visual.dtype)
+        visual = gated_add(visual, gate, self.self_attention(out, out, None, rope, backend))
+        shift, scale, gate = params[3:6]
+        out = modulate(visual, shift, scale).to(visual.dtype)
+        visual = gated_add(visual, gate, self.cross_attention(out, text, text_mask, None, backend))
+        shift, scale, gate = params[6:9]
+        out = modulate(visual, shift, scale).to(visual.dtype)
+        return gated_add(visual, gate, self.feed_forward(out))
+
+
+class OutLayer(nn.Module):
+    """Final modulated LayerNorm and projection back to latent patches."""
+
+    def __init__(self, model_dim: int, time_dim: int, out_channels: int, patch_size: tuple[int, int, int]):
+        super().__init__()
+        self.modulation = Modulation(time_dim, model_dim, 2)
+        self.out_layer = nn.Linear(model_dim, math.prod(patch_size) * out_channels)
+
+    def forward(self, visual: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(time_embed).chunk(2, dim=-1)
+        return self.out_layer(modulate(visual, shift, scale).to(visual.dtype))
+
+
+class DiffusionTransformer3D(nn.Module):
+    """Kandinsky 5 DiT. The constructor takes the official ``dit_params`` keys."""
+
+    def __init__(
+        self,
+        in_visual_dim: int = 16,
+        out_visual_dim: int = 16,
+        in_text_dim: int = 3584,
+        in_text_dim2: int = 768,
+        time_dim: int = 512,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        model_dim: int = 1792,
+        ff_dim: int = 7168,
+        num_text_blocks: int = 2,
+        num_visual_blocks: int = 32,
+        axes_dims: tuple[int, int, int] = (16, 24, 24),
+        visual_cond: bool = False,
+        instruct_type: str | None = None,
+    ):
+        super().__init__()
+        if instruct_type not in (None, "channel"):
+            raise ValueError(f"instruct_type must be None or 'channel', got {instruct_type!r}")
+        head_dim = sum(axes_dims)
+        if model_dim % head_dim:
+            raise ValueError(f"model_dim {model_dim} is not a multiple of head_dim {head_dim} (= sum of axes_dims)")
+        self.config: dict[str, Any] = dict(
+            in_visual_dim=in_visual_dim,
+            out_visual_dim=out_visual_dim,
+            in_text_dim=in_text_dim,
+            in_text_dim2=in_text_dim2,
+            time_dim=time_dim,
+            patch_size=tuple(patch_size),
+            model_dim=model_dim,
+            ff_dim=ff_dim,
+            num_text_blocks=num_text_blocks,
+            num_visual_blocks=num_visual_blocks,
+            axes_dims=tuple(axes_dims),
+            visual_cond=visual_cond,
+            instruct_type=instruct_type,
+        )
+        self.patch_size = tuple(patch_size)
+        self.axes_dims = tuple(axes_dims)
+        self.head_dim = head_dim
+        conditioned = visual_cond or instruct_type == "channel"
+        # Conditioned models take [noisy latent, condition latent, mask] = 2 * C + 1 channels.
+        self.in_channels = 2 * in_visual_dim + 1 if conditioned else in_visual_dim
+
+        self.time_embeddings = TimeEmbeddings(model_dim, time_dim)
+        self.text_embeddings = TextEmbeddings(in_text_dim, model_dim)
+        self.pooled_text_embeddings = TextEmbeddings(in_text_dim2, time_dim)
+        self.visual_embeddings = VisualEmbeddings(self.in_channels, model_dim, patch_size)
+        self.text_transformer_blocks = nn.ModuleList(
+            TextBlock(model_dim, time_dim, ff_dim, head_dim) for _ in range(num_text_blocks)
+        )
+        self.visual_transformer_blocks = nn.ModuleList(
+            VisualBlock(model_dim, time_dim, ff_dim, head_dim) for _ in range(num_visual_blocks)
+        )
+        self.out_layer = OutLayer(model_dim, time_dim, out_visual_dim, patch_size)
+
+        self.gradient_checkpointing = False
+        self.attention_backend = DEFAULT_BACKEND
+        self._rope = RopeCache()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.visual_embeddings.in_layer.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual_embeddings.in_layer.weight.device
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> DiffusionTransformer3D:
+        """Cast the parameters to ``dtype``, except those that stay fp32 (see FP32_PARAMETER_PATTERNS)."""
+        for name, param in self.named_parameters():
+            param.data = param.data.to(torch.float32 if keeps_fp32(name) else dtype)
+        return self
+
+    def set_attention_backend(self, name: str) -> None:
+        check_backend(name, self.device)
+        self.attention_backend = name
+
+    def _run_block(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _check_input(self, x: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> None:
+        b, t, h, w, c = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"the DiT takes {self.in_channels} latent channels, got {c} (input {tuple(x.shape)})")
+        pt, ph, pw = self.patch_size
+        if t % pt or h % ph or w % pw:
+            raise ValueError(f"latent size (T={t}, H={h}, W={w}) is not divisible by the patch size {self.patch_size}")
+        if text.shape[0] != b or pooled.shape[0] != b:
+            raise ValueError(f"batch sizes differ: latents {b}, text {text.shape[0]}, pooled text {pooled.shape[0]}")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor,
+        pooled_text: torch.Tensor,
+        time: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ) -> torch.Tensor:
+        """Predict the velocity for latents ``x`` at times ``time`` (sigma * 1000) given the text."""
+        self._check_input(x, text, pooled_text)
+        batch, device = x.shape[0], x.device
+        if text_mask is not None and bool(text_mask.all()):
+            text_mask = None  # nothing is padded: the unmasked kernels are faster
+        time = time.float().reshape(-1).expand(batch)
+
+        time_embed = self.time_embeddings(time) + self.pooled_text_embeddings(pooled_text).float()
+        text_embed = self.text_embeddings(text)
+        visual = self.visual_embeddings(x)
+        grid = tuple(visual.shape[1:4])
+        visual = visual.flatten(1, 3)
+
+        length = text.shape[1]
+        text_rope = self._rope.get(("text", length, device), lambda: text_angles(length, self.head_dim, device))
+        visual_rope = self._rope.get(
+            ("visual", grid, tuple(rope_scale), device),
+            lambda: visual_angles(grid, self.axes_dims, rope_scale, device),
+        )
+
+        backend = self.attention_backend
+        for block in self.text_transformer_blocks:
+            text_embed = self._run_block(block, text_embed, time_embed, text_rope, text_mask, backend)
+        for block in self.visual_transformer_blocks:
+            visual = self._run_block(block, visual, text_embed, time_embed, visual_rope, text_mask, backend)
+        out = self.out_layer(visual, time_embed)
+        return self._unpatchify(out, grid)
+
+    def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, T'H'W', C*pt*ph*pw) with channels slowest -> (B, T, H, W, C)."""
+        b = out.shape[0]
+        t, h, w = grid
+        pt, ph, pw = self.patch_size
+        out = out.view(b, t, h, w, -1, pt, ph, pw).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return out.reshape(b, t * pt, h * ph, w * pw, -1)

@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from kandinsky5.dit import keeps_fp32
+
+from .dit_helpers import diffusers_dit, random_dit, random_inputs, run_diffusers
+
+# (task, latent frames, latent height, latent width, text tokens, rope scale)
+PARITY_CASES = [
+    ("tiny-t2v", 1, 4, 4, 1, (1.0, 2.0, 2.0)),
+    ("tiny-t2v", 3, 8, 12, 7, (1.0, 2.0, 2.0)),
+    ("tiny-t2v", 5, 6, 4, 40, (1.0, 3.16, 3.16)),
+    ("tiny-pro-t2v", 2, 4, 8, 13, (1.0, 2.0, 2.0)),
+    ("tiny-t2i", 1, 8, 8, 9, (1.0, 1.0, 1.0)),
+    ("tiny-t2i", 1, 12, 6, 30, (1.0, 1.0, 1.0)),
+    ("tiny-i2i", 1, 6, 10, 5, (1.0, 1.0, 1.0)),
+]
+
+
+@pytest.mark.parametrize("task,frames,height,width,text_len,rope_scale", PARITY_CASES)
+def test_matches_diffusers_with_the_same_weights(task, frames, height, width, text_len, rope_scale):
+    ours = random_dit(task)
+    theirs = diffusers_dit(task, ours.state_dict())
+    inputs = random_inputs(ours, 1, frames, height, width, text_len)
+    with torch.no_grad():
+        out = ours(*inputs, rope_scale=rope_scale)
+    expected = run_diffusers(theirs, *inputs, rope_scale)
+    assert out.shape == expected.shape == (1, frames, height, width, 16)
+    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_batch_with_padded_text_equals_samples_run_alone():
+    model = random_dit("tiny-t2v")
+    x, text, pooled, time = random_inputs(model, 2, 2, 6, 8, 11)
+    lengths = [11, 4]
+    mask = torch.arange(11)[None] < torch.tensor(lengths)[:, None]
+    padded = text.clone()
+    padded[1, 4:] = 123.0  # garbage in the padding must not matter
+    with torch.no_grad():
+        batched = model(x, padded, pooled, time, text_mask=mask)
+        alone = [
+            model(x[i : i + 1], text[i : i + 1, :n], pooled[i : i + 1], time[i : i + 1]) for i, n in enumerate(lengths)
+        ]
+    for i in range(2):
+        assert torch.allclose(batched[i], alone[i][0], rtol=1e-5, atol=1e-5 * alone[i].abs().max())
+
+
+def test_full_mask_equals_no_mask_and_scalar_time_broadcasts():
+    model = random_dit("tiny-t2i")
+    x, text, pooled, _ = random_inputs(model, 2, 1, 4, 4, 5)
+    with torch.no_grad():
+        a = model(x, text, pooled, torch.tensor([500.0]), text_mask=torch.ones(2, 5, dtype=torch.bool))
+        b = model(x, text, pooled, torch.tensor([500.0, 500.0]))
+    assert torch.equal(a, b)
+
+
+def test_compute_dtype_keeps_the_fp32_parts_and_stays_close():
+    model = random_dit("tiny-t2v")
+    inputs = random_inputs(model, 1, 2, 4, 4, 6)
+    with torch.no_grad():
+        reference = model(*inputs)
+        model.set_compute_dtype(torch.bfloat16)
+        out = model(*inputs)
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if keeps_fp32(name) else torch.bfloat16), name
+    assert keeps_fp32("visual_transformer_blocks.0.visual_modulation.out_layer.weight")
+    assert keeps_fp32("time_embeddings.in_layer.weight") and keeps_fp32("text_embeddings.norm.weight")
+    assert not keeps_fp32("visual_transformer_blocks.0.self_attention.to_query.weight")
+    assert out.dtype == torch.bfloat16
+    error = (out.float() - reference).norm() / reference.norm()
+    assert error < 0.05
+
+
+def test_casting_the_whole_module_keeps_fp32_math_and_rope_tables():
+    model = random_dit("tiny-t2v")
+    inputs = random_inputs(model, 1, 2, 4, 4, 3)
+    with torch.no_grad():
+        reference = model.set_compute_dtype(torch.bfloat16)(*inputs)
+        out = model.to(torch.bfloat16)(*inputs)  # fp32-kept parameters rounded to bf16 too
+    assert all(t.dtype == torch.float32 for table in model._rope._tables.values() for t in table)
+    assert (out.float() - reference.float()).norm() / reference.float().norm() < 0.05
+
+
+def test_gradient_checkpointing_gives_the_same_output_and_gradients():
+    def loss_and_grads(checkpointing: bool):
+        model = random_dit("tiny-pro-t2v")
+        model.gradient_checkpointing = checkpointing
+        loss = model(*random_inputs(model, 2, 2, 4, 4, 5)).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_plain, grads_plain = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    assert torch.equal(loss_plain, loss_ckpt)
+    for name, grad in grads_plain.items():
+        assert torch.allclose(grad, grads_ckpt[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_visual_conditioning_channels_are_read():
+    model = random_dit("tiny-t2v")
+    x, text, pooled, time = random_inputs(model, 1, 2, 4, 4, 3)
+    assert x.shape[-1] == 33
+    conditioned = x.clone()
+    conditioned[..., 16:] = 0.5
+    with torch.no_grad():
+        assert not torch.allclose(model(x, text, pooled, time), model(conditioned, text, pooled, time))
+
+
+def test_bad_inputs_are_named():
+    model = random_dit("tiny-t2v")
+    x, text, pooled, time = random_inputs(model, 1, 2, 4, 4, 3)
+    with pytest.raises(ValueError, match="takes 33 latent channels, got 16 "):
+        model(x[..., :16], text, pooled, time)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        model(x[:, :, :3], text, pooled, time)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        model(x, text.expand(2, -1, -1), pooled, time)
