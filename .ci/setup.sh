@@ -17,3 +17,13 @@ if ! python -c "import torch" 2>/dev/null; then
     fi
 fi
 python -m pip install -q -e ".[test]"
+# The real Qwen2.5 vocabulary, for the test that checks the template crops against the official
+# token counts: dashscope's wheel carries it as qwen.tiktoken (only that file is extracted).
+if [ ! -f .venv/share/qwen.tiktoken ]; then
+    mkdir -p .venv/share
+    download=$(mktemp -d)
+    python -m pip download -q --no-deps -d "$download" "dashscope==2.0.2"
+    python -c "import sys, zipfile, glob; z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/dashscope-*.whl')[0]); \
+open('.venv/share/qwen.tiktoken', 'wb').write(z.read('dashscope/resources/qwen.tiktoken'))" "$download"
+    rm -rf "$download"
+fi

@@ -1,0 +1,191 @@
+"""Build a tiny random weights tree with the layout and file formats of the real one.
+
+    python -m kandinsky5.tiny OUT_DIR [--seed 0]
+
+writes, deterministically from the seed:
+
+    OUT_DIR/model/tiny_*.safetensors      DiT checkpoints of the tiny-* task presets (bf16, official keys)
+    OUT_DIR/vae/                          HunyuanVideo VAE, diffusers layout (config.json + safetensors)
+    OUT_DIR/flux/vae/                     FLUX.1 VAE, diffusers layout
+    OUT_DIR/text_encoder/                 Qwen2.5-VL folder: config, weights, tokenizer, image processor
+    OUT_DIR/text_encoder2/clip_l.safetensors   CLIP-L text tower, single file as ComfyUI ships it
+
+Every command of the toolkit runs on this tree exactly as on the real weights; the tests and the
+quick-start demo use it. The Qwen tokenizer is a byte-level BPE trained here on the prompt
+templates and a few sentences, with Qwen's pre-tokenizer and special tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from modules.atomic_save import save_safetensors_atomic
+
+from .checkpoint import save_dit
+from .dit import DiffusionTransformer3D
+from .prompt_templates import TEMPLATES
+from .tasks import TASKS, TINY_CLIP_DIM, TINY_TEXT_DIM
+
+QWEN_PRETOKENIZE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                       "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                       "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+TOKENIZER_CORPUS = [
+    "A cat walks on the grass, realistic style.",
+    "A red car drives along a coastal road at sunset; the camera follows it from above.",
+    "Two people dance in a neon-lit street while rain falls. Close-up, slow motion.",
+    "An old lighthouse on a cliff, waves crashing, 35mm film, golden hour.",
+    "low quality, bad quality, artifacts, blurry, worst quality",
+    "Make the sky purple and add a rainbow over the mountains.",
+]
+TINY_VAE_CHANNELS = [8, 8, 16, 16]
+
+
+def build_qwen_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    corpus = [t.text for t in TEMPLATES.values()] + TOKENIZER_CORPUS
+    tokenizer.train_from_iterator(corpus * 4, trainer)
+    return tokenizer
+
+
+def write_qwen(folder: Path, seed: int) -> None:
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    backend = build_qwen_tokenizer()
+    backend.save(str(folder / "tokenizer.json"))
+    ids = {token: backend.token_to_id(token) for token in QWEN_SPECIAL_TOKENS}
+    tokenizer_config = {"tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "pad_token": "<|endoftext|>",
+                        "eos_token": "<|im_end|>", "padding_side": "right", "errors": "replace"}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    assert len(PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))) == backend.get_vocab_size()
+
+    torch.manual_seed(seed)
+    head_dim = TINY_TEXT_DIM // 2
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=backend.get_vocab_size(),
+            hidden_size=TINY_TEXT_DIM,
+            intermediate_size=2 * TINY_TEXT_DIM,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=TINY_TEXT_DIM,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),  # fmt: skip
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    assert sum(config.text_config.rope_parameters["mrope_section"]) * 2 == head_dim
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=256 * 256).save_pretrained(folder)
+    processor_config = {"processor_class": "Qwen2_5_VLProcessor"}
+    (folder / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
+
+
+def write_clip(file: Path, seed: int) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .clip_vocab import clip_vocab_and_merges
+
+    torch.manual_seed(seed)
+    vocab, _ = clip_vocab_and_merges()
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=TINY_CLIP_DIM, intermediate_size=2 * TINY_CLIP_DIM,
+                            num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=77,
+                            hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)  # fmt: skip
+    model = CLIPTextModel(config)
+    # keyed as ComfyUI's clip_l.safetensors is: text_model.<module path>
+    state = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in model.state_dict().items()}
+    save_safetensors_atomic(state, file)
+
+
+def write_vae(folder: Path, kind: str, seed: int) -> None:
+    from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo
+
+    torch.manual_seed(seed)
+    shared = dict(block_out_channels=TINY_VAE_CHANNELS, layers_per_block=1, norm_num_groups=4, latent_channels=16)
+    if kind == "hunyuan":
+        model = AutoencoderKLHunyuanVideo(**shared)
+    else:
+        model = AutoencoderKL(**shared, down_block_types=["DownEncoderBlock2D"] * 4,
+                              up_block_types=["UpDecoderBlock2D"] * 4, sample_size=64, scaling_factor=0.3611,
+                              shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+    model.save_pretrained(folder)
+
+
+def write_dits(folder: Path, seed: int) -> list[Path]:
+    written = []
+    for i, task in enumerate(t for t in TASKS.values() if t.name.startswith("tiny-")):
+        path = folder / task.checkpoint
+        if path in written:
+            continue  # several tiny tasks share an architecture and a file, as the real ones do
+        torch.manual_seed(seed + 100 + i)
+        model = DiffusionTransformer3D(**task.dit_params).set_compute_dtype(torch.bfloat16)
+        save_dit(model, path)
+        written.append(path)
+    return written
+
+
+def build_tiny_tree(out: str | Path, seed: int = 0) -> Path:
+    out = Path(out)
+    write_dits(out / "model", seed)
+    write_vae(out / "vae", "hunyuan", seed + 1)
+    write_vae(out / "flux" / "vae", "flux", seed + 2)
+    write_qwen(out / "text_encoder", seed + 3)
+    (out / "text_encoder2").mkdir(parents=True, exist_ok=True)
+    write_clip(out / "text_encoder2" / "clip_l.safetensors", seed + 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="folder to write the tree into (created if needed)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args(argv)
+    out = build_tiny_tree(args.out_dir, args.seed)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    print(f"wrote {len(files)} files ({size / 2**20:.1f} MiB) under {out}")
+
+
+if __name__ == "__main__":
+    main()
