@@ -1,6 +1,129 @@
-"""Generate videos (T2V, I2V) and images (T2I, I2I) with a Kandinsky 5 DiT, optionally with LoRAs."""
+"""Generate videos (T2V, I2V) and images (T2I, I2I) with a Kandinsky 5 DiT, optionally with LoRAs.
 
-from kandinsky5.cli import exit_not_implemented
+Examples:
+  python kandinsky5_generate_video.py --task k5-lite-t2v-5s-sd --prompt "A cat walks on the grass." \\
+      --frames 121 --width 768 --height 512 --output cat.mp4
+  python kandinsky5_generate_video.py --task k5-lite-i2v-5s-sd --image first.png --prompt "..." --output clip.mp4
+  python kandinsky5_generate_video.py --task k5-lite-t2i-hd --prompt "..." --output image.png
+  python kandinsky5_generate_video.py --task k5-lite-i2i-hd --image photo.jpg --prompt "make it winter" \\
+      --output edit.png
+
+Weights default to the layout of docs/weights.md under ./weights; see docs/inference.md for every option.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from kandinsky5.cli import add_attention_arguments, add_task_argument
+from kandinsky5.generate import DTYPES, default_paths, generate
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_task_argument(p, default="k5-pro-t2v-5s-sd")
+    weights = p.add_argument_group("weights (defaults: the task's files under ./weights, see docs/weights.md)")
+    weights.add_argument("--dit", help="DiT checkpoint: .safetensors file, diffusers folder or index.json")
+    weights.add_argument("--vae", help="VAE folder or file (HunyuanVideo for video tasks, FLUX.1 for image tasks)")
+    weights.add_argument("--text_encoder_qwen", help="Qwen2.5-VL-7B-Instruct folder")
+    weights.add_argument("--text_encoder_clip", help="CLIP-L: clip_l.safetensors, its folder, or a HF CLIP folder")
+    weights.add_argument(
+        "--lora_weight",
+        nargs="*",
+        default=[],
+        help="LoRA file(s) or official LoRA folder(s): "
+        "kohya, PEFT/diffusers and official layouts are read; merged in fp32 before sampling",
+    )
+    weights.add_argument(
+        "--lora_multiplier", nargs="*", type=float, default=[], help="one multiplier per LoRA (default 1.0 each)"
+    )
+
+    what = p.add_argument_group("what to generate")
+    what.add_argument(
+        "--prompt", help="the prompt (may end with per-prompt options such as --w 768, as in --from_file)"
+    )
+    what.add_argument(
+        "--negative_prompt",
+        default=None,
+        help="negative prompt for classifier-free guidance (default: the task's, as official)",
+    )
+    what.add_argument(
+        "--from_file",
+        help="a file of prompts, one per line, each with optional --w --h --f --d --s "
+        "--g --n --i overrides; all are generated in one run without reloading the models",
+    )
+    what.add_argument("--image", help="first frame (I2V tasks) or source image (I2I tasks)")
+    what.add_argument(
+        "--width",
+        type=int,
+        help="pixels, a multiple of 16 (128 for NABLA tasks); default: the task's resolution, or from --image",
+    )
+    what.add_argument("--height", type=int, help="pixels; as --width")
+    what.add_argument("--frames", type=int, help="pixel frames, 4k+1 (121 = 5 s at 24 fps); default: the task's")
+    what.add_argument("--steps", type=int, help="sampling steps (default: the task's)")
+    what.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 disables it (default: task)")
+    what.add_argument("--scheduler_scale", type=float, help="time schedule warp S (default: the task's)")
+    what.add_argument("--seed", type=int, default=42, help="seed of the noise (default 42)")
+    what.add_argument("--fps", type=float, default=24.0, help="frames per second of written videos (default 24)")
+
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--output",
+        help="output file (.mp4 for videos, .png for images); with --from_file a folder "
+        "(default: outputs/<time>_<seed>.mp4|png)",
+    )
+    out.add_argument("--save_latent", action="store_true", help="also save each latent as <output>.latent.safetensors")
+    out.add_argument("--latent_path", nargs="*", help="decode saved latent file(s) instead of sampling")
+
+    run = p.add_argument_group("device, precision and memory")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    run.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="DiT compute dtype (default bfloat16)")
+    run.add_argument(
+        "--vae_dtype", choices=list(DTYPES), default=None, help="VAE dtype (default: bfloat16 on CUDA, float32 on CPU)"
+    )
+    run.add_argument("--text_encoder_device", help="device for Qwen and CLIP (default: --device)")
+    run.add_argument("--text_encoder_dtype", choices=list(DTYPES), default="bfloat16", help="Qwen dtype")
+    run.add_argument(
+        "--separate_cfg_passes",
+        action="store_true",
+        help="run the conditional and unconditional passes one after the other instead of as one "
+        "batch of 2 (same result, less memory)",
+    )
+    run.add_argument("--fp8_base", action="store_true", help="run the DiT with fp8 weights (not available yet)")
+    run.add_argument("--blocks_to_swap", type=int, default=0, help="blocks kept in CPU memory (not available yet)")
+    run.add_argument(
+        "--offload_dit_during_sampling",
+        action="store_true",
+        help="accepted for musubi-tuner command lines: every stage here already loads only while "
+        "it runs (text encoders, then DiT, then VAE), so this changes nothing",
+    )
+    add_attention_arguments(p)
+    return p
+
+
+def main(argv=None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    task = args.task
+    for name, path in default_paths(task).items():
+        if getattr(args, name) is None:
+            setattr(args, name, path)
+    if args.negative_prompt is None:
+        args.negative_prompt = task.negative_prompt
+    if args.vae_dtype is None:
+        args.vae_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.fp8_base or args.blocks_to_swap:
+        p.error("--fp8_base and --blocks_to_swap are not implemented yet (they arrive with the memory issue)")
+    if len(args.lora_multiplier) > len(args.lora_weight):
+        p.error(f"{len(args.lora_multiplier)} --lora_multiplier values for {len(args.lora_weight)} LoRA files")
+    if args.offload_dit_during_sampling:
+        print("note: --offload_dit_during_sampling changes nothing: each stage already loads only while it runs")
+    try:
+        generate(args, task)
+    except ValueError as error:  # every input error of the toolkit is a ValueError with a message for the user
+        sys.exit(f"error: {error}")
+
 
 if __name__ == "__main__":
-    exit_not_implemented(__doc__, "Generation CLI: T2V, I2V, T2I and I2I with LoRA")
+    main()

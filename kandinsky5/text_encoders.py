@@ -70,8 +70,13 @@ def _qwen_hidden_size(config: dict) -> int:
 class QwenEncoder:
     """Qwen2.5-VL from a local folder (config, weights, tokenizer; a processor config for images)."""
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                 expected_dim: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        expected_dim: int | None = None,
+    ):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         hint = f"Download {QWEN_MODEL} to a folder (for example weights/text_encoder) and pass that folder."
@@ -124,8 +129,14 @@ class QwenEncoder:
         else:
             texts = [template.format(p) for p in prompts]
         if images is None:
-            return self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=crop + max_length,
-                                  padding="longest", return_tensors="pt")  # fmt: skip
+            return self.tokenizer(
+                texts,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=crop + max_length,
+                padding="longest",
+                return_tensors="pt",
+            )
         processor = self._image_processor()
         vision = processor(images=list(images), return_tensors="pt")
         # Each image stands for (t * h * w) / merge^2 tokens; the text holds one placeholder per image.
@@ -136,8 +147,9 @@ class QwenEncoder:
         return {**tokens, "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], template: PromptTemplate, max_length: int,
-               images: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def encode(
+        self, prompts: list[str], template: PromptTemplate, max_length: int, images: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings (B, L, hidden), mask (B, L)) of the prompts' tokens, L = the longest kept length."""
         inputs = self._inputs(prompts, template, max_length, images)
         crop = self.crop_length(template)
@@ -214,8 +226,10 @@ class ClipEncoder:
             if path.is_dir():
                 files = sorted(path.glob("*.safetensors"))
                 if len(files) != 1:
-                    raise TextEncoderError(f"CLIP text encoder: {path} should hold config.json or one .safetensors "
-                                           f"file (clip_l.safetensors); found {[f.name for f in files]}")  # fmt: skip
+                    raise TextEncoderError(
+                        f"CLIP text encoder: {path} should hold config.json or one .safetensors "
+                        f"file (clip_l.safetensors); found {[f.name for f in files]}"
+                    )
                 file = files[0]
             model = _load_single_file_clip(file)
             tokenizer = packaged_clip_tokenizer()
@@ -231,8 +245,9 @@ class ClipEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(prompts, max_length=CLIP_MAX_LENGTH, padding="max_length", truncation=True,
-                                return_tensors="pt")  # fmt: skip
+        tokens = self.tokenizer(
+            prompts, max_length=CLIP_MAX_LENGTH, padding="max_length", truncation=True, return_tensors="pt"
+        )
         return self.model(input_ids=tokens["input_ids"].to(self.device)).pooler_output.float()
 
 
@@ -242,7 +257,8 @@ class PromptEncoder:
     def __init__(self, qwen: QwenEncoder, clip: ClipEncoder):
         self.qwen, self.clip = qwen, clip
 
-    def encode(self, prompts: list[str], template: PromptTemplate, max_length: int,
-               images: list | None = None) -> EncodedPrompts:  # fmt: skip
+    def encode(
+        self, prompts: list[str], template: PromptTemplate, max_length: int, images: list | None = None
+    ) -> EncodedPrompts:
         embeddings, mask = self.qwen.encode(prompts, template, max_length, images)
         return EncodedPrompts(embeddings, mask, self.clip.encode(prompts), template.name)

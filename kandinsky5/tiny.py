@@ -34,9 +34,22 @@ from .tasks import TASKS, TINY_CLIP_DIM, TINY_TEXT_DIM
 QWEN_PRETOKENIZE = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                       "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                       "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 TOKENIZER_CORPUS = [
     "A cat walks on the grass, realistic style.",
     "A red car drives along a coastal road at sunset; the camera follows it from above.",
@@ -57,8 +70,12 @@ def build_qwen_tokenizer() -> Tokenizer:
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     corpus = [t.text for t in TEMPLATES.values()] + TOKENIZER_CORPUS
     tokenizer.train_from_iterator(corpus * 4, trainer)
     return tokenizer
@@ -76,8 +93,14 @@ def write_qwen(folder: Path, seed: int) -> None:
     backend = build_qwen_tokenizer()
     backend.save(str(folder / "tokenizer.json"))
     ids = {token: backend.token_to_id(token) for token in QWEN_SPECIAL_TOKENS}
-    tokenizer_config = {"tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "pad_token": "<|endoftext|>",
-                        "eos_token": "<|im_end|>", "padding_side": "right", "errors": "replace"}  # fmt: skip
+    tokenizer_config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "padding_side": "right",
+        "errors": "replace",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     assert len(PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))) == backend.get_vocab_size()
 
@@ -108,7 +131,7 @@ def write_qwen(folder: Path, seed: int) -> None:
             temporal_patch_size=2,
             window_size=56,
             fullatt_block_indexes=[1],
-        ),  # fmt: skip
+        ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -129,9 +152,18 @@ def write_clip(file: Path, seed: int) -> None:
 
     torch.manual_seed(seed)
     vocab, _ = clip_vocab_and_merges()
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=TINY_CLIP_DIM, intermediate_size=2 * TINY_CLIP_DIM,
-                            num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=77,
-                            hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)  # fmt: skip
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=TINY_CLIP_DIM,
+        intermediate_size=2 * TINY_CLIP_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     model = CLIPTextModel(config)
     # keyed as ComfyUI's clip_l.safetensors is: text_model.<module path>
     state = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in model.state_dict().items()}
@@ -146,9 +178,16 @@ def write_vae(folder: Path, kind: str, seed: int) -> None:
     if kind == "hunyuan":
         model = AutoencoderKLHunyuanVideo(**shared)
     else:
-        model = AutoencoderKL(**shared, down_block_types=["DownEncoderBlock2D"] * 4,
-                              up_block_types=["UpDecoderBlock2D"] * 4, sample_size=64, scaling_factor=0.3611,
-                              shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+        model = AutoencoderKL(
+            **shared,
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            sample_size=64,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
     model.save_pretrained(folder)
 
 

@@ -25,8 +25,16 @@ from safetensors.torch import load_file
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "pytorch_model.pt", "pytorch_model.bin")
 # Config fields that the original (Tencent) HunyuanVideo config.json shares with diffusers' class.
-SHARED_CONFIG_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
-                        "norm_num_groups", "act_fn", "mid_block_add_attention")  # fmt: skip
+SHARED_CONFIG_FIELDS = (
+    "in_channels",
+    "out_channels",
+    "latent_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "norm_num_groups",
+    "act_fn",
+    "mid_block_add_attention",
+)
 
 
 class VAEError(ValueError):
@@ -42,9 +50,7 @@ class VAEKind:
     description: str
 
 
-HUNYUAN = VAEKind(
-    "hunyuan", AutoencoderKLHunyuanVideo, 0.476986, {}, "the HunyuanVideo 3-D VAE (video tasks)"
-)  # fmt: skip
+HUNYUAN = VAEKind("hunyuan", AutoencoderKLHunyuanVideo, 0.476986, {}, "the HunyuanVideo 3-D VAE (video tasks)")
 FLUX = VAEKind(
     "flux",
     AutoencoderKL,
@@ -187,8 +193,13 @@ class VAE:
         return self.model.decode(z).sample.float().clamp(-1, 1)
 
 
-def load_vae(path: str | Path, kind: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-             task_name: str | None = None) -> VAE:  # fmt: skip
+def load_vae(
+    path: str | Path,
+    kind: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    task_name: str | None = None,
+) -> VAE:
     """Load the VAE of ``kind`` (``hunyuan`` or ``flux``); weights of the other kind are a clear error."""
     path = Path(path)
     if not path.exists():

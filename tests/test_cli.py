@@ -32,22 +32,30 @@ def test_pending_scripts_say_so_and_fail(script):
     assert "not implemented yet" in result.stderr
 
 
-def test_demo_runs_the_tiny_dit_and_prints_shapes():
-    result = run("-m", "kandinsky5.demo", "--task", "tiny-t2v")
-    assert result.returncode == 0, result.stderr
-    assert "input latents (1, 3, 8, 8, 33)" in result.stdout
-    assert "output velocity (1, 3, 8, 8, 16)" in result.stdout and "finite: True" in result.stdout
-
-
-def test_demo_help_lists_every_task_and_a_typo_gets_a_suggestion():
-    help_text = run("-m", "kandinsky5.demo", "--help").stdout
-    assert "k5-pro-i2v-5s-hd" in help_text and "k5-lite-t2i-hd" in help_text
-    result = run("-m", "kandinsky5.demo", "--task", "k5-pro-t2v-5s")
+def test_help_lists_every_task_and_a_typo_gets_a_suggestion():
+    help_text = run("kandinsky5_generate_video.py", "--help").stdout
+    assert "k5-pro-i2v-5s-hd" in help_text and "k5-lite-t2i-hd" in help_text and "--from_file" in help_text
+    result = run("kandinsky5_generate_video.py", "--task", "k5-pro-t2v-5s", "--prompt", "x")
     assert result.returncode == 2
     assert "unknown task 'k5-pro-t2v-5s'; did you mean 'k5-pro-t2v-5s-sd'" in result.stderr
 
 
-def test_demo_rejects_bad_frames_and_missing_backends():
-    assert "must be 4k+1" in run("-m", "kandinsky5.demo", "--frames", "8").stderr
-    result = run("-m", "kandinsky5.demo", "--xformers")
-    assert result.returncode == 2 and "attention backend 'xformers'" in result.stderr
+def test_memory_flags_that_have_not_landed_say_so():
+    result = run("kandinsky5_generate_video.py", "--task", "tiny-t2v", "--fp8_base", "--prompt", "x")
+    assert result.returncode == 2 and "--fp8_base and --blocks_to_swap are not implemented yet" in result.stderr
+
+
+def test_missing_attention_backend_is_named_before_any_model_loads(tiny_tree):
+    result = run(
+        "kandinsky5_generate_video.py",
+        "--task",
+        "tiny-t2v",
+        "--xformers",
+        "--prompt",
+        "x",
+        "--dit",
+        str(tiny_tree / "model/tiny_t2v.safetensors"),
+        "--text_encoder_qwen",
+        "absent",
+    )
+    assert result.returncode == 1 and "attention backend 'xformers' needs the package 'xformers'" in result.stderr

@@ -139,8 +139,9 @@ def test_with_the_real_qwen_vocabulary_the_crops_are_the_official_ones():
 
     from kandinsky5.tiny import QWEN_PRETOKENIZE, QWEN_SPECIAL_TOKENS
 
-    converter = TikTokenConverter(vocab_file=str(qwen_tiktoken_file()), pattern=QWEN_PRETOKENIZE,
-                                  extra_special_tokens=QWEN_SPECIAL_TOKENS)  # fmt: skip
+    converter = TikTokenConverter(
+        vocab_file=str(qwen_tiktoken_file()), pattern=QWEN_PRETOKENIZE, extra_special_tokens=QWEN_SPECIAL_TOKENS
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=converter.converted())
     for template in TEMPLATES.values():
         assert len(ids(tokenizer, template.prefix)) + template.extra_crop == template.official_crop, template.name

@@ -8,11 +8,21 @@ from kandinsky5.checkpoint import load_dit
 from kandinsky5.tasks import TASKS
 from kandinsky5.tiny import build_tiny_tree
 
-EXPECTED = ["model/tiny_t2v.safetensors", "model/tiny_pro_t2v.safetensors", "model/tiny_t2i.safetensors",
-            "model/tiny_i2i.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-            "flux/vae/config.json", "flux/vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
-            "text_encoder/model.safetensors", "text_encoder/tokenizer.json", "text_encoder/preprocessor_config.json",
-            "text_encoder2/clip_l.safetensors"]  # fmt: skip
+EXPECTED = [
+    "model/tiny_t2v.safetensors",
+    "model/tiny_pro_t2v.safetensors",
+    "model/tiny_t2i.safetensors",
+    "model/tiny_i2i.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "flux/vae/config.json",
+    "flux/vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder/tokenizer.json",
+    "text_encoder/preprocessor_config.json",
+    "text_encoder2/clip_l.safetensors",
+]
 
 
 def test_layout_and_every_tiny_task_loads_its_dit(tiny_tree):
@@ -36,7 +46,12 @@ def test_the_tree_is_deterministic_from_its_seed(tiny_tree, tmp_path):
 
 def test_builder_command(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-m", "kandinsky5.tiny", str(tmp_path / "w")], cwd=root,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "kandinsky5.tiny", str(tmp_path / "w")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote 16 files" in result.stdout

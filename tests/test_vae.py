@@ -48,8 +48,19 @@ def test_original_pt_layout_and_diffusers_layout_load_identical_weights(tiny_tre
     torch.save({"state_dict": state}, folder / "pytorch_model.pt")
     config = json.loads((tiny_tree / "vae" / "config.json").read_text())
     original = {"_class_name": "AutoencoderKLCausal3D", "sample_tsize": 64, "time_compression_ratio": 4}
-    original.update({k: config[k] for k in ("block_out_channels", "layers_per_block", "norm_num_groups",
-                                              "latent_channels", "in_channels", "out_channels")})  # fmt: skip
+    original.update(
+        {
+            k: config[k]
+            for k in (
+                "block_out_channels",
+                "layers_per_block",
+                "norm_num_groups",
+                "latent_channels",
+                "in_channels",
+                "out_channels",
+            )
+        }
+    )
     (folder / "config.json").write_text(json.dumps(original))
     for path in (folder, folder / "pytorch_model.pt", tiny_tree / "vae" / "diffusion_pytorch_model.safetensors"):
         loaded = load_vae(path, "hunyuan").model.state_dict()

@@ -1,0 +1,316 @@
+"""Generation: prompts (and images) in, videos and images out, in stages that each hold one model.
+
+1. text: Qwen2.5-VL and CLIP encode every prompt and negative prompt, then are freed;
+2. images (I2V, I2I): the VAE encodes the first frames / source images;
+3. sampling: the DiT (with LoRAs merged in fp32) denoises each job's seeded noise;
+4. decoding: the VAE turns the latents into frames, written as .mp4 or .png with metadata.
+
+So peak memory is the largest stage, not the sum. ``--latent_path`` runs stage 4 alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from modules.atomic_save import save_safetensors_atomic
+from networks.lora_files import read_lora
+from networks.lora_merge import merge_lora
+
+from .attention import check_backend
+from .checkpoint import check_architecture, checkpoint_files, load_dit, read_layout
+from .cli import attention_backend
+from .denoiser import Denoiser, TextCondition, i2i_channels, i2v_channels, t2v_channels
+from .media import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    image_to_pixels,
+    load_image,
+    pixels_to_frames,
+    resize_and_crop,
+    write_image,
+    write_video,
+)
+from .prompt_file import PromptLine, parse_prompt_line, read_prompt_file
+from .prompt_templates import template_for
+from .sampling import flow_schedule, sample_euler
+from .sizes import check_frames, check_size, i2v_size, nearest_allowed_size
+from .tasks import TASKS, TaskPreset
+from .text_encoders import ClipEncoder, PromptEncoder, QwenEncoder
+from .vae import load_vae
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class GenerationError(ValueError):
+    pass
+
+
+@dataclass
+class Job:
+    index: int
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    frames: int
+    seed: int
+    steps: int
+    guidance: float
+    image: str | None
+    output: Path
+
+
+def free(*objects) -> None:
+    del objects
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def default_paths(task: TaskPreset) -> dict[str, str]:
+    return {
+        "dit": task.default_checkpoint_path,
+        "vae": "weights/vae" if task.vae == "hunyuan" else "weights/flux/vae",
+        "text_encoder_qwen": "weights/text_encoder",
+        "text_encoder_clip": "weights/text_encoder2",
+    }
+
+
+def _output_for(args: argparse.Namespace, line: PromptLine, index: int, frames: int, seed: int) -> Path:
+    extension = ".mp4" if frames > 1 else ".png"
+    if args.from_file:
+        return Path(args.output or "outputs") / f"{index:03d}_{seed}{extension}"
+    if args.output:
+        return Path(args.output)
+    return Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{seed}{extension}"
+
+
+def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
+    """One job per prompt, with per-line overrides, every size checked before any model loads."""
+    if args.from_file:
+        if args.output and Path(args.output).suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
+            raise GenerationError("with --from_file, --output is a folder (one file per prompt line)")
+        lines = read_prompt_file(args.from_file)
+    else:
+        if not args.prompt:
+            raise GenerationError("give --prompt, --from_file or --latent_path")
+        lines = [parse_prompt_line(args.prompt, 1, "--prompt") if " --" in args.prompt else PromptLine(args.prompt, 1)]
+    jobs = []
+    for index, line in enumerate(lines):
+        where = f"line {line.line} of {args.from_file}: " if args.from_file else ""
+        image = line.image or args.image
+        if task.kind == "i2v" and not image:
+            raise GenerationError(f"{where}task {task.name} is image-to-video: give --image (the first frame)")
+        if task.kind in ("t2v", "t2i") and image:
+            raise GenerationError(f"{where}task {task.name} takes no image; use an i2v or i2i task")
+        frames = line.frames or args.frames or task.frames
+        width, height = line.width or args.width, line.height or args.height
+        if image and (width is None or height is None):
+            source = load_image(image)
+            pick = i2v_size if task.kind == "i2v" else nearest_allowed_size
+            width, height = pick(source.width, source.height, task)
+        width, height = width or task.resolution, height or task.resolution
+        try:
+            check_frames(frames)
+            if not task.is_video and frames != 1:
+                raise GenerationError(f"task {task.name} makes images: frames must be 1, got {frames}")
+            check_size(width, height, task)
+        except ValueError as error:
+            raise GenerationError(f"{where}{error}") from None
+        seed = line.seed if line.seed is not None else args.seed
+        job = Job(
+            index=index,
+            prompt=line.prompt,
+            width=width,
+            height=height,
+            frames=frames,
+            seed=seed,
+            negative_prompt=line.negative_prompt if line.negative_prompt is not None else args.negative_prompt,
+            steps=line.steps or args.steps or task.steps,
+            guidance=line.guidance
+            if line.guidance is not None
+            else (args.guidance if args.guidance is not None else task.guidance),
+            image=image,
+            output=_output_for(args, line, index, frames, seed),
+        )
+        if frames > 1 and job.output.suffix.lower() in IMAGE_EXTENSIONS:
+            raise GenerationError(f"{where}{job.output} is an image file but {frames} frames are asked for")
+        jobs.append(job)
+    return jobs
+
+
+def encode_texts(args, task: TaskPreset, jobs: list[Job], device) -> list[tuple[TextCondition, TextCondition | None]]:
+    params = task.dit_params
+    qwen = QwenEncoder(
+        args.text_encoder_qwen, device=device, dtype=DTYPES[args.text_encoder_dtype], expected_dim=params["in_text_dim"]
+    )
+    clip = ClipEncoder(args.text_encoder_clip, device=device, expected_dim=params["in_text_dim2"])
+    encoder = PromptEncoder(qwen, clip)
+    conditions = []
+    for job in tqdm(jobs, desc="encoding prompts", disable=len(jobs) < 2):
+        template = template_for(task.kind, job.frames)
+        images = None
+        if task.kind == "i2i" and job.image:  # Qwen sees the source image at half the output size
+            images = [resize_and_crop(load_image(job.image), job.width // 2, job.height // 2)]
+        prompts = [job.prompt] + ([job.negative_prompt] if abs(job.guidance - 1.0) > 1e-6 else [])
+        encoded = [encoder.encode([p], template, task.qwen_max_length, images) for p in prompts]
+        texts = [TextCondition(e.embeddings.cpu(), e.mask.cpu(), e.pooled.cpu()) for e in encoded]
+        conditions.append((texts[0], texts[1] if len(texts) > 1 else None))
+    free(encoder, qwen, clip)
+    return conditions
+
+
+def encode_images(vae, jobs: list[Job]) -> list[torch.Tensor | None]:
+    latents = []
+    for job in jobs:
+        if not job.image:
+            latents.append(None)
+            continue
+        pixels = image_to_pixels(resize_and_crop(load_image(job.image), job.width, job.height))
+        generator = torch.Generator().manual_seed(job.seed)  # the posterior sample is seeded too
+        latents.append(vae.encode(pixels, generator=generator).cpu())
+    return latents
+
+
+def load_generation_dit(args, task: TaskPreset, device):
+    model = load_dit(args.dit, task, device=device, dtype=DTYPES[args.dtype])
+    for i, path in enumerate(args.lora_weight or []):
+        multiplier = args.lora_multiplier[i] if i < len(args.lora_multiplier or []) else 1.0
+        count = merge_lora(model, read_lora(path), multiplier)
+        print(f"merged LoRA {path} x {multiplier:g} into {count} layers")
+    model.set_attention_backend(attention_backend(args))
+    return model.eval()
+
+
+def initial_noise(job: Job, device) -> torch.Tensor:
+    """Seeded noise (1, T, H/8, W/8, 16), drawn in bf16 as the official code does (same values on CUDA)."""
+    generator = torch.Generator(device=device).manual_seed(job.seed)
+    shape = (1, (job.frames - 1) // 4 + 1, job.height // 8, job.width // 8, 16)
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16).float()
+
+
+def sample_job(dit, task: TaskPreset, job: Job, texts, image_latent, args, device) -> torch.Tensor:
+    cond, uncond = (
+        TextCondition(t.embeddings.to(device), t.mask.to(device), t.pooled.to(device)) if t else None for t in texts
+    )
+    noise = initial_noise(job, device)
+    shape = tuple(noise.shape[:4])
+    channels, first_frame = None, None
+    if task.kind == "i2v":
+        channels, first_frame = i2v_channels(shape, device), image_latent.to(device)
+    elif task.kind == "i2i":
+        channels = i2i_channels(image_latent.to(device)) if image_latent is not None else t2v_channels(shape, device)
+    elif dit.in_channels == 33:
+        channels = t2v_channels(shape, device)
+    denoiser = Denoiser(
+        dit,
+        cond,
+        uncond,
+        job.guidance,
+        task.rope_scale,
+        channels,
+        first_frame,
+        batched_cfg=not args.separate_cfg_passes,
+    )
+    sigmas = flow_schedule(job.steps, args.scheduler_scale or task.scheduler_scale, device)
+    with tqdm(total=job.steps, desc=f"sampling {job.index + 1}", unit="step") as bar, torch.no_grad():
+        latent = sample_euler(denoiser, noise, sigmas, callback=lambda i, x: bar.update(1))
+    return denoiser.finish(latent).cpu()
+
+
+def job_metadata(args, task: TaskPreset, job: Job) -> dict:
+    values = asdict(job)
+    values.pop("output")
+    values.pop("index")
+    loras = [
+        {"path": str(p), "multiplier": (args.lora_multiplier or [])[i] if i < len(args.lora_multiplier or []) else 1.0}
+        for i, p in enumerate(args.lora_weight or [])
+    ]
+    return {
+        **values,
+        "task": task.name,
+        "fps": args.fps,
+        "dit": str(args.dit),
+        "loras": loras,
+        "scheduler_scale": args.scheduler_scale or task.scheduler_scale,
+    }
+
+
+def write_output(path: Path, pixels: torch.Tensor, fps: float, metadata: dict) -> None:
+    frames = pixels_to_frames(pixels)
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        write_image(path, frames[0], metadata)
+    else:
+        write_video(path, frames, fps, metadata)
+    print(f"wrote {path}")
+
+
+def save_latent(path: Path, latent: torch.Tensor, metadata: dict) -> None:
+    save_safetensors_atomic({"latent": latent}, path, metadata={"kandinsky5": json.dumps(metadata)})
+    print(f"wrote {path}")
+
+
+def decode_latent_files(args, task: TaskPreset, device) -> None:
+    vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)
+    for path in args.latent_path:
+        with safe_open(str(path), framework="pt") as f:
+            latent, metadata = f.get_tensor("latent"), json.loads(f.metadata()["kandinsky5"])
+        made_with = TASKS.get(metadata["task"])
+        if made_with is not None and made_with.vae != task.vae:
+            raise GenerationError(
+                f"{path} was made with task {made_with.name!r}, whose latents need the "
+                f"{made_with.vae} VAE; task {task.name!r} decodes with {task.vae}"
+            )
+        default = Path(path).with_suffix(".mp4" if latent.shape[1] > 1 else ".png")
+        output = Path(args.output) if args.output and len(args.latent_path) == 1 else default
+        write_output(output, vae.decode(latent)[0], metadata.get("fps", args.fps), metadata)
+
+
+def generate(args: argparse.Namespace, task: TaskPreset) -> None:
+    device = torch.device(args.device)
+    if args.latent_path:
+        decode_latent_files(args, task, device)
+        return
+    jobs = build_jobs(args, task)
+    # Refuse a wrong DiT or a broken LoRA before the text encoders spend any time.
+    check_architecture(read_layout(checkpoint_files(args.dit)), task, str(args.dit))
+    check_backend(attention_backend(args), device)
+    for path in args.lora_weight or []:
+        read_lora(path)
+    if task.nabla is not None:
+        print(
+            f"warning: task {task.name} uses NABLA sparse attention, which is not implemented yet; attention "
+            "runs dense, which is exact but needs far more memory at full size"
+        )
+    text_device = torch.device(args.text_encoder_device or args.device)
+    texts = encode_texts(args, task, jobs, text_device)
+
+    vae = None
+    if any(job.image for job in jobs):
+        vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)
+        image_latents = encode_images(vae, jobs)
+        vae.model.to("cpu")
+    else:
+        image_latents = [None] * len(jobs)
+
+    dit = load_generation_dit(args, task, device)
+    latents = [sample_job(dit, task, job, texts[i], image_latents[i], args, device) for i, job in enumerate(jobs)]
+    free(dit)
+
+    if vae is None:
+        vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)
+    vae.model.to(device)
+    for job, latent in zip(jobs, latents, strict=True):
+        metadata = job_metadata(args, task, job)
+        if args.save_latent:
+            save_latent(job.output.with_suffix(".latent.safetensors"), latent, metadata)
+        write_output(job.output, vae.decode(latent)[0], args.fps, metadata)

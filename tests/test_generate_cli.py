@@ -1,0 +1,151 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from kandinsky5.media import image_to_pixels, load_image, pixels_to_frames, read_metadata, resize_and_crop
+from kandinsky5.vae import load_vae
+
+from .generation_helpers import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def video_info(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        return len(frames), stream.width, stream.height, float(stream.average_rate), frames
+
+
+def latent(path):
+    return load_file(str(path))["latent"]
+
+
+def test_t2v_writes_an_mp4_with_the_requested_frames_size_and_fps(tiny_tree, tmp_path):
+    out = tmp_path / "cat.mp4"
+    generate(tiny_tree, "tiny-t2v", "--prompt", "A cat walks on the grass.", "--frames", "13", "--width", "96",
+             "--height", "64", "--fps", "12", "--steps", "3", "--output", str(out))  # fmt: skip
+    count, width, height, fps, _ = video_info(out)
+    assert (count, width, height, fps) == (13, 96, 64, 12.0)
+    meta = read_metadata(out)
+    assert meta["prompt"] == "A cat walks on the grass." and meta["seed"] == 42 and meta["steps"] == 3
+    assert meta["task"] == "tiny-t2v" and meta["guidance"] == 5.0 and meta["loras"] == []
+
+
+def test_t2i_and_i2i_write_pngs_of_the_requested_size(tiny_tree, tmp_path):
+    generate(tiny_tree, "tiny-t2i", "--prompt", "a red apple", "--width", "48", "--height", "80",
+             "--output", str(tmp_path / "t2i.png"))  # fmt: skip
+    assert Image.open(tmp_path / "t2i.png").size == (48, 80)
+    Image.new("RGB", (120, 80), (10, 200, 30)).save(tmp_path / "src.jpg")
+    generate(tiny_tree, "tiny-i2i", "--prompt", "make it blue", "--image", str(tmp_path / "src.jpg"),
+             "--width", "64", "--height", "32", "--output", str(tmp_path / "i2i.png"))  # fmt: skip
+    assert Image.open(tmp_path / "i2i.png").size == (64, 32)
+    assert read_metadata(tmp_path / "i2i.png")["image"] == str(tmp_path / "src.jpg")
+
+
+def test_i2i_without_size_takes_the_nearest_allowed_aspect(tiny_tree, tmp_path):
+    Image.new("RGB", (300, 100), (10, 200, 30)).save(tmp_path / "wide.png")
+    generate(tiny_tree, "tiny-i2i", "--prompt", "x", "--image", str(tmp_path / "wide.png"), "--steps", "1",
+             "--output", str(tmp_path / "out.png"))  # fmt: skip
+    width, height = Image.open(tmp_path / "out.png").size
+    assert width > height and width % 16 == 0 and height % 16 == 0
+
+
+def test_i2v_keeps_the_encoded_image_as_first_frame_and_decodes_it(tiny_tree, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "first.png")
+    out = tmp_path / "clip.mp4"
+    generate(tiny_tree, "tiny-i2v", "--prompt", "waves", "--image", str(tmp_path / "first.png"), "--width", "96",
+             "--height", "64", "--seed", "5", "--save_latent", "--output", str(out))  # fmt: skip
+    count, width, height, _, frames = video_info(out)
+    assert (count, width, height) == (9, 96, 64)
+    vae = load_vae(tiny_tree / "vae", "hunyuan")
+    pixels = image_to_pixels(resize_and_crop(load_image(tmp_path / "first.png"), 96, 64))
+    image_latent = vae.encode(pixels, generator=torch.Generator().manual_seed(5))
+    sampled = latent(tmp_path / "clip.latent.safetensors")
+    assert torch.equal(sampled[:, :1], image_latent)  # the clean frame is put back after sampling
+    assert not torch.allclose(sampled[:, 1:2], image_latent)
+    decoded = pixels_to_frames(vae.decode(sampled)[0]).astype(float)
+    luma = np.array([0.299, 0.587, 0.114])  # yuv420p halves chroma; compare what it keeps whole
+    error = np.abs(frames[0] @ luma - decoded[0] @ luma).mean()
+    assert error < 4.0 and error < np.abs(frames[0] @ luma - decoded[4] @ luma).mean()
+
+
+def test_from_file_makes_one_output_per_line(tiny_tree, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --w 32 --h 48 --f 5 --d 7\n# a comment\n\nrain on a window --s 2 --g 1.0\n")
+    generate(tiny_tree, "tiny-t2v", "--from_file", str(prompts), "--output", str(tmp_path / "out"), "--steps", "2")
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["000_7.mp4", "001_42.mp4"]
+    count, width, height, _, _ = video_info(tmp_path / "out" / "000_7.mp4")
+    assert (count, width, height) == (5, 32, 48)
+    assert read_metadata(tmp_path / "out" / "001_42.mp4")["guidance"] == 1.0
+
+
+def test_same_seed_same_output_and_another_seed_another(tiny_tree, tmp_path):
+    def run(name, seed):
+        generate(tiny_tree, "tiny-t2v", "--prompt", "a dog", "--seed", str(seed), "--steps", "3", "--save_latent",
+                 "--output", str(tmp_path / f"{name}.mp4"))  # fmt: skip
+        return latent(tmp_path / f"{name}.latent.safetensors")
+
+    first, again, other = run("a", 3), run("b", 3), run("c", 4)
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
+def test_saved_latents_decode_later_to_the_same_video(tiny_tree, tmp_path):
+    generate(tiny_tree, "tiny-t2v", "--prompt", "a dog", "--steps", "2", "--save_latent",
+             "--output", str(tmp_path / "a.mp4"))  # fmt: skip
+    generate(tiny_tree, "tiny-t2v", "--latent_path", str(tmp_path / "a.latent.safetensors"),
+             "--output", str(tmp_path / "again.mp4"))  # fmt: skip
+    assert video_info(tmp_path / "a.mp4")[4][3].tolist() == video_info(tmp_path / "again.mp4")[4][3].tolist()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--frames", "8"], "frames must be 4k\\+1 .* got 8; nearest: 5 or 9"),
+        (["--width", "72"], "width must be a multiple of 16 .* got 72; nearest: 64 or 80"),
+        (["--image", "x.png"], "takes no image"),
+        (["--output", "x.png"], "is an image file but 9 frames"),
+    ],
+)
+def test_bad_requests_are_named(tiny_tree, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        generate(tiny_tree, "tiny-t2v", "--prompt", "x", *extra)
+
+
+def test_wrong_checkpoint_fails_before_any_encoding(tiny_tree):
+    from .generation_helpers import kandinsky5_generate_video
+
+    with pytest.raises(SystemExit, match="does not fit task 'tiny-t2v'"):  # not the missing Qwen folder
+        kandinsky5_generate_video.main(
+            [
+                "--task",
+                "tiny-t2v",
+                "--dit",
+                str(tiny_tree / "model/tiny_t2i.safetensors"),
+                "--text_encoder_qwen",
+                "missing-folder",
+                "--prompt",
+                "x",
+            ]
+        )
+
+
+def test_the_script_runs_as_a_program(tiny_tree, tmp_path):
+    out = tmp_path / "s.png"
+    command = [sys.executable, "kandinsky5_generate_video.py", "--task", "tiny-t2i", "--dit",
+               str(tiny_tree / "model/tiny_t2i.safetensors"), "--vae", str(tiny_tree / "flux/vae"),
+               "--text_encoder_qwen", str(tiny_tree / "text_encoder"), "--text_encoder_clip",
+               str(tiny_tree / "text_encoder2"), "--prompt", "x", "--steps", "2", "--output", str(out)]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (64, 64) and "sampling 1" in result.stderr  # the progress bar
