@@ -83,7 +83,13 @@ def parser() -> argparse.ArgumentParser:
         "--vae_dtype", choices=list(DTYPES), default=None, help="VAE dtype (default: bfloat16 on CUDA, float32 on CPU)"
     )
     run.add_argument("--text_encoder_device", help="device for Qwen and CLIP (default: --device)")
-    run.add_argument("--text_encoder_dtype", choices=list(DTYPES), default="bfloat16", help="Qwen dtype")
+    run.add_argument(
+        "--text_encoder_dtype",
+        choices=[*DTYPES, "fp8"],
+        default="bfloat16",
+        help="Qwen weights: bfloat16 (default), float16, float32, or fp8 (block-scaled float8 "
+        "weights computed in bf16: about half the memory)",
+    )
     run.add_argument(
         "--separate_cfg_passes",
         action="store_true",

@@ -150,9 +150,9 @@ def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
 
 def encode_texts(args, task: TaskPreset, jobs: list[Job], device) -> list[tuple[TextCondition, TextCondition | None]]:
     params = task.dit_params
-    qwen = QwenEncoder(
-        args.text_encoder_qwen, device=device, dtype=DTYPES[args.text_encoder_dtype], expected_dim=params["in_text_dim"]
-    )
+    fp8 = args.text_encoder_dtype == "fp8"
+    qwen_dtype = torch.bfloat16 if fp8 else DTYPES[args.text_encoder_dtype]
+    qwen = QwenEncoder(args.text_encoder_qwen, device, qwen_dtype, expected_dim=params["in_text_dim"], fp8=fp8)
     clip = ClipEncoder(args.text_encoder_clip, device=device, expected_dim=params["in_text_dim2"])
     encoder = PromptEncoder(qwen, clip)
     conditions = []

@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from modules.fp8 import quantize_linears
+
 from .clip_vocab import CLIP_MAX_LENGTH, packaged_clip_tokenizer
 from .prompt_templates import PromptTemplate, edit_prompt_text
 
@@ -68,7 +70,10 @@ def _qwen_hidden_size(config: dict) -> int:
 
 
 class QwenEncoder:
-    """Qwen2.5-VL from a local folder (config, weights, tokenizer; a processor config for images)."""
+    """Qwen2.5-VL from a local folder (config, weights, tokenizer; a processor config for images).
+
+    ``fp8`` stores the language model's Linear weights as block-scaled float8 (about 8 GB instead
+    of 15 GB for the 7B model); they are quantized on the CPU before the model moves to ``device``."""
 
     def __init__(
         self,
@@ -76,6 +81,7 @@ class QwenEncoder:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         expected_dim: int | None = None,
+        fp8: bool = False,
     ):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -102,6 +108,8 @@ class QwenEncoder:
         self.tokenizer.padding_side = "right"
         self.device = torch.device(device)
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        if fp8:  # the language model's Linear layers (nearly all of its weights), quantized before moving
+            quantize_linears(self.model, lambda name: "language_model" in name and ".layers." in name)
         self.model.to(self.device).eval().requires_grad_(False)
         self.hidden_size = hidden
         self._processor = None

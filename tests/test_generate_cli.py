@@ -145,7 +145,8 @@ def test_the_script_runs_as_a_program(tiny_tree, tmp_path):
     command = [sys.executable, "kandinsky5_generate_video.py", "--task", "tiny-t2i", "--dit",
                str(tiny_tree / "model/tiny_t2i.safetensors"), "--vae", str(tiny_tree / "flux/vae"),
                "--text_encoder_qwen", str(tiny_tree / "text_encoder"), "--text_encoder_clip",
-               str(tiny_tree / "text_encoder2"), "--prompt", "x", "--steps", "2", "--output", str(out)]  # fmt: skip
+               str(tiny_tree / "text_encoder2"), "--prompt", "x", "--steps", "2", "--output", str(out),
+               "--text_encoder_dtype", "fp8"]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (64, 64) and "sampling 1" in result.stderr  # the progress bar

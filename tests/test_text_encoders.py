@@ -146,3 +146,15 @@ def test_with_the_real_qwen_vocabulary_the_crops_are_the_official_ones():
     for template in TEMPLATES.values():
         assert len(ids(tokenizer, template.prefix)) + template.extra_crop == template.official_crop, template.name
     assert len(ids(tokenizer, "A cat walks on the grass.")) == 7
+
+
+def test_qwen_in_fp8_stays_close_to_bf16(tiny_tree):
+    from modules.fp8 import FP8Linear
+
+    bf16 = QwenEncoder(tiny_tree / "text_encoder", dtype=torch.bfloat16)
+    fp8 = QwenEncoder(tiny_tree / "text_encoder", fp8=True)
+    quantized = [m for m in fp8.model.modules() if isinstance(m, FP8Linear)]
+    assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    a, _ = bf16.encode(PROMPTS, TEMPLATES["video"], 256)
+    b, _ = fp8.encode(PROMPTS, TEMPLATES["video"], 256)
+    assert ((a.float() - b.float()).norm() / a.float().norm()) < 0.1
