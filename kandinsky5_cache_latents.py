@@ -1,6 +1,72 @@
-"""Encode the images and videos of a dataset config to VAE latents for training."""
+"""Encode the images and videos of a dataset config to VAE latents for training.
 
-from kandinsky5.cli import exit_not_implemented
+Writes one cache file per image and per video clip into each dataset's cache_directory (format:
+docs/dataset_config.md). Bad media (unreadable, too short, no caption) is reported and skipped; the
+rest is cached; the exit code is non-zero if anything failed. Re-run with --skip_existing to cache
+only what is missing or out of date.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from kandinsky5.cache_latents import cache_latents
+from kandinsky5.cli import add_task_argument
+from kandinsky5.generate import DTYPES, default_paths
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dataset_config", required=True, help="dataset config file (.toml or .json)")
+    add_task_argument(p, default="k5-pro-t2v-5s-sd")
+    p.add_argument(
+        "--vae",
+        help="VAE folder or file; the task decides which VAE: HunyuanVideo for video tasks, "
+        "FLUX.1 for image tasks (default: weights/vae or weights/flux/vae)",
+    )
+    p.add_argument("--vae_dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--batch_size", type=int, help="latents encoded together (same size only; default: the dataset's batch_size)"
+    )
+    p.add_argument(
+        "--num_workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="threads decoding and resizing media ahead of the VAE",
+    )
+    p.add_argument(
+        "--skip_existing",
+        action="store_true",
+        help="skip items whose cache file exists and was made from the same source, size, clip and VAE",
+    )
+    p.add_argument(
+        "--keep_cache",
+        action="store_true",
+        help="keep cache files of items no longer in the dataset (default: delete them)",
+    )
+    p.add_argument("--vae_tiling", action="store_true", help="encode in overlapping tiles (less memory)")
+    p.add_argument("--vae_tile_size", type=int, default=256, help="tile side in pixels with --vae_tiling")
+    p.add_argument("--vae_tile_frames", type=int, default=16, help="frames per temporal tile with --vae_tiling")
+    p.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior samples")
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    task = args.task
+    args.vae = args.vae or default_paths(task)["vae"]
+    args.vae_dtype = DTYPES[args.vae_dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    try:
+        report = cache_latents(args, task)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    print(report.summary())
+    if report.failures:
+        sys.exit(1)
+
 
 if __name__ == "__main__":
-    exit_not_implemented(__doc__, "Dataset config and the two pre-caching CLIs")
+    main()

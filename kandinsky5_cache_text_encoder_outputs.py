@@ -1,6 +1,63 @@
-"""Encode the captions of a dataset config with Qwen2.5-VL and CLIP for training."""
+"""Encode the captions of a dataset config with Qwen2.5-VL and CLIP for training.
 
-from kandinsky5.cli import exit_not_implemented
+Writes one cache file per image and per video (its clips share it) into each dataset's
+cache_directory. Video captions use the video prompt template and image captions the image one,
+each at the task's length, exactly as generation encodes prompts. Items without a caption are
+reported and skipped; the exit code is non-zero if anything failed.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from kandinsky5.cache_text import cache_text
+from kandinsky5.cli import add_task_argument
+from kandinsky5.generate import DTYPES, default_paths
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dataset_config", required=True, help="dataset config file (.toml or .json)")
+    add_task_argument(p, default="k5-pro-t2v-5s-sd")
+    p.add_argument("--text_encoder_qwen", help="Qwen2.5-VL-7B-Instruct folder (default weights/text_encoder)")
+    p.add_argument("--text_encoder_clip", help="clip_l.safetensors or a CLIP folder (default weights/text_encoder2)")
+    p.add_argument(
+        "--text_encoder_dtype",
+        choices=[*DTYPES, "fp8"],
+        default="bfloat16",
+        help="Qwen weights: bfloat16 (default), float16, float32 or fp8 (about half the memory)",
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch_size", type=int, help="captions encoded together (default: the dataset's batch_size)")
+    p.add_argument(
+        "--skip_existing",
+        action="store_true",
+        help="skip items whose cache holds the same caption, template, length and encoders",
+    )
+    p.add_argument(
+        "--keep_cache",
+        action="store_true",
+        help="keep cache files of items no longer in the dataset (default: delete them)",
+    )
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    task = args.task
+    defaults = default_paths(task)
+    args.text_encoder_qwen = args.text_encoder_qwen or defaults["text_encoder_qwen"]
+    args.text_encoder_clip = args.text_encoder_clip or defaults["text_encoder_clip"]
+    args.qwen_dtype = torch.bfloat16 if args.text_encoder_dtype == "fp8" else DTYPES[args.text_encoder_dtype]
+    try:
+        report = cache_text(args, task)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    print(report.summary())
+    if report.failures:
+        sys.exit(1)
+
 
 if __name__ == "__main__":
-    exit_not_implemented(__doc__, "Dataset config and the two pre-caching CLIs")
+    main()

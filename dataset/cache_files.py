@@ -1,0 +1,106 @@
+"""Cache files: what the caching scripts write and training reads.
+
+Latents, one file per image or video clip::
+
+    {key}_{W:04d}x{H:04d}_k5.safetensors                     images
+    {key}_{start:05d}-{frames:03d}_{W:04d}x{H:04d}_k5.safetensors   video clips
+      latent        (T, H/8, W/8, 16) float32, the scaled VAE latent
+      first_frame   (1, H/8, W/8, 16) float32, clips only: frame ``start`` encoded alone, as I2V
+                    generation encodes its first frame
+
+Text, one file per image or video (all clips of a video share it)::
+
+    {key}_k5_te.safetensors
+      text          (L, hidden) the Qwen features of the caption's L tokens (no padding)
+      pooled        (hidden2,) float32, CLIP's pooled output
+
+``key`` is the source's stem plus a hash of its full path. Every file's metadata holds
+``format_version``, ``kind`` and a ``fingerprint`` (JSON) of everything its content depends on;
+``--skip_existing`` skips an item only when the stored fingerprint equals the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from modules.atomic_save import save_safetensors_atomic
+
+FORMAT_VERSION = "1"
+LATENT_SUFFIX = "_k5.safetensors"
+TEXT_SUFFIX = "_k5_te.safetensors"
+
+
+def latent_cache_name(key: str, size: tuple[int, int], clip: tuple[int, int] | None = None) -> str:
+    clip_part = f"_{clip[0]:05d}-{clip[1]:03d}" if clip else ""
+    return f"{key}{clip_part}_{size[0]:04d}x{size[1]:04d}{LATENT_SUFFIX}"
+
+
+def text_cache_name(key: str) -> str:
+    return f"{key}{TEXT_SUFFIX}"
+
+
+def item_key_of(cache_file: Path) -> str:
+    """The item key a cache file belongs to (the part before the clip / size / suffix fields)."""
+    name = cache_file.name
+    if name.endswith(TEXT_SUFFIX):
+        return name[: -len(TEXT_SUFFIX)]
+    fields = name[: -len(LATENT_SUFFIX)].split("_")
+    fields = fields[:-1]  # the WxH size
+    if fields and "-" in fields[-1] and fields[-1].replace("-", "").isdigit():
+        fields = fields[:-1]  # the clip's start-frames
+    return "_".join(fields)
+
+
+def file_identity(path: str | Path) -> str:
+    """A cheap identity of a file or a folder's files: names, sizes and modification times."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    parts = [f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def source_fingerprint(path: Path) -> dict:
+    stat = os.stat(path)
+    if path.is_dir():
+        return {"source": str(path.resolve()), "identity": file_identity(path)}
+    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def caption_hash(caption: str) -> str:
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()
+
+
+def write_cache(
+    path: Path, tensors: dict[str, torch.Tensor], kind: str, fingerprint: dict, extra: dict[str, str] | None = None
+) -> None:
+    tensors = {k: torch.nan_to_num(t.contiguous()) for k, t in tensors.items()}
+    metadata = {"format_version": FORMAT_VERSION, "kind": kind, "fingerprint": json.dumps(fingerprint, sort_keys=True)}
+    metadata.update(extra or {})
+    save_safetensors_atomic(tensors, path, metadata=metadata)
+
+
+def stored_fingerprint(path: Path) -> dict | None:
+    """The fingerprint of an existing cache file; None when it is absent, unreadable or of another format."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:
+        return None
+    if metadata.get("format_version") != FORMAT_VERSION or "fingerprint" not in metadata:
+        return None
+    return json.loads(metadata["fingerprint"])
+
+
+def is_current(path: Path, fingerprint: dict) -> bool:
+    return stored_fingerprint(path) == json.loads(json.dumps(fingerprint, sort_keys=True))
+
+
+def read_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}

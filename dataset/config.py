@@ -1,0 +1,230 @@
+"""The dataset config file (TOML or JSON), validated with voluptuous.
+
+Keys and meanings follow musubi-tuner's dataset config, so an existing file loads unchanged:
+
+    [general]            resolution, caption_extension, batch_size, num_repeats, enable_bucket, bucket_no_upscale
+    [[datasets]]         the general keys, plus
+      images:            image_directory | image_jsonl_file, cache_directory
+      videos:            video_directory | video_jsonl_file, cache_directory, target_frames, frame_extraction,
+                         frame_stride, frame_sample, max_frames, source_fps
+
+A dataset value overrides the general one. Keys of other architectures (control images, FramePack)
+are accepted with a warning that they do nothing here. Every error names the file, the dataset and
+the key, and says what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import toml
+import voluptuous as v
+
+FRAME_EXTRACTION = ("head", "chunk", "slide", "uniform", "full")
+IGNORED_KEYS = (
+    "control_directory",
+    "multiple_target",
+    "no_resize_control",
+    "control_resolution",
+    "fp_latent_window_size",
+    "fp_1f_clean_indices",
+    "fp_1f_target_index",
+    "fp_1f_no_post",
+)
+
+
+class DatasetConfigError(ValueError):
+    pass
+
+
+def _number(value: Any) -> float:
+    """A float key that also takes TOML integers (source_fps = 30)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise v.Invalid("expected a number")
+    return float(value)
+
+
+def _resolution(value: Any) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(x, int) for x in value):
+        return (value[0], value[1])
+    raise v.Invalid("expected an integer or a list [width, height]")
+
+
+def _target_frames(value: Any) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(x, int) and x > 0 for x in value):
+        raise v.Invalid("expected a list of positive integers")
+    for frames in value:
+        if (frames - 1) % 4:
+            low = (frames - 1) // 4 * 4 + 1
+            raise v.Invalid(f"{frames} is not 4k+1 (1, 5, 9, 13, 17, ...); nearest: {low} or {low + 4}")
+    return sorted(set(value))
+
+
+COMMON = {
+    v.Optional("resolution"): _resolution,
+    v.Optional("caption_extension"): str,
+    v.Optional("batch_size"): v.All(int, v.Range(min=1)),
+    v.Optional("num_repeats"): v.All(int, v.Range(min=1)),
+    v.Optional("enable_bucket"): bool,
+    v.Optional("bucket_no_upscale"): bool,
+}
+IGNORED = {v.Optional(key): object for key in IGNORED_KEYS}
+IMAGE = {
+    **COMMON,
+    **IGNORED,
+    v.Optional("image_directory"): str,
+    v.Optional("image_jsonl_file"): str,
+    v.Optional("cache_directory"): str,
+}
+VIDEO = {
+    **COMMON,
+    **IGNORED,
+    v.Optional("video_directory"): str,
+    v.Optional("video_jsonl_file"): str,
+    v.Optional("cache_directory"): str,
+    v.Optional("target_frames"): _target_frames,
+    v.Optional("frame_extraction"): v.In(FRAME_EXTRACTION, msg=f"expected one of {', '.join(FRAME_EXTRACTION)}"),
+    v.Optional("frame_stride"): v.All(int, v.Range(min=1)),
+    v.Optional("frame_sample"): v.All(int, v.Range(min=1)),
+    v.Optional("max_frames"): v.All(int, v.Range(min=1)),
+    v.Optional("source_fps"): v.All(_number, v.Range(min=0, min_included=False)),
+}
+
+
+@dataclass
+class DatasetConfig:
+    index: int  # position in the file, from 0
+    kind: str  # "image" or "video"
+    directory: Path | None
+    jsonl_file: Path | None
+    cache_directory: Path
+    resolution: tuple[int, int] = (960, 544)
+    caption_extension: str | None = ".txt"
+    batch_size: int = 1
+    num_repeats: int = 1
+    enable_bucket: bool = False
+    bucket_no_upscale: bool = False
+    target_frames: list[int] = field(default_factory=lambda: [1])
+    frame_extraction: str = "head"
+    frame_stride: int = 1
+    frame_sample: int = 1
+    max_frames: int = 129
+    source_fps: float | None = None
+
+    @property
+    def source(self) -> Path:
+        return self.directory or self.jsonl_file
+
+    @property
+    def name(self) -> str:
+        return f"dataset {self.index} ({self.source})"
+
+
+def _where(path: Path, error: v.Invalid) -> str:
+    keys = [str(p) for p in error.path]
+    if keys[:1] == ["datasets"] and len(keys) > 1:
+        return f"{path}: [[datasets]] number {int(keys[1]) + 1}" + (f", key {keys[2]!r}" if len(keys) > 2 else "")
+    if keys[:1] == ["general"]:
+        return f"{path}: [general]" + (f", key {keys[1]!r}" if len(keys) > 1 else "")
+    return f"{path}: key {'.'.join(keys)!r}" if keys else str(path)
+
+
+def _read(path: Path) -> dict:
+    if not path.exists():
+        raise DatasetConfigError(f"dataset config {path} does not exist")
+    try:
+        if path.suffix.lower() == ".toml":
+            return toml.loads(path.read_text(encoding="utf-8"))
+        if path.suffix.lower() == ".json":
+            return json.loads(path.read_text(encoding="utf-8"))
+    except (toml.TomlDecodeError, json.JSONDecodeError) as error:
+        raise DatasetConfigError(f"dataset config {path} is not valid {path.suffix[1:].upper()}: {error}") from None
+    raise DatasetConfigError(f"dataset config {path} must be a .toml or .json file")
+
+
+def _validate(path: Path, raw: dict) -> dict:
+    """The config with every value checked and converted (ints to floats, resolutions to pairs)."""
+    try:
+        checked = v.Schema({v.Optional("general"): v.Schema(COMMON), v.Optional("datasets"): list})(raw)
+        datasets = []
+        for i, entry in enumerate(checked.get("datasets", [])):
+            if not isinstance(entry, dict):
+                raise v.Invalid("expected a table", path=["datasets", i])
+            is_video = "video_directory" in entry or "video_jsonl_file" in entry
+            try:
+                datasets.append(v.Schema(VIDEO if is_video else IMAGE)(entry))
+            except v.Invalid as error:
+                error.path[:0] = ["datasets", i]
+                raise
+        checked["datasets"] = datasets
+    except v.MultipleInvalid as errors:
+        error = errors.errors[0]
+        raise DatasetConfigError(f"{_where(path, error)}: {_message(error)}") from None
+    except v.Invalid as error:
+        raise DatasetConfigError(f"{_where(path, error)}: {_message(error)}") from None
+    return checked
+
+
+def _message(error: v.Invalid) -> str:
+    if error.error_message == "extra keys not allowed":
+        return "unknown key (check its spelling; cache_directory and the video keys belong in [[datasets]])"
+    return error.error_message
+
+
+def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
+    """The datasets of a config file, validated, with general values applied and paths checked."""
+    path = Path(path)
+    raw = _validate(path, _read(path))
+    general = raw.get("general", {})
+    datasets: list[DatasetConfig] = []
+    for i, entry in enumerate(raw.get("datasets", [])):
+        values = {**general, **entry}
+        for key in IGNORED_KEYS:
+            if key in values:
+                warnings.warn(
+                    f"{path}: [[datasets]] number {i + 1}: {key!r} has no effect for Kandinsky 5", stacklevel=2
+                )
+                values.pop(key)
+        kind = "video" if "video_directory" in values or "video_jsonl_file" in values else "image"
+        directory, jsonl = values.pop(f"{kind}_directory", None), values.pop(f"{kind}_jsonl_file", None)
+        where = f"{path}: [[datasets]] number {i + 1}"
+        if directory is None and jsonl is None:
+            raise DatasetConfigError(
+                f"{where}: give image_directory, image_jsonl_file, video_directory or video_jsonl_file"
+            )
+        source = Path(directory or jsonl)
+        if not source.exists():
+            key = f"{kind}_directory" if directory else f"{kind}_jsonl_file"
+            raise DatasetConfigError(f"{where}: {key} {str(source)!r} does not exist")
+        cache = values.pop("cache_directory", None) or (directory if directory else None)
+        if cache is None:
+            raise DatasetConfigError(f"{where}: a JSONL dataset needs a cache_directory")
+        if not values.get("enable_bucket", False):
+            values["bucket_no_upscale"] = False
+        dataset = DatasetConfig(
+            index=i,
+            kind=kind,
+            directory=Path(directory) if directory else None,
+            jsonl_file=Path(jsonl) if jsonl else None,
+            cache_directory=Path(cache),
+            **values,
+        )
+        if dataset.frame_extraction == "uniform" and dataset.frame_sample == 1:
+            dataset.frame_extraction = "head"
+        datasets.append(dataset)
+    caches = [d.cache_directory.resolve() for d in datasets]
+    for i, cache in enumerate(caches):
+        if caches.index(cache) != i:
+            raise DatasetConfigError(
+                f"{path}: datasets number {caches.index(cache) + 1} and {i + 1} share the "
+                f"cache_directory {str(cache)!r}; each dataset needs its own"
+            )
+    if not datasets:
+        raise DatasetConfigError(f"{path}: no [[datasets]]")
+    return datasets

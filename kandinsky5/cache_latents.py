@@ -1,0 +1,151 @@
+"""Encode the images and video clips of dataset configs to latent cache files."""
+
+from __future__ import annotations
+
+import argparse
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dataset.buckets import choose_bucket
+from dataset.cache_files import (
+    LATENT_SUFFIX,
+    file_identity,
+    is_current,
+    latent_cache_name,
+    source_fingerprint,
+    write_cache,
+)
+from dataset.caching import CacheReport, prefetch, remove_stale
+from dataset.config import DatasetConfig, load_dataset_config
+from dataset.frames import clips, frames_needed, read_frames
+from dataset.sources import MediaItem, dataset_items
+
+from .media import load_image, resize_and_crop
+from .tasks import TaskPreset
+from .vae import VAE, load_vae
+
+
+@dataclass
+class Unit:
+    """One latent to encode: a clip (or an image) of resized uint8 frames."""
+
+    path: Path
+    fingerprint: dict
+    frames: np.ndarray  # (F, H, W, 3) uint8, F = the clip's frames
+    is_clip: bool
+
+
+def _pixels(frames: np.ndarray) -> torch.Tensor:
+    """(F, H, W, 3) uint8 -> (3, F, H, W) in [-1, 1]."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def load_units(item: MediaItem, dataset: DatasetConfig, task: TaskPreset, base: dict) -> list[Unit]:
+    """Decode, bucket, resize and cut one item into the latents it yields (raises on bad media)."""
+    if item.error:
+        raise ValueError(item.error)
+    if not item.path.exists():
+        raise ValueError("file not found")
+    if dataset.kind == "image":
+        images, clip_list = [load_image(item.path)], [None]
+    else:
+        images = read_frames(item.path, dataset.source_fps, frames_needed(dataset))
+        clip_list = clips(len(images), dataset)
+        if not clip_list:
+            raise ValueError(
+                f"has {len(images)} frames (at 24 fps), fewer than the shortest of target_frames "
+                f"{dataset.target_frames}"
+            )
+    size = choose_bucket(
+        *images[0].size, dataset.resolution, dataset.enable_bucket, dataset.bucket_no_upscale, task.size_multiple
+    )
+    frames = np.stack([np.asarray(resize_and_crop(image, *size), dtype=np.uint8) for image in images])
+    source = source_fingerprint(item.path)
+    units = []
+    for clip in clip_list:
+        fingerprint = {
+            **base,
+            **source,
+            "bucket": list(size),
+            "clip": list(clip) if clip else None,
+            "source_fps": dataset.source_fps,
+        }
+        path = dataset.cache_directory / latent_cache_name(item.key, size, clip)
+        chosen = frames if clip is None else frames[clip[0] : clip[0] + clip[1]]
+        units.append(Unit(path, fingerprint, chosen, clip is not None))
+    return units
+
+
+def encode_units(vae: VAE, units: list[Unit], seed: int) -> None:
+    """Encode units of one shape together and write their cache files."""
+    generator = torch.Generator().manual_seed(seed + zlib.crc32(units[0].path.name.encode()))
+    latents = vae.encode(torch.stack([_pixels(u.frames) for u in units]), generator=generator).cpu()
+    first = None
+    if units[0].is_clip:  # the first frame alone, as I2V generation encodes its image
+        first = vae.encode(torch.stack([_pixels(u.frames[:1]) for u in units]), generator=generator).cpu()
+    for i, unit in enumerate(units):
+        tensors = {"latent": latents[i]}
+        if first is not None:
+            tensors["first_frame"] = first[i]
+        write_cache(unit.path, tensors, "latent", unit.fingerprint, {"vae": vae.kind.name})
+
+
+def cache_dataset(
+    dataset: DatasetConfig, task: TaskPreset, vae: VAE, args: argparse.Namespace, base: dict, report: CacheReport
+) -> None:
+    items = dataset_items(dataset)
+    dataset.cache_directory.mkdir(parents=True, exist_ok=True)
+    produced: set[Path] = set()
+    failed: set[str] = set()
+    pending: dict[tuple, list[Unit]] = {}
+    batch_size = args.batch_size or dataset.batch_size
+
+    def flush(shape: tuple) -> None:
+        encode_units(vae, pending.pop(shape), args.seed)
+
+    loaded = prefetch(lambda item: load_units(item, dataset, task, base), items, args.num_workers)
+    for item, result in tqdm(loaded, total=len(items), desc=f"latents: {dataset.name}", unit="item"):
+        if isinstance(result, Exception):
+            report.fail(item.path, str(result))
+            failed.add(item.key)
+            continue
+        for unit in result:
+            produced.add(unit.path)
+            if args.skip_existing and is_current(unit.path, unit.fingerprint):
+                report.skipped += 1
+                continue
+            shape = unit.frames.shape
+            pending.setdefault(shape, []).append(unit)
+            report.written += 1
+            if len(pending[shape]) >= batch_size:
+                flush(shape)
+    for shape in list(pending):
+        flush(shape)
+    stale = remove_stale(dataset.cache_directory, f"*{LATENT_SUFFIX}", produced, failed, args.keep_cache)
+    if stale:
+        verb = "kept (--keep_cache)" if args.keep_cache else "deleted"
+        tqdm.write(f"{dataset.name}: {len(stale)} stale latent caches {verb}")
+        report.deleted += 0 if args.keep_cache else len(stale)
+
+
+def cache_latents(args: argparse.Namespace, task: TaskPreset) -> CacheReport:
+    datasets = load_dataset_config(args.dataset_config)
+    vae = load_vae(args.vae, task.vae, device=args.device, dtype=args.vae_dtype, task_name=task.name)
+    if args.vae_tiling:
+        vae.enable_tiling(args.vae_tile_size, args.vae_tile_frames)
+    base = {
+        "vae": task.vae,
+        "vae_identity": file_identity(args.vae),
+        "vae_dtype": str(args.vae_dtype),
+        "tiling": [args.vae_tiling, args.vae_tile_size, args.vae_tile_frames],
+        "seed": args.seed,
+    }
+    report = CacheReport()
+    for dataset in datasets:
+        cache_dataset(dataset, task, vae, args, base, report)
+    return report

@@ -1,0 +1,126 @@
+import json
+
+import pytest
+
+from dataset.config import DatasetConfigError, load_dataset_config
+
+
+def write(tmp_path, text, name="d.toml"):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "videos").mkdir(exist_ok=True)
+    path = tmp_path / name
+    path.write_text(text.replace("ROOT", str(tmp_path)))
+    return path
+
+
+SPEC_EXAMPLE = """
+[general]
+enable_bucket = true
+bucket_no_upscale = false
+
+# Image dataset example
+[[datasets]]
+image_directory = "ROOT/images"
+cache_directory = "ROOT/images/cache"
+resolution = [512, 512]
+batch_size = 1
+num_repeats = 1
+caption_extension = ".txt"
+
+# Video dataset example
+[[datasets]]
+video_directory = "ROOT/videos"
+cache_directory = "ROOT/videos/cache"
+resolution = [256, 256]
+batch_size = 1
+num_repeats = 1
+frame_extraction = "head"
+target_frames = [17]
+caption_extension = ".txt"
+"""
+
+
+def test_the_spec_example_loads(tmp_path):
+    images, videos = load_dataset_config(write(tmp_path, SPEC_EXAMPLE))
+    assert (images.kind, images.resolution, images.enable_bucket, images.cache_directory.name) == (
+        "image", (512, 512), True, "cache")  # fmt: skip
+    assert (videos.kind, videos.resolution, videos.target_frames, videos.frame_extraction) == (
+        "video", (256, 256), [17], "head")  # fmt: skip
+
+
+def test_a_full_musubi_style_config_loads_with_ints_for_floats(tmp_path):
+    config = write(
+        tmp_path,
+        """
+[general]
+resolution = 960
+caption_extension = ".caption"
+batch_size = 2
+num_repeats = 3
+enable_bucket = true
+bucket_no_upscale = true
+
+[[datasets]]
+video_directory = "ROOT/videos"
+cache_directory = "ROOT/vc"
+target_frames = [1, 25, 45]
+frame_extraction = "slide"
+frame_stride = 10
+frame_sample = 4
+max_frames = 129
+source_fps = 30
+""",
+    )
+    (video,) = load_dataset_config(config)
+    assert video.resolution == (960, 960) and video.source_fps == 30.0 and isinstance(video.source_fps, float)
+    assert (video.batch_size, video.num_repeats, video.caption_extension) == (2, 3, ".caption")
+    assert video.bucket_no_upscale and video.frame_stride == 10 and video.target_frames == [1, 25, 45]
+
+
+def test_json_configs_load(tmp_path):
+    path = tmp_path / "d.json"
+    (tmp_path / "images").mkdir()
+    path.write_text(json.dumps({"datasets": [{"image_directory": str(tmp_path / "images")}]}))
+    (dataset,) = load_dataset_config(path)
+    assert dataset.cache_directory == tmp_path / "images" and not dataset.bucket_no_upscale
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ('[[datasets]]\nimage_directory = "ROOT/images"\nresolutoin = 512',
+         r"d.toml: \[\[datasets\]\] number 1, key 'resolutoin': unknown key"),
+        ('[general]\ncache_directory = "x"\n[[datasets]]\nimage_directory = "ROOT/images"',
+         r"\[general\], key 'cache_directory': unknown key"),
+        ('[[datasets]]\nimage_directory = "ROOT/images"\nbatch_size = "2"',
+         r"number 1, key 'batch_size': expected int"),
+        ('[[datasets]]\nimage_directory = "ROOT/images"\nresolution = [1, 2, 3]',
+         r"key 'resolution': expected an integer or a list \[width, height\]"),
+        ('[[datasets]]\nvideo_directory = "ROOT/videos"\ntarget_frames = [1, 24]',
+         r"key 'target_frames': 24 is not 4k\+1 .*nearest: 21 or 25"),
+        ('[[datasets]]\nvideo_directory = "ROOT/videos"\nframe_extraction = "middle"',
+         r"key 'frame_extraction': expected one of head, chunk, slide, uniform, full"),
+        ('[[datasets]]\nimage_directory = "ROOT/imagez"', r"number 1: image_directory '.*imagez' does not exist"),
+        ('[[datasets]]\nimage_directory = "ROOT/images"\n[[datasets]]\nvideo_directory = "ROOT/videos"\n'
+         'cache_directory = "ROOT/images"', r"datasets number 1 and 2 share the cache_directory"),
+        ('[[datasets]]\ncache_directory = "ROOT/c"', r"number 1: give image_directory, image_jsonl_file"),
+        ("[[datasets]\n", r"is not valid TOML"),
+    ],
+)  # fmt: skip
+def test_errors_name_the_file_dataset_key_and_expectation(tmp_path, body, message):
+    with pytest.raises(DatasetConfigError, match=message):
+        load_dataset_config(write(tmp_path, body))
+
+
+def test_missing_file_and_wrong_extension(tmp_path):
+    with pytest.raises(DatasetConfigError, match="does not exist"):
+        load_dataset_config(tmp_path / "none.toml")
+    (tmp_path / "d.yaml").write_text("x")
+    with pytest.raises(DatasetConfigError, match="must be a .toml or .json file"):
+        load_dataset_config(tmp_path / "d.yaml")
+
+
+def test_keys_of_other_architectures_are_accepted_with_a_warning(tmp_path):
+    config = write(tmp_path, '[[datasets]]\nimage_directory = "ROOT/images"\ncontrol_directory = "x"')
+    with pytest.warns(UserWarning, match="'control_directory' has no effect for Kandinsky 5"):
+        load_dataset_config(config)
