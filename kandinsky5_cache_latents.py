@@ -8,12 +8,11 @@ only what is missing or out of date.
 
 import argparse
 import os
-import sys
 
 import torch
 
 from kandinsky5.cache_latents import cache_latents
-from kandinsky5.cli import add_task_argument
+from kandinsky5.cli import add_task_argument, run_caching
 from kandinsky5.generate import DTYPES, default_paths
 
 
@@ -59,13 +58,7 @@ def main(argv=None) -> None:
     task = args.task
     args.vae = args.vae or default_paths(task)["vae"]
     args.vae_dtype = DTYPES[args.vae_dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
-    try:
-        report = cache_latents(args, task)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    print(report.summary())
-    if report.failures:
-        sys.exit(1)
+    run_caching(cache_latents, args)
 
 
 if __name__ == "__main__":

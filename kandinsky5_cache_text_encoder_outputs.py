@@ -7,13 +7,13 @@ reported and skipped; the exit code is non-zero if anything failed.
 """
 
 import argparse
-import sys
 
 import torch
 
 from kandinsky5.cache_text import cache_text
-from kandinsky5.cli import add_task_argument
-from kandinsky5.generate import DTYPES, default_paths
+from kandinsky5.cli import add_task_argument, run_caching
+from kandinsky5.generate import default_paths
+from kandinsky5.text_encoders import TEXT_ENCODER_DTYPES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text_encoder_clip", help="clip_l.safetensors or a CLIP folder (default weights/text_encoder2)")
     p.add_argument(
         "--text_encoder_dtype",
-        choices=[*DTYPES, "fp8"],
+        choices=list(TEXT_ENCODER_DTYPES),
         default="bfloat16",
         help="Qwen weights: bfloat16 (default), float16, float32 or fp8 (about half the memory)",
     )
@@ -49,14 +49,7 @@ def main(argv=None) -> None:
     defaults = default_paths(task)
     args.text_encoder_qwen = args.text_encoder_qwen or defaults["text_encoder_qwen"]
     args.text_encoder_clip = args.text_encoder_clip or defaults["text_encoder_clip"]
-    args.qwen_dtype = torch.bfloat16 if args.text_encoder_dtype == "fp8" else DTYPES[args.text_encoder_dtype]
-    try:
-        report = cache_text(args, task)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    print(report.summary())
-    if report.failures:
-        sys.exit(1)
+    run_caching(cache_text, args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 
 from kandinsky5.cli import add_attention_arguments, add_task_argument
 from kandinsky5.generate import DTYPES, default_paths, generate
+from kandinsky5.text_encoders import TEXT_ENCODER_DTYPES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--text_encoder_device", help="device for Qwen and CLIP (default: --device)")
     run.add_argument(
         "--text_encoder_dtype",
-        choices=[*DTYPES, "fp8"],
+        choices=list(TEXT_ENCODER_DTYPES),
         default="bfloat16",
         help="Qwen weights: bfloat16 (default), float16, float32, or fp8 (block-scaled float8 "
         "weights computed in bf16: about half the memory)",

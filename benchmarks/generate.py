@@ -43,16 +43,26 @@ def child(args: argparse.Namespace) -> None:
     task = get_task(args.task)
     model = build("ours", args.task, args.device)
     shape = (1, args.frames, args.side, args.side)
-    denoiser = Denoiser(model, condition(40, args.task, args.device, 1), condition(12, args.task, args.device, 2),
-                        task.guidance, task.rope_scale, t2v_channels(shape, args.device),
-                        batched_cfg=args.batched == "yes")  # fmt: skip
+    denoiser = Denoiser(
+        model,
+        condition(40, args.task, args.device, 1),
+        condition(12, args.task, args.device, 2),
+        task.guidance,
+        task.rope_scale,
+        t2v_channels(shape, args.device),
+        batched_cfg=args.batched == "yes",
+    )
     noise = torch.randn(*shape, 16, device=args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     Path("/proc/self/clear_refs").write_text("5")
     stamps = []
     with torch.no_grad():
-        sample_euler(denoiser, noise, flow_schedule(args.steps + 1, task.scheduler_scale, args.device),
-                     callback=lambda i, x: (sync(), stamps.append(time.perf_counter())))  # fmt: skip
+        sample_euler(
+            denoiser,
+            noise,
+            flow_schedule(args.steps + 1, task.scheduler_scale, args.device),
+            callback=lambda i, x: (sync(), stamps.append(time.perf_counter())),
+        )
     per_step = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]  # the first step is a warm-up
     print(json.dumps({"per_step": per_step, "peak_kib": rss_kib("VmHWM")}))
 
@@ -71,14 +81,30 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(f"{args.frames} latent frames of {args.side}x{args.side}, CFG on, {args.steps} timed steps, "
-          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+    print(
+        f"{args.frames} latent frames of {args.side}x{args.side}, CFG on, {args.steps} timed steps, "
+        f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"{'task':<20} {'CFG passes':<12} {'s/step':>8} {'peak RSS':>10}")
     for task in args.tasks:
         for batched in ("yes", "no"):
-            command = [sys.executable, __file__, "--child", "--task", task, "--batched", batched, "--steps",
-                       str(args.steps), "--frames", str(args.frames), "--side", str(args.side), "--device",
-                       args.device]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--task",
+                task,
+                "--batched",
+                batched,
+                "--steps",
+                str(args.steps),
+                "--frames",
+                str(args.frames),
+                "--side",
+                str(args.side),
+                "--device",
+                args.device,
+            ]
             result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
             step = sum(result["per_step"]) / len(result["per_step"])
             label = "batched" if batched == "yes" else "separate"

@@ -55,12 +55,22 @@ def prefetch(load: Callable[[T], R], items: Iterable[T], workers: int) -> Iterat
 
 
 def remove_stale(
-    cache_directory: Path, pattern: str, keep: set[Path], failed_keys: set[str], dry_run: bool
-) -> list[Path]:
-    """Cache files matching ``pattern`` that this run did not produce; deleted unless ``dry_run``.
+    cache_directory: Path,
+    pattern: str,
+    produced: set[Path],
+    failed_keys: set[str],
+    keep_cache: bool,
+    report: CacheReport,
+    label: str,
+) -> None:
+    """Delete the cache files matching ``pattern`` that this run did not produce (unless ``keep_cache``).
     Files of items that failed this time are kept: an old cache beats none."""
-    stale = [p for p in cache_directory.glob(pattern) if p not in keep and item_key_of(p) not in failed_keys]
-    if not dry_run:
+    stale = [p for p in cache_directory.glob(pattern) if p not in produced and item_key_of(p) not in failed_keys]
+    if not stale:
+        return
+    if not keep_cache:
         for path in stale:
             path.unlink()
-    return stale
+        report.deleted += len(stale)
+    verb = "kept (--keep_cache)" if keep_cache else "deleted"
+    tqdm.write(f"{label}: {len(stale)} stale caches of items no longer in the dataset {verb}")

@@ -126,11 +126,15 @@ def cache_dataset(
                 flush(shape)
     for shape in list(pending):
         flush(shape)
-    stale = remove_stale(dataset.cache_directory, f"*{LATENT_SUFFIX}", produced, failed, args.keep_cache)
-    if stale:
-        verb = "kept (--keep_cache)" if args.keep_cache else "deleted"
-        tqdm.write(f"{dataset.name}: {len(stale)} stale latent caches {verb}")
-        report.deleted += 0 if args.keep_cache else len(stale)
+    remove_stale(
+        dataset.cache_directory,
+        f"*{LATENT_SUFFIX}",
+        produced,
+        failed,
+        args.keep_cache,
+        report,
+        f"latents of {dataset.name}",
+    )
 
 
 def cache_latents(args: argparse.Namespace, task: TaskPreset) -> CacheReport:

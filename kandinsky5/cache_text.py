@@ -14,7 +14,7 @@ from dataset.sources import MediaItem, dataset_items
 
 from .prompt_templates import TEMPLATES
 from .tasks import TaskPreset
-from .text_encoders import ClipEncoder, PromptEncoder, QwenEncoder
+from .text_encoders import PromptEncoder, load_prompt_encoder
 
 
 def template_name(dataset: DatasetConfig) -> str:
@@ -64,28 +64,22 @@ def cache_dataset(
                 write_cache(path, tensors, "text", fingerprint, {"caption": item.caption, "template": template.name})
                 report.written += 1
             bar.update(len(batch))
-    stale = remove_stale(dataset.cache_directory, f"*{TEXT_SUFFIX}", produced, failed, args.keep_cache)
-    if stale:
-        verb = "kept (--keep_cache)" if args.keep_cache else "deleted"
-        tqdm.write(f"{dataset.name}: {len(stale)} stale text caches {verb}")
-        report.deleted += 0 if args.keep_cache else len(stale)
+    remove_stale(
+        dataset.cache_directory, f"*{TEXT_SUFFIX}", produced, failed, args.keep_cache, report, f"text of {dataset.name}"
+    )
 
 
 def cache_text(args: argparse.Namespace, task: TaskPreset) -> CacheReport:
     datasets = load_dataset_config(args.dataset_config)
-    params = task.dit_params
-    fp8 = args.text_encoder_dtype == "fp8"
-    qwen = QwenEncoder(
-        args.text_encoder_qwen, args.device, args.qwen_dtype, expected_dim=params["in_text_dim"], fp8=fp8
+    encoder = load_prompt_encoder(
+        args.text_encoder_qwen, args.text_encoder_clip, task.dit_params, args.device, args.text_encoder_dtype
     )
-    clip = ClipEncoder(args.text_encoder_clip, args.device, expected_dim=params["in_text_dim2"])
     base = {
         "qwen": file_identity(args.text_encoder_qwen),
         "clip": file_identity(args.text_encoder_clip),
         "qwen_dtype": args.text_encoder_dtype,
     }
     report = CacheReport()
-    encoder = PromptEncoder(qwen, clip)
     for dataset in datasets:
         cache_dataset(dataset, encoder, task, args, base, report)
     return report

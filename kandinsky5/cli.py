@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .attention import BACKENDS, DEFAULT_BACKEND
 from .tasks import TASKS, TaskPreset, UnknownTaskError, get_task
@@ -55,6 +56,17 @@ def attention_backend(args: argparse.Namespace) -> str:
             assert backend in BACKENDS
             return backend
     return DEFAULT_BACKEND
+
+
+def run_caching(cache, args: argparse.Namespace) -> None:
+    """Run a caching job, print its summary and exit 1 if any item failed (input errors exit with a message)."""
+    try:
+        report = cache(args, args.task)
+    except ValueError as error:  # the toolkit's input errors: config, weights, encoders
+        sys.exit(f"error: {error}")
+    print(report.summary())
+    if report.failures:
+        sys.exit(1)
 
 
 def exit_not_implemented(description: str, issue_title: str, argv: list[str] | None = None) -> None:

@@ -44,7 +44,7 @@ from .prompt_templates import template_for
 from .sampling import flow_schedule, sample_euler
 from .sizes import check_frames, check_size, i2v_size, nearest_allowed_size
 from .tasks import TASKS, TaskPreset
-from .text_encoders import ClipEncoder, PromptEncoder, QwenEncoder
+from .text_encoders import load_prompt_encoder
 from .vae import load_vae
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -149,12 +149,9 @@ def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
 
 
 def encode_texts(args, task: TaskPreset, jobs: list[Job], device) -> list[tuple[TextCondition, TextCondition | None]]:
-    params = task.dit_params
-    fp8 = args.text_encoder_dtype == "fp8"
-    qwen_dtype = torch.bfloat16 if fp8 else DTYPES[args.text_encoder_dtype]
-    qwen = QwenEncoder(args.text_encoder_qwen, device, qwen_dtype, expected_dim=params["in_text_dim"], fp8=fp8)
-    clip = ClipEncoder(args.text_encoder_clip, device=device, expected_dim=params["in_text_dim2"])
-    encoder = PromptEncoder(qwen, clip)
+    encoder = load_prompt_encoder(
+        args.text_encoder_qwen, args.text_encoder_clip, task.dit_params, device, args.text_encoder_dtype
+    )
     conditions = []
     for job in tqdm(jobs, desc="encoding prompts", disable=len(jobs) < 2):
         template = template_for(task.kind, job.frames)
@@ -165,7 +162,7 @@ def encode_texts(args, task: TaskPreset, jobs: list[Job], device) -> list[tuple[
         encoded = [encoder.encode([p], template, task.qwen_max_length, images) for p in prompts]
         texts = [TextCondition(e.embeddings.cpu(), e.mask.cpu(), e.pooled.cpu()) for e in encoded]
         conditions.append((texts[0], texts[1] if len(texts) > 1 else None))
-    free(encoder, qwen, clip)
+    free(encoder)
     return conditions
 
 

@@ -270,3 +270,18 @@ class PromptEncoder:
     ) -> EncodedPrompts:
         embeddings, mask = self.qwen.encode(prompts, template, max_length, images)
         return EncodedPrompts(embeddings, mask, self.clip.encode(prompts), template.name)
+
+
+TEXT_ENCODER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "fp8": None}
+
+
+def load_prompt_encoder(
+    qwen_path: str | Path, clip_path: str | Path, task_params, device, text_encoder_dtype: str = "bfloat16"
+) -> PromptEncoder:
+    """Qwen (``text_encoder_dtype``: a float dtype name, or "fp8" for fp8 weights computed in bf16) and CLIP,
+    both checked against the text widths of the task's DiT."""
+    fp8 = text_encoder_dtype == "fp8"
+    dtype = torch.bfloat16 if fp8 else TEXT_ENCODER_DTYPES[text_encoder_dtype]
+    qwen = QwenEncoder(qwen_path, device, dtype, expected_dim=task_params["in_text_dim"], fp8=fp8)
+    clip = ClipEncoder(clip_path, device, expected_dim=task_params["in_text_dim2"])
+    return PromptEncoder(qwen, clip)

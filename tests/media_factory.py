@@ -21,8 +21,16 @@ def frames(count: int, width: int, height: int, seed: int = 0) -> list[np.ndarra
     return out
 
 
-def write_video(path: Path, count: int, width: int, height: int, codec: str = "libx264", fps: int = 24,
-                pix_fmt: str = "yuv420p", seed: int = 0) -> Path:  # fmt: skip
+def write_video(
+    path: Path,
+    count: int,
+    width: int,
+    height: int,
+    codec: str = "libx264",
+    fps: int = 24,
+    pix_fmt: str = "yuv420p",
+    seed: int = 0,
+) -> Path:
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt

@@ -144,8 +144,12 @@ def test_bad_items_are_reported_and_the_exit_code_is_non_zero(tiny_tree, cached,
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
     assert "cached 0, already up to date 13, failed 4" in out
-    for name, reason in (("e.png", "cannot read image"), ("f.png", "no caption file f.txt"),
-                         ("t.mp4", "cannot decode"), ("short.mp4", "has 3 frames")):  # fmt: skip
+    for name, reason in (
+        ("e.png", "cannot read image"),
+        ("f.png", "no caption file f.txt"),
+        ("t.mp4", "cannot decode"),
+        ("short.mp4", "has 3 frames"),
+    ):
         assert any(name in line and reason in line for line in out.splitlines()), name
 
 
@@ -164,8 +168,11 @@ def test_skip_existing_redoes_only_what_changed_and_stale_caches_go(tiny_tree, t
     with pytest.raises(SystemExit):
         run(kandinsky5_cache_text_encoder_outputs, tiny_tree, config, "--skip_existing")
     new_a, meta = read_cache(te["a"])
-    assert meta["caption"] == "a new caption" and not old_a["text"].shape == new_a["text"].shape or not (
-        old_a["text"] == new_a["text"]).all()  # fmt: skip
+    assert (
+        meta["caption"] == "a new caption"
+        and not old_a["text"].shape == new_a["text"].shape
+        or not (old_a["text"] == new_a["text"]).all()
+    )
     assert te["b"].stat().st_mtime_ns == stamps["b"] and te["d"].stat().st_mtime_ns == stamps["d"]
     assert not te["c"].exists()  # its image is gone: stale cache deleted
     latent_c = by_stem(images, "c")
@@ -222,11 +229,13 @@ def test_an_image_task_caches_with_the_flux_vae(tiny_tree, tmp_path):
     (tmp_path / "imgs").mkdir()
     caption(write_image(tmp_path / "imgs" / "p.png", 64, 48), "p")
     (tmp_path / "d.toml").write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "imgs"}"\nresolution = 64\n')
-    kandinsky5_cache_latents.main(["--dataset_config", str(tmp_path / "d.toml"), "--task", "tiny-t2i",
-                                   "--vae", str(tiny_tree / "flux/vae")])  # fmt: skip
+    kandinsky5_cache_latents.main(
+        ["--dataset_config", str(tmp_path / "d.toml"), "--task", "tiny-t2i", "--vae", str(tiny_tree / "flux/vae")]
+    )
     (cache,) = (tmp_path / "imgs").glob("*_k5.safetensors")
     assert read_cache(cache)[1]["vae"] == "flux"
     with pytest.raises(SystemExit, match="needs the FLUX.1 image VAE"):
-        kandinsky5_cache_latents.main(["--dataset_config", str(tmp_path / "d.toml"), "--task", "tiny-t2i",
-                                       "--vae", str(tiny_tree / "vae")])  # fmt: skip
+        kandinsky5_cache_latents.main(
+            ["--dataset_config", str(tmp_path / "d.toml"), "--task", "tiny-t2i", "--vae", str(tiny_tree / "vae")]
+        )
     assert Image.open(tmp_path / "imgs" / "p.png").size == (64, 48)

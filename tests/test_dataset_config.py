@@ -43,9 +43,17 @@ caption_extension = ".txt"
 def test_the_spec_example_loads(tmp_path):
     images, videos = load_dataset_config(write(tmp_path, SPEC_EXAMPLE))
     assert (images.kind, images.resolution, images.enable_bucket, images.cache_directory.name) == (
-        "image", (512, 512), True, "cache")  # fmt: skip
+        "image",
+        (512, 512),
+        True,
+        "cache",
+    )
     assert (videos.kind, videos.resolution, videos.target_frames, videos.frame_extraction) == (
-        "video", (256, 256), [17], "head")  # fmt: skip
+        "video",
+        (256, 256),
+        [17],
+        "head",
+    )
 
 
 def test_a_full_musubi_style_config_loads_with_ints_for_floats(tmp_path):
@@ -88,25 +96,40 @@ def test_json_configs_load(tmp_path):
 @pytest.mark.parametrize(
     "body,message",
     [
-        ('[[datasets]]\nimage_directory = "ROOT/images"\nresolutoin = 512',
-         r"d.toml: \[\[datasets\]\] number 1, key 'resolutoin': unknown key"),
-        ('[general]\ncache_directory = "x"\n[[datasets]]\nimage_directory = "ROOT/images"',
-         r"\[general\], key 'cache_directory': unknown key"),
-        ('[[datasets]]\nimage_directory = "ROOT/images"\nbatch_size = "2"',
-         r"number 1, key 'batch_size': expected int"),
-        ('[[datasets]]\nimage_directory = "ROOT/images"\nresolution = [1, 2, 3]',
-         r"key 'resolution': expected an integer or a list \[width, height\]"),
-        ('[[datasets]]\nvideo_directory = "ROOT/videos"\ntarget_frames = [1, 24]',
-         r"key 'target_frames': 24 is not 4k\+1 .*nearest: 21 or 25"),
-        ('[[datasets]]\nvideo_directory = "ROOT/videos"\nframe_extraction = "middle"',
-         r"key 'frame_extraction': expected one of head, chunk, slide, uniform, full"),
+        (
+            '[[datasets]]\nimage_directory = "ROOT/images"\nresolutoin = 512',
+            r"d.toml: \[\[datasets\]\] number 1, key 'resolutoin': unknown key",
+        ),
+        (
+            '[general]\ncache_directory = "x"\n[[datasets]]\nimage_directory = "ROOT/images"',
+            r"\[general\], key 'cache_directory': unknown key",
+        ),
+        (
+            '[[datasets]]\nimage_directory = "ROOT/images"\nbatch_size = "2"',
+            r"number 1, key 'batch_size': expected int",
+        ),
+        (
+            '[[datasets]]\nimage_directory = "ROOT/images"\nresolution = [1, 2, 3]',
+            r"key 'resolution': expected an integer or a list \[width, height\]",
+        ),
+        (
+            '[[datasets]]\nvideo_directory = "ROOT/videos"\ntarget_frames = [1, 24]',
+            r"key 'target_frames': 24 is not 4k\+1 .*nearest: 21 or 25",
+        ),
+        (
+            '[[datasets]]\nvideo_directory = "ROOT/videos"\nframe_extraction = "middle"',
+            r"key 'frame_extraction': expected one of head, chunk, slide, uniform, full",
+        ),
         ('[[datasets]]\nimage_directory = "ROOT/imagez"', r"number 1: image_directory '.*imagez' does not exist"),
-        ('[[datasets]]\nimage_directory = "ROOT/images"\n[[datasets]]\nvideo_directory = "ROOT/videos"\n'
-         'cache_directory = "ROOT/images"', r"datasets number 1 and 2 share the cache_directory"),
+        (
+            '[[datasets]]\nimage_directory = "ROOT/images"\n[[datasets]]\nvideo_directory = "ROOT/videos"\n'
+            'cache_directory = "ROOT/images"',
+            r"datasets number 1 and 2 share the cache_directory",
+        ),
         ('[[datasets]]\ncache_directory = "ROOT/c"', r"number 1: give image_directory, image_jsonl_file"),
         ("[[datasets]\n", r"is not valid TOML"),
     ],
-)  # fmt: skip
+)
 def test_errors_name_the_file_dataset_key_and_expectation(tmp_path, body, message):
     with pytest.raises(DatasetConfigError, match=message):
         load_dataset_config(write(tmp_path, body))

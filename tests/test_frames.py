@@ -21,7 +21,7 @@ def config(**values):
         (dict(frame_extraction="full", max_frames=129), 20, [(0, 17)]),
         (dict(frame_extraction="full", max_frames=9), 20, [(0, 9)]),
     ],
-)  # fmt: skip
+)
 def test_extraction_modes(values, count, expected):
     assert clips(count, config(**values)) == expected
 

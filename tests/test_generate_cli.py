@@ -30,8 +30,24 @@ def latent(path):
 
 def test_t2v_writes_an_mp4_with_the_requested_frames_size_and_fps(tiny_tree, tmp_path):
     out = tmp_path / "cat.mp4"
-    generate(tiny_tree, "tiny-t2v", "--prompt", "A cat walks on the grass.", "--frames", "13", "--width", "96",
-             "--height", "64", "--fps", "12", "--steps", "3", "--output", str(out))  # fmt: skip
+    generate(
+        tiny_tree,
+        "tiny-t2v",
+        "--prompt",
+        "A cat walks on the grass.",
+        "--frames",
+        "13",
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--fps",
+        "12",
+        "--steps",
+        "3",
+        "--output",
+        str(out),
+    )
     count, width, height, fps, _ = video_info(out)
     assert (count, width, height, fps) == (13, 96, 64, 12.0)
     meta = read_metadata(out)
@@ -40,20 +56,52 @@ def test_t2v_writes_an_mp4_with_the_requested_frames_size_and_fps(tiny_tree, tmp
 
 
 def test_t2i_and_i2i_write_pngs_of_the_requested_size(tiny_tree, tmp_path):
-    generate(tiny_tree, "tiny-t2i", "--prompt", "a red apple", "--width", "48", "--height", "80",
-             "--output", str(tmp_path / "t2i.png"))  # fmt: skip
+    generate(
+        tiny_tree,
+        "tiny-t2i",
+        "--prompt",
+        "a red apple",
+        "--width",
+        "48",
+        "--height",
+        "80",
+        "--output",
+        str(tmp_path / "t2i.png"),
+    )
     assert Image.open(tmp_path / "t2i.png").size == (48, 80)
     Image.new("RGB", (120, 80), (10, 200, 30)).save(tmp_path / "src.jpg")
-    generate(tiny_tree, "tiny-i2i", "--prompt", "make it blue", "--image", str(tmp_path / "src.jpg"),
-             "--width", "64", "--height", "32", "--output", str(tmp_path / "i2i.png"))  # fmt: skip
+    generate(
+        tiny_tree,
+        "tiny-i2i",
+        "--prompt",
+        "make it blue",
+        "--image",
+        str(tmp_path / "src.jpg"),
+        "--width",
+        "64",
+        "--height",
+        "32",
+        "--output",
+        str(tmp_path / "i2i.png"),
+    )
     assert Image.open(tmp_path / "i2i.png").size == (64, 32)
     assert read_metadata(tmp_path / "i2i.png")["image"] == str(tmp_path / "src.jpg")
 
 
 def test_i2i_without_size_takes_the_nearest_allowed_aspect(tiny_tree, tmp_path):
     Image.new("RGB", (300, 100), (10, 200, 30)).save(tmp_path / "wide.png")
-    generate(tiny_tree, "tiny-i2i", "--prompt", "x", "--image", str(tmp_path / "wide.png"), "--steps", "1",
-             "--output", str(tmp_path / "out.png"))  # fmt: skip
+    generate(
+        tiny_tree,
+        "tiny-i2i",
+        "--prompt",
+        "x",
+        "--image",
+        str(tmp_path / "wide.png"),
+        "--steps",
+        "1",
+        "--output",
+        str(tmp_path / "out.png"),
+    )
     width, height = Image.open(tmp_path / "out.png").size
     assert width > height and width % 16 == 0 and height % 16 == 0
 
@@ -62,8 +110,23 @@ def test_i2v_keeps_the_encoded_image_as_first_frame_and_decodes_it(tiny_tree, tm
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "first.png")
     out = tmp_path / "clip.mp4"
-    generate(tiny_tree, "tiny-i2v", "--prompt", "waves", "--image", str(tmp_path / "first.png"), "--width", "96",
-             "--height", "64", "--seed", "5", "--save_latent", "--output", str(out))  # fmt: skip
+    generate(
+        tiny_tree,
+        "tiny-i2v",
+        "--prompt",
+        "waves",
+        "--image",
+        str(tmp_path / "first.png"),
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--seed",
+        "5",
+        "--save_latent",
+        "--output",
+        str(out),
+    )
     count, width, height, _, frames = video_info(out)
     assert (count, width, height) == (9, 96, 64)
     vae = load_vae(tiny_tree / "vae", "hunyuan")
@@ -91,8 +154,19 @@ def test_from_file_makes_one_output_per_line(tiny_tree, tmp_path):
 
 def test_same_seed_same_output_and_another_seed_another(tiny_tree, tmp_path):
     def run(name, seed):
-        generate(tiny_tree, "tiny-t2v", "--prompt", "a dog", "--seed", str(seed), "--steps", "3", "--save_latent",
-                 "--output", str(tmp_path / f"{name}.mp4"))  # fmt: skip
+        generate(
+            tiny_tree,
+            "tiny-t2v",
+            "--prompt",
+            "a dog",
+            "--seed",
+            str(seed),
+            "--steps",
+            "3",
+            "--save_latent",
+            "--output",
+            str(tmp_path / f"{name}.mp4"),
+        )
         return latent(tmp_path / f"{name}.latent.safetensors")
 
     first, again, other = run("a", 3), run("b", 3), run("c", 4)
@@ -101,10 +175,17 @@ def test_same_seed_same_output_and_another_seed_another(tiny_tree, tmp_path):
 
 
 def test_saved_latents_decode_later_to_the_same_video(tiny_tree, tmp_path):
-    generate(tiny_tree, "tiny-t2v", "--prompt", "a dog", "--steps", "2", "--save_latent",
-             "--output", str(tmp_path / "a.mp4"))  # fmt: skip
-    generate(tiny_tree, "tiny-t2v", "--latent_path", str(tmp_path / "a.latent.safetensors"),
-             "--output", str(tmp_path / "again.mp4"))  # fmt: skip
+    generate(
+        tiny_tree, "tiny-t2v", "--prompt", "a dog", "--steps", "2", "--save_latent", "--output", str(tmp_path / "a.mp4")
+    )
+    generate(
+        tiny_tree,
+        "tiny-t2v",
+        "--latent_path",
+        str(tmp_path / "a.latent.safetensors"),
+        "--output",
+        str(tmp_path / "again.mp4"),
+    )
     assert video_info(tmp_path / "a.mp4")[4][3].tolist() == video_info(tmp_path / "again.mp4")[4][3].tolist()
 
 
@@ -142,11 +223,28 @@ def test_wrong_checkpoint_fails_before_any_encoding(tiny_tree):
 
 def test_the_script_runs_as_a_program(tiny_tree, tmp_path):
     out = tmp_path / "s.png"
-    command = [sys.executable, "kandinsky5_generate_video.py", "--task", "tiny-t2i", "--dit",
-               str(tiny_tree / "model/tiny_t2i.safetensors"), "--vae", str(tiny_tree / "flux/vae"),
-               "--text_encoder_qwen", str(tiny_tree / "text_encoder"), "--text_encoder_clip",
-               str(tiny_tree / "text_encoder2"), "--prompt", "x", "--steps", "2", "--output", str(out),
-               "--text_encoder_dtype", "fp8"]  # fmt: skip
+    command = [
+        sys.executable,
+        "kandinsky5_generate_video.py",
+        "--task",
+        "tiny-t2i",
+        "--dit",
+        str(tiny_tree / "model/tiny_t2i.safetensors"),
+        "--vae",
+        str(tiny_tree / "flux/vae"),
+        "--text_encoder_qwen",
+        str(tiny_tree / "text_encoder"),
+        "--text_encoder_clip",
+        str(tiny_tree / "text_encoder2"),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--output",
+        str(out),
+        "--text_encoder_dtype",
+        "fp8",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (64, 64) and "sampling 1" in result.stderr  # the progress bar

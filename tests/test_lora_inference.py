@@ -10,8 +10,11 @@ from networks.lora_merge import merge_lora
 from .dit_helpers import random_dit
 from .generation_helpers import generate
 
-TARGETS = ["visual_transformer_blocks.0.self_attention.to_query", "visual_transformer_blocks.1.feed_forward.in_layer",
-           "text_transformer_blocks.0.self_attention.out_layer"]  # fmt: skip
+TARGETS = [
+    "visual_transformer_blocks.0.self_attention.to_query",
+    "visual_transformer_blocks.1.feed_forward.in_layer",
+    "text_transformer_blocks.0.self_attention.out_layer",
+]
 RANK, ALPHA = 4, 2.0
 
 
@@ -48,8 +51,12 @@ def write_official(folder, weights):
     folder.mkdir()
     tensors = {}
     for name, (down, up) in weights.items():
-        tensors.update({f"base_model.model.{name}.lora_A.default.weight": down,
-                        f"base_model.model.{name}.lora_B.default.weight": up})  # fmt: skip
+        tensors.update(
+            {
+                f"base_model.model.{name}.lora_A.default.weight": down,
+                f"base_model.model.{name}.lora_B.default.weight": up,
+            }
+        )
     save_file(tensors, folder / "lora.safetensors")
     (folder / "config_lora.json").write_text(json.dumps({"r": RANK, "lora_alpha": ALPHA, "target_modules": []}))
 
@@ -70,8 +77,9 @@ def test_the_three_layouts_read_to_the_same_lora(tmp_path):
     write_kohya(tmp_path / "kohya.safetensors", weights)
     write_peft(tmp_path / "peft.safetensors", weights)
     write_official(tmp_path / "official", weights)
-    kohya, peft, official = (read_lora(p) for p in (tmp_path / "kohya.safetensors", tmp_path / "peft.safetensors",
-                                                    tmp_path / "official"))  # fmt: skip
+    kohya, peft, official = (
+        read_lora(p) for p in (tmp_path / "kohya.safetensors", tmp_path / "peft.safetensors", tmp_path / "official")
+    )
     assert kohya.underscored_names and not peft.underscored_names and not official.underscored_names
     assert sorted(peft.modules) == sorted(official.modules) == sorted(TARGETS)
     for name in TARGETS:
@@ -91,15 +99,26 @@ def lora_files(tmp_path_factory):
 
 
 def sampled(tree, tmp_path, name, *extra):
-    generate(tree, "tiny-t2v", "--prompt", "a dog", "--steps", "2", "--save_latent",
-             "--output", str(tmp_path / f"{name}.mp4"), *extra)  # fmt: skip
+    generate(
+        tree,
+        "tiny-t2v",
+        "--prompt",
+        "a dog",
+        "--steps",
+        "2",
+        "--save_latent",
+        "--output",
+        str(tmp_path / f"{name}.mp4"),
+        *extra,
+    )
     return load_file(str(tmp_path / f"{name}.latent.safetensors"))["latent"]
 
 
 def test_multiplier_zero_is_the_base_and_every_layout_gives_the_same_output(tiny_tree, lora_files, tmp_path):
     base = sampled(tiny_tree, tmp_path, "base")
-    zero = sampled(tiny_tree, tmp_path, "zero", "--lora_weight", str(lora_files / "kohya.safetensors"),
-                   "--lora_multiplier", "0")  # fmt: skip
+    zero = sampled(
+        tiny_tree, tmp_path, "zero", "--lora_weight", str(lora_files / "kohya.safetensors"), "--lora_multiplier", "0"
+    )
     kohya = sampled(tiny_tree, tmp_path, "kohya", "--lora_weight", str(lora_files / "kohya.safetensors"))
     peft = sampled(tiny_tree, tmp_path, "peft", "--lora_weight", str(lora_files / "peft.safetensors"))
     official = sampled(tiny_tree, tmp_path, "official", "--lora_weight", str(lora_files / "official"))

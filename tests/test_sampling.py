@@ -9,8 +9,11 @@ from .dit_helpers import random_dit
 
 def text(length, seed, dim=32):
     g = torch.Generator().manual_seed(seed)
-    return TextCondition(torch.randn(1, length, dim, generator=g), torch.ones(1, length, dtype=torch.bool),
-                         torch.randn(1, dim, generator=g))  # fmt: skip
+    return TextCondition(
+        torch.randn(1, length, dim, generator=g),
+        torch.ones(1, length, dtype=torch.bool),
+        torch.randn(1, dim, generator=g),
+    )
 
 
 @pytest.mark.parametrize("scale,steps,last", [(10.0, 50, 0.1695), (5.0, 16, 0.25), (3.0, 50, 0.0577)])
