@@ -1,6 +1,162 @@
-"""Train a LoRA on a Kandinsky 5 DiT from cached latents and text encoder outputs."""
+"""Train a LoRA on a Kandinsky 5 DiT from cached latents and text encoder outputs.
 
-from kandinsky5.cli import exit_not_implemented
+Run the two caching commands on the dataset config first, then for example:
+
+  accelerate launch --num_cpu_threads_per_process 1 --mixed_precision bf16 kandinsky5_train_network.py \\
+      --task k5-lite-t2v-5s-sd --dit weights/model/kandinsky5lite_t2v_sft_5s.safetensors \\
+      --dataset_config data.toml --mixed_precision bf16 --sdpa --gradient_checkpointing \\
+      --network_module networks.lora_kandinsky --network_dim 16 --network_alpha 16 \\
+      --optimizer_type AdamW --learning_rate 1e-4 --max_train_epochs 16 --save_every_n_epochs 4 \\
+      --output_dir output --output_name my_lora
+
+Every option can also come from a TOML file (--config_file); options on the command line win.
+See docs/training.md.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import toml
+
+from kandinsky5.cli import add_attention_arguments, add_task_argument
+from kandinsky5.flow_matching import TIMESTEP_SAMPLING
+from kandinsky5.train import train
+from modules.optimizers import SCHEDULERS
+
+NETWORK_MODULE = "networks.lora_kandinsky"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config_file", help="TOML file of options (tables are flattened; the command line wins)")
+    add_task_argument(p, default="k5-pro-t2v-5s-sd")
+    data = p.add_argument_group("data and weights")
+    data.add_argument("--dataset_config", help="the dataset config the caches were made from (required)")
+    data.add_argument("--dit", help="DiT checkpoint to train on (required)")
+    data.add_argument(
+        "--vae", help="VAE, recorded in the LoRA's metadata (sampling during training is not available yet)"
+    )
+    data.add_argument("--text_encoder_qwen", help="recorded for sampling during training (not available yet)")
+    data.add_argument("--text_encoder_clip", help="recorded for sampling during training (not available yet)")
+    data.add_argument("--max_data_loader_n_workers", type=int, default=2, help="processes loading cache files")
+    data.add_argument(
+        "--persistent_data_loader_workers", action="store_true", help="keep the loader processes between epochs"
+    )
+
+    net = p.add_argument_group("LoRA")
+    net.add_argument("--network_module", default=NETWORK_MODULE, help=f"must be {NETWORK_MODULE}")
+    net.add_argument("--network_dim", type=int, default=16, help="LoRA rank (default 16)")
+    net.add_argument(
+        "--network_alpha",
+        type=float,
+        default=None,
+        help="LoRA alpha; scale = alpha / rank (default: the rank, i.e. scale 1)",
+    )
+    net.add_argument("--network_dropout", type=float, default=0.0, help="dropout on the LoRA's rank activations")
+    net.add_argument(
+        "--network_args",
+        nargs="*",
+        help="key=value: include_patterns=[...], exclude_patterns=[...] "
+        "(regular expressions on module paths), rank_dropout, module_dropout, loraplus_lr_ratio, verbose",
+    )
+    net.add_argument("--network_weights", help="LoRA file to continue training from")
+
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--optimizer_type", default="AdamW", help="AdamW (default), AdamW8bit, Adafactor, or module.Class")
+    opt.add_argument("--optimizer_args", nargs="*", help='key=value pairs, e.g. "weight_decay=0.01" "betas=(0.9,0.95)"')
+    opt.add_argument("--learning_rate", type=float, default=1e-4)
+    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm; 0 disables")
+    opt.add_argument("--lr_scheduler", default="constant", choices=SCHEDULERS)
+    opt.add_argument(
+        "--lr_warmup_steps", type=float, default=0, help="warmup in optimizer steps, or a fraction (<1) of all steps"
+    )
+    opt.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="cosine_with_restarts cycles")
+    opt.add_argument("--lr_scheduler_power", type=float, default=1.0, help="polynomial power")
+    opt.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps (default 1600)")
+    opt.add_argument("--max_train_epochs", type=int, help="epochs; overrides --max_train_steps")
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    opt.add_argument("--seed", type=int, default=42, help="seed of the noise, timesteps, LoRA init and batch order")
+
+    steps = p.add_argument_group("timesteps (t in [0, 1]; the DiT sees t * 1000, as at inference)")
+    steps.add_argument("--timestep_sampling", default="shift", choices=TIMESTEP_SAMPLING)
+    steps.add_argument("--discrete_flow_shift", type=float, default=1.0, help="shift s of the 'shift' mode")
+    steps.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of the normal in sigmoid and shift")
+    steps.add_argument("--logit_mean", type=float, default=0.0, help="mean of logit_normal")
+    steps.add_argument("--logit_std", type=float, default=1.0, help="std of logit_normal")
+    steps.add_argument("--min_timestep", type=float, default=0, help="lowest timestep on the 0-1000 scale")
+    steps.add_argument("--max_timestep", type=float, default=1000, help="highest timestep on the 0-1000 scale")
+    steps.add_argument(
+        "--scheduler_scale",
+        type=float,
+        help="sampling scheduler scale recorded in the metadata (default: the task's); it does not change training",
+    )
+
+    mem = p.add_argument_group("precision and memory")
+    mem.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default="bf16",
+        help="compute dtype of the DiT (LoRA weights stay fp32); bf16 by default",
+    )
+    mem.add_argument("--gradient_checkpointing", action="store_true", help="recompute each block in backward")
+    mem.add_argument("--fp8_base", action="store_true", help="fp8 base weights (not available yet)")
+    mem.add_argument("--blocks_to_swap", type=int, default=0, help="blocks kept in CPU memory (not available yet)")
+    mem.add_argument(
+        "--gradient_checkpointing_cpu_offload",
+        action="store_true",
+        help="keep checkpointed activations in CPU memory (not available yet)",
+    )
+    add_attention_arguments(p)
+
+    out = p.add_argument_group("output and logging")
+    out.add_argument("--output_dir", help="where LoRA files go (required)")
+    out.add_argument("--output_name", default="lora", help="file name stem (default lora)")
+    out.add_argument("--save_every_n_epochs", type=int, help="save <name>-<epoch:06d>.safetensors every N epochs")
+    out.add_argument("--save_every_n_steps", type=int, help="save <name>-step<step:08d>.safetensors every N steps")
+    out.add_argument("--save_last_n_epochs", type=int, help="keep only the last N epoch files")
+    out.add_argument("--save_last_n_steps", type=int, help="keep only the last N step files")
+    out.add_argument("--logging_dir", help="tensorboard log folder")
+    out.add_argument("--log_with", choices=["tensorboard"], help="logger (tensorboard when --logging_dir is given)")
+    out.add_argument("--log_tracker_name", default="network_train", help="run name in the logs")
+    return p
+
+
+def read_config_file(path: str, p: argparse.ArgumentParser) -> dict:
+    """Options from a TOML file, tables flattened; an unknown option is an error naming it."""
+    try:
+        raw = toml.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, toml.TomlDecodeError) as error:
+        sys.exit(f"error: cannot read --config_file {path}: {error}")
+    values = {}
+    for key, value in raw.items():
+        values.update(value if isinstance(value, dict) else {key: value})
+    known = {action.dest for action in p._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        sys.exit(f"error: --config_file {path}: unknown option(s) {', '.join(unknown)}")
+    if isinstance(values.get("task"), str):
+        values["task"] = p._option_string_actions["--task"].type(values["task"])
+    return values
+
+
+def main(argv=None) -> None:
+    p = parser()
+    first, _ = p.parse_known_args(argv)
+    if first.config_file:
+        p.set_defaults(**read_config_file(first.config_file, p))
+    args = p.parse_args(argv)
+    for name in ("dataset_config", "dit", "output_dir"):
+        if not getattr(args, name):
+            p.error(f"--{name} is required (on the command line or in --config_file)")
+    if args.network_module != NETWORK_MODULE:
+        p.error(f"--network_module must be {NETWORK_MODULE}")
+    try:
+        final = train(args)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    print(f"done: {final}")
+
 
 if __name__ == "__main__":
-    exit_not_implemented(__doc__, "LoRA training")
+    main()

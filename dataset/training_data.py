@@ -1,0 +1,108 @@
+"""Training batches from cache files: latents paired with their text, grouped by latent shape.
+
+Each batch holds samples of one latent shape (one bucket and clip length). Captions of different
+lengths are right-padded with a mask, so any batch size works. The batch order of an epoch comes
+from ``seed + epoch`` alone, so a run and its resumption see the same batches.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .cache_files import LATENT_SUFFIX, item_key_of, text_cache_name
+from .config import DatasetConfig
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    latent_file: Path
+    text_file: Path
+    shape: tuple[int, ...]  # of the latent: (T, H/8, W/8, 16)
+
+
+@dataclass
+class DatasetSamples:
+    dataset: DatasetConfig
+    samples: list[TrainingSample]
+    without_text: list[Path]
+
+
+def _latent_shape(path: Path) -> tuple[int, ...]:
+    with safe_open(str(path), framework="pt") as f:
+        return tuple(f.get_slice("latent").get_shape())
+
+
+def find_samples(dataset: DatasetConfig) -> DatasetSamples:
+    samples, without_text = [], []
+    for latent in sorted(dataset.cache_directory.glob(f"*{LATENT_SUFFIX}")):
+        text = dataset.cache_directory / text_cache_name(item_key_of(latent))
+        if text.exists():
+            samples.append(TrainingSample(latent, text, _latent_shape(latent)))
+        else:
+            without_text.append(latent)
+    return DatasetSamples(dataset, samples, without_text)
+
+
+def epoch_batches(datasets: list[DatasetSamples], epoch: int, seed: int) -> list[list[TrainingSample]]:
+    """Every sample num_repeats times, in batches of one shape and of the dataset's batch size, shuffled."""
+    rng = random.Random(seed + epoch)
+    batches = []
+    for entry in datasets:
+        by_shape: dict[tuple, list[TrainingSample]] = {}
+        for sample in entry.samples * entry.dataset.num_repeats:
+            by_shape.setdefault(sample.shape, []).append(sample)
+        for shape in sorted(by_shape):
+            group = by_shape[shape]
+            rng.shuffle(group)
+            size = entry.dataset.batch_size
+            batches += [group[i : i + size] for i in range(0, len(group), size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def load_batch(samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
+    """latents (B, T, h, w, 16), first_frame (B, 1, h, w, 16) when cached, text (B, L, D) padded,
+    text_mask (B, L), pooled (B, D2)."""
+    latents, firsts, texts, pooled = [], [], [], []
+    for sample in samples:
+        with safe_open(str(sample.latent_file), framework="pt") as f:
+            latents.append(f.get_tensor("latent"))
+            if "first_frame" in f.keys():
+                firsts.append(f.get_tensor("first_frame"))
+        with safe_open(str(sample.text_file), framework="pt") as f:
+            texts.append(f.get_tensor("text"))
+            pooled.append(f.get_tensor("pooled"))
+    length = max(t.shape[0] for t in texts)
+    text = torch.zeros(len(texts), length, texts[0].shape[1], dtype=texts[0].dtype)
+    mask = torch.zeros(len(texts), length, dtype=torch.bool)
+    for i, t in enumerate(texts):
+        text[i, : t.shape[0]], mask[i, : t.shape[0]] = t, True
+    batch = {"latents": torch.stack(latents), "text": text, "text_mask": mask, "pooled": torch.stack(pooled)}
+    if len(firsts) == len(samples):
+        batch["first_frame"] = torch.stack(firsts)
+    return batch
+
+
+class EpochBatches(torch.utils.data.Dataset):
+    """The batches of one epoch for a DataLoader (batch_size=None: each item is a whole batch)."""
+
+    def __init__(self, datasets: list[DatasetSamples], seed: int, rank: int = 0, world_size: int = 1):
+        self.datasets, self.seed, self.rank, self.world_size = datasets, seed, rank, world_size
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """This process's share of the epoch: every world_size-th batch, all shares of equal length."""
+        batches = epoch_batches(self.datasets, epoch, self.seed)
+        usable = len(batches) - len(batches) % self.world_size if len(batches) >= self.world_size else len(batches)
+        self.batches = batches[:usable][self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return load_batch(self.batches[index])

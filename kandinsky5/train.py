@@ -1,0 +1,303 @@
+"""LoRA training of the Kandinsky 5 DiT, read top to bottom: data, model and LoRA, optimizer and
+schedule, then the loop (forward, backward, step, log, save).
+
+The DiT sees exactly what generation gives it: time t * 1000, the text once with its mask, and for
+I2V the clean first frame in frame 0 with the mask channel set (frame 0 is left out of the loss,
+as generation overwrites it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors import safe_open
+from tqdm import tqdm
+
+from dataset.config import load_dataset_config
+from dataset.training_data import EpochBatches, find_samples
+from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
+from networks.lora_kandinsky import LoRANetwork, create_network
+
+from .checkpoint import load_dit
+from .cli import attention_backend
+from .denoiser import i2v_channels, t2v_channels
+from .flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
+from .tasks import TaskPreset
+
+PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(ValueError):
+    pass
+
+
+def refuse_unavailable(args: argparse.Namespace, task: TaskPreset) -> None:
+    if args.fp8_base or args.blocks_to_swap or args.gradient_checkpointing_cpu_offload:
+        raise TrainingError(
+            "--fp8_base, --blocks_to_swap and --gradient_checkpointing_cpu_offload are not "
+            "implemented yet (they arrive with the memory issue)"
+        )
+    if task.kind == "i2i":
+        raise TrainingError(f"training task {task.name} (image editing) needs source/target pairs, not supported yet")
+
+
+def training_loss(dit, batch: dict, task: TaskPreset, args: argparse.Namespace, device) -> torch.Tensor:
+    x0 = batch["latents"].to(device, torch.float32)
+    noise = torch.randn_like(x0)
+    t = sample_timesteps(
+        x0.shape[0],
+        args.timestep_sampling,
+        sigmoid_scale=args.sigmoid_scale,
+        discrete_flow_shift=args.discrete_flow_shift,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        min_timestep=args.min_timestep,
+        max_timestep=args.max_timestep,
+    ).to(device)
+    x_t = noisy_latents(x0, noise, t)
+    shape, frame_weight, channels = tuple(x0.shape[:4]), None, None
+    if task.kind == "i2v" and "first_frame" in batch and x0.shape[1] > 1:
+        x_t = torch.cat([batch["first_frame"].to(x_t), x_t[:, 1:]], dim=1)
+        channels = i2v_channels(shape, device)
+        frame_weight = torch.ones(x0.shape[1], device=device)
+        frame_weight[0] = 0.0
+    elif dit.in_channels == 33:
+        channels = t2v_channels(shape, device)
+    model_input = x_t if channels is None else torch.cat([x_t, channels], dim=-1)
+    prediction = dit(
+        model_input,
+        batch["text"].to(device),
+        batch["pooled"].to(device),
+        t * 1000.0,
+        text_mask=batch["text_mask"].to(device),
+        rope_scale=task.rope_scale,
+    )
+    return flow_matching_loss(prediction, x0, noise, frame_weight)
+
+
+def lora_metadata(
+    args: argparse.Namespace, task: TaskPreset, network: LoRANetwork, epoch: int, step: int, started: float, datasets
+) -> dict[str, str]:
+    info = {
+        "ss_base_model_version": "kandinsky5",
+        "ss_network_module": "networks.lora_kandinsky",
+        "ss_network_dim": str(args.network_dim),
+        "ss_network_alpha": str(args.network_alpha or args.network_dim),
+        "ss_network_dropout": str(args.network_dropout),
+        "ss_network_args": json.dumps(args.network_args or []),
+        "ss_learning_rate": str(args.learning_rate),
+        "ss_optimizer": args.optimizer_type,
+        "ss_optimizer_args": json.dumps(args.optimizer_args or []),
+        "ss_lr_scheduler": args.lr_scheduler,
+        "ss_lr_warmup_steps": str(args.lr_warmup_steps),
+        "ss_max_grad_norm": str(args.max_grad_norm),
+        "ss_mixed_precision": args.mixed_precision,
+        "ss_seed": str(args.seed),
+        "ss_steps": str(step),
+        "ss_epoch": str(epoch),
+        "ss_max_train_steps": str(args.max_train_steps),
+        "ss_gradient_checkpointing": str(args.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
+        "ss_timestep_sampling": args.timestep_sampling,
+        "ss_discrete_flow_shift": str(args.discrete_flow_shift),
+        "ss_sigmoid_scale": str(args.sigmoid_scale),
+        "ss_min_timestep": str(args.min_timestep),
+        "ss_max_timestep": str(args.max_timestep),
+        "ss_task": task.name,
+        "ss_sd_model_name": Path(args.dit).name,
+        "ss_output_name": args.output_name,
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(time.time()),
+        "ss_num_train_items": str(sum(len(d.samples) for d in datasets)),
+        "ss_scheduler_scale": str(args.scheduler_scale or task.scheduler_scale),
+        "ss_datasets": json.dumps(
+            [
+                {
+                    "kind": d.dataset.kind,
+                    "resolution": list(d.dataset.resolution),
+                    "batch_size": d.dataset.batch_size,
+                    "num_repeats": d.dataset.num_repeats,
+                    "samples": len(d.samples),
+                }
+                for d in datasets
+            ]
+        ),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "Kandinsky-5/lora",
+        "modelspec.implementation": "https://github.com/kandinskylab/kandinsky-5",
+        "modelspec.title": args.output_name,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if args.min_timestep or args.max_timestep != 1000:
+        info["modelspec.timestep_range"] = f"{args.min_timestep:g},{args.max_timestep:g}"
+    return info
+
+
+class Checkpoints:
+    """LoRA files in output_dir: per epoch, per step (each with optional rotation) and the final one."""
+
+    def __init__(self, args: argparse.Namespace, save_metadata):
+        self.args, self.save_metadata = args, save_metadata
+        self.directory = Path(args.output_dir)
+
+    def _save(self, network: LoRANetwork, name: str, epoch: int, step: int) -> Path:
+        path = self.directory / f"{name}.safetensors"
+        network.save(path, self.save_metadata(epoch, step))
+        tqdm.write(f"saved {path}")
+        return path
+
+    def after_step(self, network: LoRANetwork, epoch: int, step: int) -> None:
+        every, keep = self.args.save_every_n_steps, self.args.save_last_n_steps
+        if every and step % every == 0:
+            self._save(network, f"{self.args.output_name}-step{step:08d}", epoch, step)
+            if keep and step - every * keep > 0:
+                (self.directory / f"{self.args.output_name}-step{step - every * keep:08d}.safetensors").unlink(
+                    missing_ok=True
+                )
+
+    def after_epoch(self, network: LoRANetwork, epoch: int, step: int, last: bool) -> None:
+        every, keep = self.args.save_every_n_epochs, self.args.save_last_n_epochs
+        if every and epoch % every == 0 and not last:
+            self._save(network, f"{self.args.output_name}-{epoch:06d}", epoch, step)
+            if keep and epoch - every * keep > 0:
+                (self.directory / f"{self.args.output_name}-{epoch - every * keep:06d}.safetensors").unlink(
+                    missing_ok=True
+                )
+
+    def final(self, network: LoRANetwork, epoch: int, step: int) -> Path:
+        return self._save(network, self.args.output_name, epoch, step)
+
+
+def check_latent_kind(datasets, task: TaskPreset) -> None:
+    for entry in datasets:
+        for sample in entry.samples[:1]:
+            with safe_open(str(sample.latent_file), framework="pt") as f:
+                vae = (f.metadata() or {}).get("vae")
+            if vae != task.vae:
+                raise TrainingError(
+                    f"{sample.latent_file} was cached with the {vae} VAE, but task {task.name} "
+                    f"needs {task.vae} latents: cache with --task {task.name}"
+                )
+
+
+def train(args: argparse.Namespace) -> Path:
+    task = args.task
+    refuse_unavailable(args, task)
+    log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_dir=args.logging_dir)
+    set_seed(args.seed)
+    device, main = accelerator.device, accelerator.is_main_process
+
+    # data
+    datasets = [find_samples(d) for d in load_dataset_config(args.dataset_config)]
+    for entry in datasets:
+        if entry.without_text and main:
+            print(
+                f"warning: {len(entry.without_text)} latent caches of {entry.dataset.name} have no text cache; "
+                "run kandinsky5_cache_text_encoder_outputs.py"
+            )
+    if not any(entry.samples for entry in datasets):
+        folders = ", ".join(str(e.dataset.cache_directory) for e in datasets)
+        raise TrainingError(f"no training samples (latent + text caches) in {folders}: run the caching commands first")
+    check_latent_kind(datasets, task)
+    data = EpochBatches(datasets, args.seed, accelerator.process_index, accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=None,
+        num_workers=args.max_data_loader_n_workers,
+        persistent_workers=args.persistent_data_loader_workers and args.max_data_loader_n_workers > 0,
+    )
+
+    # model and LoRA
+    dit = load_dit(args.dit, task, device=device, dtype=PRECISION[accelerator.mixed_precision])
+    dit.set_attention_backend(attention_backend(args))
+    dit.gradient_checkpointing = args.gradient_checkpointing
+    network = create_network(dit, args.network_dim, args.network_alpha, args.network_dropout, args.network_args)
+    if args.network_weights:
+        network.load_weights(args.network_weights)
+    network.apply_to(dit)
+    network.to(device).train()
+
+    # optimizer and schedule (counted in optimizer steps)
+    accumulation = args.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(len(data) / accumulation))
+    if args.max_train_epochs:
+        args.max_train_steps = args.max_train_epochs * steps_per_epoch
+    epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    optimizer = create_optimizer(
+        args.optimizer_type,
+        network.parameter_groups(args.learning_rate),
+        args.learning_rate,
+        args.optimizer_args,
+        device,
+    )
+    scheduler = create_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        warmup_steps(args.lr_warmup_steps, args.max_train_steps),
+        args.max_train_steps,
+        args.lr_scheduler_num_cycles,
+        args.lr_scheduler_power,
+    )
+    started = time.time()
+    checkpoints = Checkpoints(args, lambda e, s: lora_metadata(args, task, network, e, s, started, datasets))
+    if log_with:
+        accelerator.init_trackers(args.log_tracker_name, config={"task": task.name, "network_dim": args.network_dim})
+    parameters = [p for p in network.parameters() if p.requires_grad]
+
+    # the loop
+    step, recent = 0, deque(maxlen=20)
+    bar = tqdm(total=args.max_train_steps, desc="training", unit="step", disable=not main)
+    for epoch in range(1, epochs + 1):
+        data.set_epoch(epoch - 1)
+        for i, batch in enumerate(loader):
+            with accelerator.autocast():
+                loss = training_loss(dit, batch, task, args, device)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss is {loss.item()} at step {step + 1}; stopping (the files saved so "
+                    "far are kept). Try a lower --learning_rate or --max_grad_norm 1.0"
+                )
+            (loss / accumulation).backward()
+            recent.append(loss.item())
+            if (i + 1) % accumulation and i + 1 < len(loader):
+                continue
+            if accelerator.num_processes > 1:
+                for p in parameters:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            if args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            average = sum(recent) / len(recent)
+            bar.update(1)
+            bar.set_postfix(loss=f"{average:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if log_with:
+                accelerator.log(
+                    {"loss/current": recent[-1], "loss/average": average, "lr": scheduler.get_last_lr()[0]}, step=step
+                )
+            if main:
+                checkpoints.after_step(network, epoch, step)
+            if step >= args.max_train_steps:
+                break
+        if main:
+            checkpoints.after_epoch(network, epoch, step, last=step >= args.max_train_steps or epoch == epochs)
+        if step >= args.max_train_steps:
+            break
+    bar.close()
+    final = (
+        checkpoints.final(network, epoch, step) if main else Path(args.output_dir) / f"{args.output_name}.safetensors"
+    )
+    if log_with:
+        accelerator.end_training()
+    return final

@@ -1,0 +1,209 @@
+"""LoRA for the Kandinsky 5 DiT: the trainable network, saved in kohya format.
+
+Targets (as the official and musubi-tuner LoRAs): in every text block ``self_attention.{to_query,
+to_key, to_value, out_layer}`` and ``feed_forward.{in_layer, out_layer}``; in every visual block the
+same plus ``cross_attention.*``: 6 and 10 Linear layers. Modulations, embeddings and the output
+layer are never targeted. ``network_args`` can narrow or widen this with regular expressions
+(``include_patterns=[...]``, ``exclude_patterns=[...]``, matched against the dotted module path).
+
+Each targeted Linear keeps its own weights; its forward becomes
+``y = W x + b + multiplier * (alpha / rank) * up(dropout(down(x)))``, with ``up`` zero at the start.
+Files hold ``lora_unet_<path with _>.lora_down.weight`` (rank, in), ``.lora_up.weight`` (out, rank)
+and ``.alpha``, which ComfyUI and musubi-tuner load unchanged.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.atomic_save import save_safetensors_atomic
+
+from .lora_files import LoRAFileError, read_lora
+
+PREFIX = "lora_unet_"
+DEFAULT_INCLUDE = [
+    r"(text|visual)_transformer_blocks\.\d+\.(self_attention|cross_attention)\.(to_query|to_key|to_value|out_layer)",
+    r"(text|visual)_transformer_blocks\.\d+\.feed_forward\.(in_layer|out_layer)",
+]
+NETWORK_ARGS = {
+    "include_patterns": list,
+    "exclude_patterns": list,
+    "rank_dropout": float,
+    "module_dropout": float,
+    "loraplus_lr_ratio": float,
+    "verbose": bool,
+}
+
+
+class LoRAModule(nn.Module):
+    """The low-rank update of one Linear layer."""
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.name, self.rank = name, rank
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha or rank)))
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.multiplier = 1.0
+        self.base_forward = base.forward
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
+        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+            return out
+        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        scale = self.scale * self.multiplier
+        if self.training and self.dropout:
+            hidden = F.dropout(hidden, p=self.dropout)
+        if self.training and self.rank_dropout:
+            keep = torch.rand(hidden.shape[:-1] + (self.rank,), device=hidden.device) > self.rank_dropout
+            hidden, scale = hidden * keep.to(hidden.dtype), scale / (1.0 - self.rank_dropout)
+        return out + (self.lora_up(hidden) * scale).to(out.dtype)
+
+
+def parse_network_args(values: list[str] | None) -> dict:
+    """``key=value`` strings (values are Python literals) into typed options; unknown keys are errors."""
+    parsed = {}
+    for text in values or []:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or key not in NETWORK_ARGS:
+            raise ValueError(f"--network_args {text!r}: expected key=value with key one of {', '.join(NETWORK_ARGS)}")
+        try:
+            parsed[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed[key] = value.strip()
+        kind = NETWORK_ARGS[key]
+        if kind is float and isinstance(parsed[key], int | float) and not isinstance(parsed[key], bool):
+            parsed[key] = float(parsed[key])
+        if not isinstance(parsed[key], kind):
+            raise ValueError(f"--network_args {key}: expected a {kind.__name__}, got {value!r}")
+    return parsed
+
+
+class LoRANetwork(nn.Module):
+    def __init__(self, modules: list[LoRAModule], loraplus_lr_ratio: float | None = None):
+        super().__init__()
+        self.loras = nn.ModuleDict({m.name: m for m in modules})
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self._applied: list[tuple[nn.Linear, object]] = []
+
+    def apply_to(self, model: nn.Module) -> None:
+        """Route the targeted layers' forward through their LoRA."""
+        for lora in self.loras.values():
+            layer = model.get_submodule(module_path(lora.name, model))
+            self._applied.append((layer, layer.forward))
+            layer.forward = lora.forward
+
+    def remove(self) -> None:
+        for layer, forward in self._applied:
+            layer.forward = forward
+        self._applied.clear()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for lora in self.loras.values():
+            lora.multiplier = multiplier
+
+    def parameter_groups(self, learning_rate: float) -> list[dict]:
+        """One group, or with LoRA+ the up matrices in a second group at ``learning_rate * ratio``."""
+        if not self.loraplus_lr_ratio:
+            return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": learning_rate}]
+        up = [p for n, p in self.named_parameters() if "lora_up" in n]
+        down = [p for n, p in self.named_parameters() if "lora_up" not in n]
+        return [{"params": down, "lr": learning_rate}, {"params": up, "lr": learning_rate * self.loraplus_lr_ratio}]
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, lora in self.loras.items():
+            state[f"{name}.lora_down.weight"] = lora.lora_down.weight.detach().to("cpu", dtype)
+            state[f"{name}.lora_up.weight"] = lora.lora_up.weight.detach().to("cpu", dtype)
+            state[f"{name}.alpha"] = lora.alpha.detach().to("cpu", dtype)
+        return state
+
+    def save(self, path: str | Path, metadata: dict[str, str], dtype: torch.dtype = torch.float32) -> None:
+        save_safetensors_atomic(self.kohya_state_dict(dtype), path, metadata=metadata)
+
+    @torch.no_grad()
+    def load_weights(self, path: str | Path) -> None:
+        """Continue from a saved LoRA (any layout we read); its modules must be exactly this network's."""
+        lora = read_lora(path)
+        names = {n if lora.underscored_names else PREFIX + n.replace(".", "_"): w for n, w in lora.modules.items()}
+        names = {n if n.startswith(PREFIX) else PREFIX + n: w for n, w in names.items()}
+        if set(names) != set(self.loras):
+            missing, extra = sorted(set(self.loras) - set(names)), sorted(set(names) - set(self.loras))
+            raise LoRAFileError(
+                f"--network_weights {path} does not match this network: missing {missing[:2]}, "
+                f"unexpected {extra[:2]} (check --network_args patterns)"
+            )
+        for name, weights in names.items():
+            module = self.loras[name]
+            if weights.rank != module.rank:
+                raise LoRAFileError(
+                    f"--network_weights {path}: {name} has rank {weights.rank}, the network "
+                    f"{module.rank} (set --network_dim {weights.rank})"
+                )
+            module.lora_down.weight.copy_(weights.down)
+            module.lora_up.weight.copy_(weights.up)
+            module.alpha.fill_(weights.alpha)
+
+
+def module_path(lora_name: str, model: nn.Module) -> str:
+    lookup = {PREFIX + name.replace(".", "_"): name for name, _ in model.named_modules()}
+    return lookup[lora_name]
+
+
+def create_network(
+    model: nn.Module,
+    network_dim: int,
+    network_alpha: float | None,
+    network_dropout: float = 0.0,
+    network_args: list[str] | None = None,
+) -> LoRANetwork:
+    """The LoRA network for ``model``'s targeted Linear layers (see the module docstring)."""
+    options = parse_network_args(network_args)
+    include = [re.compile(p) for p in options.get("include_patterns", DEFAULT_INCLUDE)]
+    exclude = [re.compile(p) for p in options.get("exclude_patterns", [])]
+    modules = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, nn.Linear) or "modulation" in name:
+            continue
+        if any(p.fullmatch(name) for p in include) and not any(p.fullmatch(name) for p in exclude):
+            modules.append(
+                LoRAModule(
+                    PREFIX + name.replace(".", "_"),
+                    layer,
+                    network_dim,
+                    network_alpha,
+                    network_dropout or 0.0,
+                    options.get("rank_dropout", 0.0),
+                    options.get("module_dropout", 0.0),
+                )
+            )
+            if options.get("verbose"):
+                print(f"LoRA on {name}: rank {network_dim}, alpha {network_alpha or network_dim}")
+    if not modules:
+        raise ValueError("the LoRA targets no layer of this model (check include_patterns / exclude_patterns)")
+    return LoRANetwork(modules, options.get("loraplus_lr_ratio"))

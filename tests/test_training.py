@@ -1,0 +1,260 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import kandinsky5_cache_latents
+import kandinsky5_cache_text_encoder_outputs
+import kandinsky5_train_network
+from dataset.config import load_dataset_config
+from dataset.training_data import EpochBatches, find_samples, load_batch
+from kandinsky5.checkpoint import load_dit
+from kandinsky5.flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
+from kandinsky5.tasks import get_task
+from kandinsky5.train import training_loss
+from networks.lora_files import read_lora
+from networks.lora_kandinsky import create_network
+from networks.lora_merge import merge_lora
+
+from .generation_helpers import generate
+from .media_factory import caption, write_image, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cached_dataset(tiny_tree, tmp_path_factory):
+    """One 9-frame clip and two images with captions of different lengths, cached for tiny-t2v."""
+    root = tmp_path_factory.mktemp("training")
+    (root / "videos").mkdir()
+    (root / "images").mkdir()
+    caption(write_video(root / "videos" / "clip.mp4", 9, 64, 64), "a red square slides to the right")
+    caption(write_image(root / "images" / "one.png", 64, 64, seed=1), "a cat")
+    caption(write_image(root / "images" / "two.png", 64, 64, seed=2), "two dogs play in the snow at dusk, wide shot")
+    config = root / "data.toml"
+    config.write_text(f"""
+[general]
+resolution = 64
+[[datasets]]
+video_directory = "{root / "videos"}"
+cache_directory = "{root / "cache_video"}"
+target_frames = [9]
+[[datasets]]
+image_directory = "{root / "images"}"
+cache_directory = "{root / "cache_images"}"
+batch_size = 2
+""")
+    common = ["--dataset_config", str(config), "--task", "tiny-t2v"]
+    kandinsky5_cache_latents.main([*common, "--vae", str(tiny_tree / "vae")])
+    kandinsky5_cache_text_encoder_outputs.main([*common, "--text_encoder_qwen", str(tiny_tree / "text_encoder"),
+                                                "--text_encoder_clip", str(tiny_tree / "text_encoder2")])  # fmt: skip
+    video_only = root / "video.toml"
+    video_only.write_text(f"""
+[[datasets]]
+video_directory = "{root / "videos"}"
+cache_directory = "{root / "cache_video"}"
+resolution = 64
+target_frames = [9]
+""")
+    return root, config, video_only
+
+
+def train_args(tree, config, out, *extra):
+    return ["--task", "tiny-t2v", "--dit", str(tree / "model/tiny_t2v.safetensors"), "--dataset_config", str(config),
+            "--output_dir", str(out), "--output_name", "lora", "--mixed_precision", "no", "--sdpa",
+            "--max_data_loader_n_workers", "0", *extra]  # fmt: skip
+
+
+def fixed_loss(tree, config, lora_file=None, multiplier=1.0) -> float:
+    """Flow-matching loss on the cached clip at fixed noise and timesteps, with the LoRA merged."""
+    dit = load_dit(tree / "model/tiny_t2v.safetensors", get_task("tiny-t2v"), dtype=torch.float32)
+    if lora_file:
+        merge_lora(dit, read_lora(lora_file), multiplier)
+    (entry,) = [find_samples(d) for d in load_dataset_config(config)]
+    batch = load_batch(entry.samples)
+    g = torch.Generator().manual_seed(123)
+    losses = []
+    for _ in range(8):
+        x0 = batch["latents"]
+        noise, t = torch.randn(x0.shape, generator=g), torch.rand(1, generator=g) * 0.8 + 0.1
+        x_t = torch.cat([noisy_latents(x0, noise, t), torch.zeros(*x0.shape[:4], 17)], dim=-1)
+        with torch.no_grad():
+            prediction = dit(x_t, batch["text"], batch["pooled"], t * 1000, text_mask=batch["text_mask"],
+                             rope_scale=(1.0, 2.0, 2.0))  # fmt: skip
+        losses.append(flow_matching_loss(prediction, x0, noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_accelerate_launch_training_memorizes_and_the_lora_works_in_generation(tiny_tree, cached_dataset, tmp_path):
+    _, _, video_only = cached_dataset
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "kandinsky5_train_network.py",
+               *train_args(tiny_tree, video_only, out, "--network_dim", "8", "--network_alpha", "4",
+                           "--learning_rate", "5e-3", "--max_train_steps", "30", "--timestep_sampling", "uniform",
+                           "--save_every_n_steps", "10")]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = out / "lora.safetensors"
+    assert sorted(p.name for p in out.iterdir()) == ["lora-step00000010.safetensors", "lora-step00000020.safetensors",
+                                                     "lora-step00000030.safetensors", "lora.safetensors"]  # fmt: skip
+    before, after = fixed_loss(tiny_tree, video_only), fixed_loss(tiny_tree, video_only, final)
+    assert after < 0.8 * before, (before, after)
+
+    weights = load_file(str(final))
+    modules = {k.rsplit(".", 2)[0] for k in weights if k.endswith("lora_down.weight")}
+    assert len(modules) == 2 * 6 + 3 * 10 and len(weights) == 3 * len(modules)
+    key = "lora_unet_visual_transformer_blocks_1_cross_attention_to_key"
+    assert weights[f"{key}.lora_down.weight"].shape == (8, 64) and weights[f"{key}.lora_up.weight"].shape == (64, 8)
+    assert weights[f"{key}.alpha"].item() == 4.0
+    with safe_open(str(final), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "4.0" and meta["ss_steps"] == "30"
+    assert meta["modelspec.architecture"] == "Kandinsky-5/lora" and meta["ss_base_model_version"] == "kandinsky5"
+
+    def sampled(name, *extra):
+        generate(tiny_tree, "tiny-t2v", "--prompt", "a red square", "--steps", "2", "--save_latent",
+                 "--output", str(tmp_path / f"{name}.mp4"), *extra)  # fmt: skip
+        return load_file(str(tmp_path / f"{name}.latent.safetensors"))["latent"]
+
+    base = sampled("base")
+    assert torch.equal(sampled("zero", "--lora_weight", str(final), "--lora_multiplier", "0"), base)
+    assert not torch.allclose(sampled("with", "--lora_weight", str(final)), base, atol=1e-4)
+
+
+def network_and_batch(tree, config, task_name="tiny-t2v"):
+    dit = load_dit(tree / "model/tiny_t2v.safetensors", get_task(task_name), dtype=torch.float32)
+    network = create_network(dit, 4, 4)
+    network.apply_to(dit)
+    with torch.no_grad():  # a non-zero LoRA so its gradients flow everywhere
+        for lora in network.loras.values():
+            lora.lora_up.weight.normal_(0, 0.02)
+    samples = [find_samples(d) for d in load_dataset_config(config)]
+    return dit, network, samples
+
+
+class Args:
+    timestep_sampling, sigmoid_scale, discrete_flow_shift, logit_mean, logit_std = "uniform", 1.0, 1.0, 0.0, 1.0
+    min_timestep, max_timestep = 0.0, 1000.0
+
+
+def test_only_lora_parameters_change(tiny_tree, cached_dataset):
+    _, config, _ = cached_dataset
+    dit, network, samples = network_and_batch(tiny_tree, config)
+    base = {k: v.clone() for k, v in dit.state_dict().items()}
+    lora_before = {k: v.clone() for k, v in network.state_dict().items()}
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    data = EpochBatches(samples, seed=0)
+    for i in range(3):
+        loss = training_loss(dit, data[i % len(data)], get_task("tiny-t2v"), Args, "cpu")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(base[k], v) for k, v in dit.state_dict().items())
+    assert all(not p.requires_grad and p.grad is None for p in dit.parameters())  # nothing of the DiT trains
+    assert any(not torch.equal(lora_before[k], v) for k, v in network.state_dict().items() if "lora_down" in k)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_tree, cached_dataset):
+    _, config, _ = cached_dataset
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialisation, noise and timesteps in both runs
+        dit, network, samples = network_and_batch(tiny_tree, config)
+        dit.gradient_checkpointing = checkpointing
+        loss = training_loss(dit, load_batch(samples[0].samples), get_task("tiny-t2v"), Args, "cpu")
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in network.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.allclose(grads_a[n], grads_b[n], rtol=1e-5, atol=1e-8) for n in grads_a)
+
+
+def test_batch_size_two_with_captions_of_different_lengths_trains(tiny_tree, cached_dataset, tmp_path):
+    _, config, _ = cached_dataset
+    (_, images) = [find_samples(d) for d in load_dataset_config(config)]
+    batch = load_batch(images.samples)
+    assert batch["latents"].shape[0] == 2 and batch["text_mask"].sum(1).tolist()[0] != batch["text_mask"].sum(1)[1]
+    kandinsky5_train_network.main(train_args(tiny_tree, config, tmp_path, "--max_train_steps", "4",
+                                             "--gradient_accumulation_steps", "2"))  # fmt: skip
+    assert (tmp_path / "lora.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["uniform", "sigmoid", "shift", "logit_normal"])
+def test_timestep_sampling_stays_within_min_and_max(mode):
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(4000, mode, g, discrete_flow_shift=3.0, logit_mean=0.5, min_timestep=200, max_timestep=700)
+    assert t.min() >= 0.2 and t.max() <= 0.7 and t.std() > 0.02
+    full = sample_timesteps(4000, mode, torch.Generator().manual_seed(0), discrete_flow_shift=3.0)
+    assert full.min() >= 0 and full.max() <= 1
+
+
+def test_shift_moves_timesteps_towards_noise():
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert sample_timesteps(4000, "shift", g(), discrete_flow_shift=5.0).mean() > (
+        sample_timesteps(4000, "sigmoid", g()).mean() + 0.15)  # fmt: skip
+
+
+def test_i2v_loss_leaves_the_clean_first_frame_out():
+    x0, noise = torch.randn(1, 3, 2, 2, 16), torch.randn(1, 3, 2, 2, 16)
+    prediction = noise - x0
+    weight = torch.tensor([0.0, 1.0, 1.0])
+    changed = prediction.clone()
+    changed[:, 0] += 5.0
+    assert flow_matching_loss(prediction, x0, noise, weight) == 0
+    assert flow_matching_loss(changed, x0, noise, weight) == 0 and flow_matching_loss(changed, x0, noise) > 0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--optimizer_type", "Lion"], "unknown --optimizer_type 'Lion'"),
+        (["--optimizer_args", "weight_decay"], "--optimizer_args 'weight_decay': expected key=value"),
+        (["--optimizer_args", "betas=(0.9,"], "is not a Python literal"),
+        (["--optimizer_args", "momentum=0.9"], "--optimizer_args do not fit AdamW"),
+        (["--optimizer_type", "AdamW8bit"], "needs a CUDA GPU"),
+        (["--network_args", "rank=4"], "--network_args 'rank=4': expected key=value with key one of"),
+        (["--fp8_base"], "not implemented yet"),
+        (["--min_timestep", "900", "--max_timestep", "100"], "need 0 <= --min_timestep < --max_timestep"),
+    ],
+)
+def test_bad_options_are_clear_errors(tiny_tree, cached_dataset, tmp_path, extra, message):
+    _, config, _ = cached_dataset
+    with pytest.raises(SystemExit, match=message):
+        kandinsky5_train_network.main(train_args(tiny_tree, config, tmp_path, "--max_train_steps", "1", *extra))
+
+
+def test_options_from_a_config_file_and_the_command_line_wins(tiny_tree, cached_dataset, tmp_path):
+    _, config, _ = cached_dataset
+    settings = tmp_path / "train.toml"
+    settings.write_text(f"""
+[model]
+task = "tiny-t2v"
+dit = "{tiny_tree / "model/tiny_t2v.safetensors"}"
+[training]
+dataset_config = "{config}"
+output_dir = "{tmp_path / "out"}"
+output_name = "from_file"
+max_train_steps = 2
+network_dim = 2
+mixed_precision = "no"
+max_data_loader_n_workers = 0
+""")
+    kandinsky5_train_network.main(["--config_file", str(settings), "--network_dim", "3"])
+    weights = load_file(str(tmp_path / "out" / "from_file.safetensors"))
+    assert weights["lora_unet_text_transformer_blocks_0_feed_forward_in_layer.lora_down.weight"].shape[0] == 3
+    settings.write_text(settings.read_text() + "learning_rat = 1\n")
+    with pytest.raises(SystemExit, match="unknown option\\(s\\) learning_rat"):
+        kandinsky5_train_network.main(["--config_file", str(settings)])
+
+
+def test_training_without_caches_says_what_to_do(tiny_tree, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "d.toml").write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "empty"}"\n')
+    with pytest.raises(SystemExit, match="no training samples .* run the caching commands first"):
+        kandinsky5_train_network.main(train_args(tiny_tree, tmp_path / "d.toml", tmp_path / "o"))
