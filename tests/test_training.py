@@ -258,3 +258,60 @@ def test_training_without_caches_says_what_to_do(tiny_tree, tmp_path):
     (tmp_path / "d.toml").write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "empty"}"\n')
     with pytest.raises(SystemExit, match="no training samples .* run the caching commands first"):
         kandinsky5_train_network.main(train_args(tiny_tree, tmp_path / "d.toml", tmp_path / "o"))
+
+
+def test_i2v_training_runs_on_clips_with_their_first_frame(tiny_tree, cached_dataset, tmp_path):
+    _, _, video_only = cached_dataset
+    (entry,) = [find_samples(d) for d in load_dataset_config(video_only)]
+    assert "first_frame" in load_batch(entry.samples)
+    kandinsky5_train_network.main(train_args(tiny_tree, video_only, tmp_path, "--max_train_steps", "2")
+                                  + ["--task", "tiny-i2v"])  # fmt: skip
+    assert (tmp_path / "lora.safetensors").exists()
+
+
+def test_t2i_trains_on_images_cached_with_the_image_vae(tiny_tree, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    caption(write_image(tmp_path / "imgs" / "a.png", 64, 64), "an apple")
+    config = tmp_path / "d.toml"
+    config.write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "imgs"}"\nresolution = 64\n')
+    common = ["--dataset_config", str(config), "--task", "tiny-t2i"]
+    kandinsky5_cache_latents.main([*common, "--vae", str(tiny_tree / "flux/vae")])
+    kandinsky5_cache_text_encoder_outputs.main([*common, "--text_encoder_qwen", str(tiny_tree / "text_encoder"),
+                                                "--text_encoder_clip", str(tiny_tree / "text_encoder2")])  # fmt: skip
+    args = ["--task", "tiny-t2i", "--dit", str(tiny_tree / "model/tiny_t2i.safetensors"), "--dataset_config",
+            str(config), "--output_dir", str(tmp_path / "out"), "--mixed_precision", "no",
+            "--max_data_loader_n_workers", "0", "--max_train_steps", "2"]  # fmt: skip
+    kandinsky5_train_network.main(args)
+    assert (tmp_path / "out" / "lora.safetensors").exists()
+    with pytest.raises(SystemExit, match="was cached with the flux VAE, but task tiny-t2v needs hunyuan latents"):
+        kandinsky5_train_network.main(
+            args + ["--task", "tiny-t2v", "--dit", str(tiny_tree / "model/tiny_t2v.safetensors")]
+        )
+
+
+@pytest.mark.parametrize("optimizer", [["Adafactor"], ["torch.optim.SGD", "--optimizer_args", "momentum=0.9"]])
+def test_other_optimizers_and_tensorboard_logs(tiny_tree, cached_dataset, tmp_path, optimizer):
+    _, _, video_only = cached_dataset
+    kandinsky5_train_network.main(
+        train_args(
+            tiny_tree,
+            video_only,
+            tmp_path / "out",
+            "--max_train_steps",
+            "2",
+            "--logging_dir",
+            str(tmp_path / "logs"),
+            "--optimizer_type",
+            *optimizer,
+        )
+    )
+    assert (tmp_path / "out" / "lora.safetensors").exists()
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_loraplus_puts_the_up_matrices_in_their_own_group(tiny_tree):
+    dit = load_dit(tiny_tree / "model/tiny_t2v.safetensors", get_task("tiny-t2v"))
+    network = create_network(dit, 4, 4, network_args=["loraplus_lr_ratio=16", "exclude_patterns=['.*feed_forward.*']"])
+    assert not any("feed_forward" in name for name in network.loras)
+    down, up = network.parameter_groups(1e-4)
+    assert up["lr"] == 16e-4 and all(p.shape[1] == 4 for p in up["params"]) and len(up["params"]) == len(down["params"])
