@@ -100,7 +100,12 @@ def parser() -> argparse.ArgumentParser:
         help="compute dtype of the DiT (LoRA weights stay fp32); bf16 by default",
     )
     mem.add_argument("--gradient_checkpointing", action="store_true", help="recompute each block in backward")
-    mem.add_argument("--fp8_base", action="store_true", help="fp8 base weights (not available yet)")
+    mem.add_argument(
+        "--fp8_base",
+        action="store_true",
+        help="store the DiT's block weights as block-scaled fp8 "
+        "(frozen; the LoRA trains beside them in fp32); use with --gradient_checkpointing",
+    )
     mem.add_argument("--blocks_to_swap", type=int, default=0, help="blocks kept in CPU memory (not available yet)")
     mem.add_argument(
         "--gradient_checkpointing_cpu_offload",

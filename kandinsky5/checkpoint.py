@@ -11,8 +11,9 @@ the tasks whose architecture the checkpoint does fit.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ from safetensors import safe_open
 from torch import nn
 
 from modules.atomic_save import save_safetensors_atomic
+from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8Linear, dequantize_weight, quantize_weight
 
 from .dit import DiffusionTransformer3D, keeps_fp32
 from .tasks import TASKS, TaskPreset
 
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "module.")
 FP8_SCALE_SUFFIX = ".scale_weight"
+BLOCK_PREFIXES = ("text_transformer_blocks.", "visual_transformer_blocks.")
 
 
 class CheckpointError(ValueError):
@@ -106,12 +109,9 @@ def matching_tasks(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
 
 
 def check_architecture(layout: Mapping[str, tuple[Path, str, tuple[int, ...]]], task: TaskPreset, source: str) -> None:
-    if any(key.endswith(FP8_SCALE_SUFFIX) for key in layout):
-        raise CheckpointError(
-            f"{source} is an fp8 checkpoint (it has '{FP8_SCALE_SUFFIX}' keys); fp8 checkpoints are not supported yet"
-        )
+    """The checkpoint's keys and shapes (fp8 scales aside) must be exactly the task's DiT."""
     expected = expected_shapes(task.dit_params)
-    found = {key: shape for key, (_, _, shape) in layout.items()}
+    found = {key: shape for key, (_, _, shape) in layout.items() if not key.endswith(FP8_SCALE_SUFFIX)}
     if found == expected:
         return
     problems = [
@@ -142,24 +142,67 @@ def _materialize(tensor: torch.Tensor, key: str, dtype: torch.dtype) -> torch.Te
     return tensor.clone() if tensor.device.type == "cpu" else tensor
 
 
+def is_fp8_target(key: str) -> bool:
+    """Weights that fp8 stores: every Linear weight inside the text and visual blocks (q/k norms aside)."""
+    return key.startswith(BLOCK_PREFIXES) and key.endswith(".weight") and "norm" not in key
+
+
 def load_dit(
-    path: str | Path, task: TaskPreset, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+    path: str | Path,
+    task: TaskPreset,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    fp8: bool = False,
+    fp8_block_size: int = DEFAULT_BLOCK_SIZE,
+    deltas: Mapping[str, Callable[[], torch.Tensor]] | None = None,
 ) -> DiffusionTransformer3D:
-    """Build the task's DiT and fill it from ``path``; parameters are frozen (requires_grad False)."""
+    """Build the task's DiT and fill it from ``path``, one tensor at a time; parameters are frozen.
+
+    ``fp8``: the block Linear weights are quantized to block-scaled float8 as they are read (an fp8
+    checkpoint, with ``.scale_weight`` keys, is always loaded as fp8, without re-quantizing).
+    ``deltas``: module name -> fp32 weight delta (merged LoRAs), added before any quantization."""
     files = checkpoint_files(path)
     layout = read_layout(files)
     check_architecture(layout, task, str(path))
     with torch.device("meta"):
         model = DiffusionTransformer3D(**task.dit_params)
-    device = torch.device(device)
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for key, (file, file_key, _) in layout.items():
-        by_file.setdefault(file, []).append((key, file_key))
-    for file, keys in by_file.items():
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key, file_key in keys:
-                _set_parameter(model, key, _materialize(f.get_tensor(file_key), key, dtype))
+    device, deltas = torch.device(device), dict(deltas or {})
+    scales = {key[: -len(FP8_SCALE_SUFFIX)]: layout[key] for key in layout if key.endswith(FP8_SCALE_SUFFIX)}
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device=str(device))) for f in files}
+        for key, (file, file_key, _) in layout.items():
+            if key.endswith(FP8_SCALE_SUFFIX):
+                continue
+            tensor = _loaded(handles, key, file, file_key, scales, deltas, device)
+            module_name = key.rpartition(".")[0]
+            if isinstance(tensor, tuple):
+                quantized[module_name] = tensor
+            elif (fp8 or module_name in scales) and is_fp8_target(key):
+                quantized[module_name] = quantize_weight(tensor, fp8_block_size)
+            else:
+                _set_parameter(model, key, _materialize(tensor, key, dtype))
+    for module_name, (weight, scale) in quantized.items():
+        parent, _, child = module_name.rpartition(".")
+        bias = model.get_submodule(module_name).bias
+        fp8_layer = FP8Linear(weight, scale, None if bias is None else bias.detach())
+        setattr(model.get_submodule(parent), child, fp8_layer)
     return model
+
+
+def _loaded(handles, key, file, file_key, scales, deltas, device):
+    """A checkpoint tensor with its LoRA delta added (fp32); an fp8 weight left alone stays (weight, scale)."""
+    tensor = handles[file].get_tensor(file_key)
+    module_name = key.rpartition(".")[0]
+    if module_name in scales and key.endswith(".weight"):
+        scale_file, scale_key, _ = scales[module_name]
+        scale = handles[scale_file].get_tensor(scale_key).float()
+        if module_name not in deltas:
+            return tensor, scale
+        tensor = dequantize_weight(tensor, scale, torch.float32)
+    if key.endswith(".weight") and module_name in deltas:
+        tensor = tensor.float() + deltas.pop(module_name)().to(device)
+    return tensor
 
 
 def save_dit(model: DiffusionTransformer3D, path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -67,10 +67,3 @@ def run_caching(cache, args: argparse.Namespace) -> None:
     print(report.summary())
     if report.failures:
         sys.exit(1)
-
-
-def exit_not_implemented(description: str, issue_title: str, argv: list[str] | None = None) -> None:
-    """Entry point of a command whose work has not landed yet: ``--help`` works, running says so."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.parse_args(argv)
-    raise SystemExit(f'not implemented yet: this command arrives with the issue "{issue_title}".')

@@ -36,8 +36,11 @@ def keeps_fp32(parameter_name: str) -> bool:
     return any(pattern in parameter_name for pattern in FP32_PARAMETER_PATTERNS)
 
 
-def fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer`` applied in fp32 (a no-op cast when its weights are already fp32, as they normally are)."""
+def fp32_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer`` applied in fp32 (a no-op cast when its weights are already fp32, as they normally are).
+    Layers of other kinds (fp8) dequantize to the input's dtype themselves."""
+    if type(layer) is not nn.Linear:
+        return layer(x.float())
     bias = None if layer.bias is None else layer.bias.float()
     return F.linear(x.float(), layer.weight.float(), bias)
 

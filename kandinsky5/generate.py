@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from modules.atomic_save import save_safetensors_atomic
 from networks.lora_files import read_lora
-from networks.lora_merge import merge_lora
+from networks.lora_merge import merge_plan
 
 from .attention import check_backend
-from .checkpoint import check_architecture, checkpoint_files, load_dit, read_layout
+from .checkpoint import check_architecture, checkpoint_files, expected_shapes, load_dit, read_layout
 from .cli import attention_backend
 from .denoiser import Denoiser, TextCondition, i2i_channels, i2v_channels, t2v_channels
 from .media import (
@@ -179,11 +179,14 @@ def encode_images(vae, jobs: list[Job]) -> list[torch.Tensor | None]:
 
 
 def load_generation_dit(args, task: TaskPreset, device):
-    model = load_dit(args.dit, task, device=device, dtype=DTYPES[args.dtype])
-    for i, path in enumerate(args.lora_weight or []):
-        multiplier = args.lora_multiplier[i] if i < len(args.lora_multiplier or []) else 1.0
-        count = merge_lora(model, read_lora(path), multiplier)
-        print(f"merged LoRA {path} x {multiplier:g} into {count} layers")
+    """The DiT with the LoRAs merged in fp32 while loading, before any fp8 quantization."""
+    loras = [(read_lora(path), args.lora_multiplier[i] if i < len(args.lora_multiplier or []) else 1.0)
+             for i, path in enumerate(args.lora_weight or [])]  # fmt: skip
+    shapes = {k[: -len(".weight")]: s for k, s in expected_shapes(task.dit_params).items() if len(s) == 2}
+    deltas = merge_plan(loras, shapes)
+    model = load_dit(args.dit, task, device=device, dtype=DTYPES[args.dtype], fp8=args.fp8_base, deltas=deltas)
+    for lora, multiplier in loras:
+        print(f"merged LoRA {lora.path} x {multiplier:g} into {len(lora.modules)} layers")
     model.set_attention_backend(attention_backend(args))
     return model.eval()
 

@@ -40,10 +40,10 @@ class TrainingError(ValueError):
 
 
 def refuse_unavailable(args: argparse.Namespace, task: TaskPreset) -> None:
-    if args.fp8_base or args.blocks_to_swap or args.gradient_checkpointing_cpu_offload:
+    if args.blocks_to_swap or args.gradient_checkpointing_cpu_offload:
         raise TrainingError(
-            "--fp8_base, --blocks_to_swap and --gradient_checkpointing_cpu_offload are not "
-            "implemented yet (they arrive with the memory issue)"
+            "--blocks_to_swap and --gradient_checkpointing_cpu_offload are not implemented yet "
+            "(they arrive with the memory issue)"
         )
     if task.kind == "i2i":
         raise TrainingError(f"training task {task.name} (image editing) needs source/target pairs, not supported yet")
@@ -217,7 +217,7 @@ def train(args: argparse.Namespace) -> Path:
     )
 
     # model and LoRA
-    dit = load_dit(args.dit, task, device=device, dtype=PRECISION[accelerator.mixed_precision])
+    dit = load_dit(args.dit, task, device=device, dtype=PRECISION[accelerator.mixed_precision], fp8=args.fp8_base)
     dit.set_attention_backend(attention_backend(args))
     dit.gradient_checkpointing = args.gradient_checkpointing
     network = create_network(dit, args.network_dim, args.network_alpha, args.network_dropout, args.network_args)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.atomic_save import save_safetensors_atomic
+from modules.fp8 import FP8Linear
 
 from .lora_files import LoRAFileError, read_lora
 
@@ -48,7 +49,7 @@ class LoRAModule(nn.Module):
     def __init__(
         self,
         name: str,
-        base: nn.Linear,
+        base: nn.Module,
         rank: int,
         alpha: float,
         dropout: float = 0.0,
@@ -188,7 +189,7 @@ def create_network(
     exclude = [re.compile(p) for p in options.get("exclude_patterns", [])]
     modules = []
     for name, layer in model.named_modules():
-        if not isinstance(layer, nn.Linear) or "modulation" in name:
+        if not isinstance(layer, nn.Linear | FP8Linear) or "modulation" in name:
             continue
         if any(p.fullmatch(name) for p in include) and not any(p.fullmatch(name) for p in exclude):
             modules.append(

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 from torch import nn
 
-from .lora_files import LoRAFile, LoRAFileError
+from .lora_files import LoRAFile, LoRAFileError, LoRAWeights
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-
-
-def resolve_names(lora: LoRAFile, linears: dict[str, nn.Linear]) -> dict[str, str]:
+def resolve_names(lora: LoRAFile, module_names: list[str]) -> dict[str, str]:
     """LoRA module name -> model module name; any name that matches no Linear layer is an error."""
-    lookup = {name.replace(".", "_"): name for name in linears} if lora.underscored_names else {n: n for n in linears}
+    lookup = (
+        {name.replace(".", "_"): name for name in module_names}
+        if lora.underscored_names
+        else {n: n for n in module_names}
+    )
     unmatched = [name for name in lora.modules if name not in lookup]
     if unmatched:
         matched = len(lora.modules) - len(unmatched)
@@ -25,20 +27,38 @@ def resolve_names(lora: LoRAFile, linears: dict[str, nn.Linear]) -> dict[str, st
     return {name: lookup[name] for name in lora.modules}
 
 
+def merge_plan(
+    loras: list[tuple[LoRAFile, float]], layer_shapes: Mapping[str, tuple[int, int]]
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """Module name -> a function giving the fp32 weight delta of all the LoRAs on it; every LoRA module
+    must match a layer of ``layer_shapes`` ((out, in) per Linear) with the right shape."""
+    parts: dict[str, list[tuple[LoRAWeights, float]]] = {}
+    for lora, multiplier in loras:
+        for lora_name, module_name in resolve_names(lora, list(layer_shapes)).items():
+            weights = lora.modules[lora_name]
+            if (weights.up.shape[0], weights.down.shape[1]) != tuple(layer_shapes[module_name]):
+                raise LoRAFileError(
+                    f"LoRA {lora.path}: {module_name} is {list(layer_shapes[module_name])} in the model but "
+                    f"{[weights.up.shape[0], weights.down.shape[1]]} in the LoRA"
+                )
+            parts.setdefault(module_name, []).append((weights, multiplier))
+
+    def delta(entries: list[tuple[LoRAWeights, float]]) -> Callable[[], torch.Tensor]:
+        return lambda: sum(m * w.scale * (w.up.float() @ w.down.float()) for w, m in entries)
+
+    return {name: delta(entries) for name, entries in parts.items()}
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module, lora: LoRAFile, multiplier: float = 1.0) -> int:
-    """Add the LoRA to the model's weights; returns how many layers changed."""
+    """Add the LoRA to the weights of a loaded model; returns how many layers changed."""
     linears = linear_modules(model)
-    for lora_name, module_name in resolve_names(lora, linears).items():
-        weights, layer = lora.modules[lora_name], linears[module_name]
-        expected = (layer.out_features, layer.in_features)
-        if (weights.up.shape[0], weights.down.shape[1]) != expected:
-            raise LoRAFileError(
-                f"LoRA {lora.path}: {module_name} is {list(expected)} in the model but "
-                f"{[weights.up.shape[0], weights.down.shape[1]]} in the LoRA"
-            )
-        device = layer.weight.device
-        delta = weights.up.to(device, torch.float32) @ weights.down.to(device, torch.float32)
-        merged = layer.weight.float() + (multiplier * weights.scale) * delta
-        layer.weight.copy_(merged.to(layer.weight.dtype))
-    return len(lora.modules)
+    plan = merge_plan([(lora, multiplier)], {n: (m.out_features, m.in_features) for n, m in linears.items()})
+    for name, delta in plan.items():
+        layer = linears[name]
+        layer.weight.copy_((layer.weight.float() + delta().to(layer.weight.device)).to(layer.weight.dtype))
+    return len(plan)

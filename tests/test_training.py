@@ -219,7 +219,7 @@ def test_i2v_loss_leaves_the_clean_first_frame_out():
         (["--optimizer_args", "momentum=0.9"], "--optimizer_args do not fit AdamW"),
         (["--optimizer_type", "AdamW8bit"], "needs a CUDA GPU"),
         (["--network_args", "rank=4"], "--network_args 'rank=4': expected key=value with key one of"),
-        (["--fp8_base"], "not implemented yet"),
+        (["--blocks_to_swap", "2"], "not implemented yet"),
         (["--min_timestep", "900", "--max_timestep", "100"], "need 0 <= --min_timestep < --max_timestep"),
     ],
 )
@@ -315,3 +315,26 @@ def test_loraplus_puts_the_up_matrices_in_their_own_group(tiny_tree):
     assert not any("feed_forward" in name for name in network.loras)
     down, up = network.parameter_groups(1e-4)
     assert up["lr"] == 16e-4 and all(p.shape[1] == 4 for p in up["params"]) and len(up["params"]) == len(down["params"])
+
+
+def test_lora_trains_over_fp8_base_weights_that_stay_untouched(tiny_tree, cached_dataset, tmp_path):
+    from modules.fp8 import FP8Linear
+
+    _, _, video_only = cached_dataset
+    dit = load_dit(tiny_tree / "model/tiny_t2v.safetensors", get_task("tiny-t2v"), dtype=torch.float32, fp8=True)
+    network = create_network(dit, 4, 4)
+    assert len(network.loras) == 42  # the LoRA sits on the fp8 layers too
+    network.apply_to(dit)
+    fp8_before = {k: v.clone() for k, v in dit.state_dict().items()}
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    batch = load_batch([find_samples(d) for d in load_dataset_config(video_only)][0].samples)
+    for _ in range(2):
+        training_loss(dit, batch, get_task("tiny-t2v"), Args, "cpu").backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert any(isinstance(m, FP8Linear) for m in dit.modules())
+    assert all(torch.equal(fp8_before[k], v) for k, v in dit.state_dict().items())
+    assert any(lora.lora_up.weight.abs().sum() > 0 for lora in network.loras.values())
+    kandinsky5_train_network.main(train_args(tiny_tree, video_only, tmp_path, "--max_train_steps", "2", "--fp8_base",
+                                             "--gradient_checkpointing"))  # fmt: skip
+    assert (tmp_path / "lora.safetensors").exists()

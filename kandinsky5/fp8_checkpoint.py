@@ -1,0 +1,79 @@
+"""Convert a DiT checkpoint to fp8: the block Linear weights become block-scaled float8_e4m3fn with
+``<module>.scale_weight`` beside them; everything else is copied as it is. Streams one tensor at a
+time (memory-mapped in, written out), so memory use does not grow with the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8_DTYPE, quantize_weight
+from modules.safetensors_stream import PlannedTensor, write_streaming
+
+from .checkpoint import FP8_SCALE_SUFFIX, CheckpointError, checkpoint_files, is_fp8_target, read_layout
+
+FORMAT_NOTE = "block-scaled float8_e4m3fn (kandinsky5 toolkit)"
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _read(file: Path, key: str) -> torch.Tensor:
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _quantized(name: str, file: Path, key: str, shape: tuple, block_size: int, done) -> list[PlannedTensor]:
+    """The fp8 weight and its scale; the scale is made with the weight and written right after it."""
+    out_features, in_features = shape
+    blocks = in_features % block_size == 0
+    scale_shape = (out_features, in_features // block_size, 1) if blocks else (out_features, 1)
+    made: dict[str, torch.Tensor] = {}
+
+    def weight() -> torch.Tensor:
+        made["weight"], made["scale"] = quantize_weight(_read(file, key), block_size)
+        done()
+        return made.pop("weight")
+
+    scale_name = name[: -len(".weight")] + FP8_SCALE_SUFFIX
+    return [
+        PlannedTensor(name, FP8_DTYPE, shape, weight),
+        PlannedTensor(scale_name, torch.float32, scale_shape, lambda: made.pop("scale")),
+    ]
+
+
+def _copied(name: str, file: Path, key: str, shape: tuple, done) -> PlannedTensor:
+    with safe_open(str(file), framework="pt") as f:
+        dtype = SAFETENSORS_DTYPES[f.get_slice(key).get_dtype()]
+
+    def tensor() -> torch.Tensor:
+        done()
+        return _read(file, key)
+
+    return PlannedTensor(name, dtype, shape, tensor)
+
+
+def convert_to_fp8(source: str | Path, output: str | Path, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Write the fp8 checkpoint; returns the number of quantized weights."""
+    files = checkpoint_files(source)
+    layout = read_layout(files)
+    if any(key.endswith(FP8_SCALE_SUFFIX) for key in layout):
+        raise CheckpointError(f"{source} is already an fp8 checkpoint")
+    with safe_open(str(files[0]), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    metadata.update({"fp8_format": FORMAT_NOTE, "fp8_block_size": str(block_size)})
+    bar = tqdm(total=len(layout), desc="converting", unit="tensor")
+    done = lambda: bar.update(1)  # noqa: E731
+    plan, targets = [], 0
+    for name, (file, key, shape) in layout.items():
+        if is_fp8_target(name) and len(shape) == 2:
+            plan += _quantized(name, file, key, tuple(shape), block_size, done)
+            targets += 1
+        else:
+            plan.append(_copied(name, file, key, tuple(shape), done))
+    write_streaming(output, plan, metadata)
+    bar.close()
+    return targets
