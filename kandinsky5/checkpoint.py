@@ -24,6 +24,7 @@ from torch import nn
 
 from modules.atomic_save import save_safetensors_atomic
 from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8Linear, dequantize_weight, quantize_weight
+from modules.memory import keep_large_allocations_out_of_the_heap, release_freed_memory
 
 from .dit import DiffusionTransformer3D, keeps_fp32
 from .tasks import TASKS, TaskPreset
@@ -168,6 +169,8 @@ def load_dit(
         model = DiffusionTransformer3D(**task.dit_params)
     device, deltas = torch.device(device), dict(deltas or {})
     scales = {key[: -len(FP8_SCALE_SUFFIX)]: layout[key] for key in layout if key.endswith(FP8_SCALE_SUFFIX)}
+    if fp8 or scales:
+        keep_large_allocations_out_of_the_heap()
     quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device=str(device))) for f in files}
@@ -187,6 +190,8 @@ def load_dit(
         bias = model.get_submodule(module_name).bias
         fp8_layer = FP8Linear(weight, scale, None if bias is None else bias.detach())
         setattr(model.get_submodule(parent), child, fp8_layer)
+    if quantized:
+        release_freed_memory()
     return model
 
 

@@ -36,11 +36,15 @@ def quantize_weight(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE) 
 
 
 def dequantize_weight(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in ``dtype``, computed in ``dtype`` itself: e4m3 values are exact in bf16/fp16 and the
+    product is rounded once, which keeps the memory traffic of a forward low (no fp32 copy)."""
     out_features, in_features = quantized.shape
+    weight = quantized.to(dtype)
     if scale.ndim == 3:
-        blocks = quantized.view(out_features, scale.shape[1], -1).to(scale.dtype) * scale
-        return blocks.view(out_features, in_features).to(dtype)
-    return (quantized.to(scale.dtype) * scale).to(dtype)
+        weight.view(out_features, scale.shape[1], -1).mul_(scale.to(dtype))
+    else:
+        weight.mul_(scale.to(dtype))
+    return weight
 
 
 class FP8Linear(nn.Module):

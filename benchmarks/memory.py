@@ -1,0 +1,165 @@
+"""Peak anonymous memory of loading and running a full-size Lite DiT in bf16 and in fp8, and of
+converting it with _make_fp8_ckpt.py; the fp8/bf16 forward time ratio.
+
+Writes a Lite-sized checkpoint of random bf16 weights (about 4 GB, streamed to disk), then runs each
+case in a process of its own, sampling RssAnon from /proc/self/status every 5 ms in a thread
+(memory-mapped file pages are page cache, not anonymous memory, and do not count). Forward: 2
+latent frames of 16x16 latents, 32 text tokens.
+
+    python benchmarks/memory.py [--workdir /tmp] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kandinsky5.checkpoint import expected_shapes, load_dit  # noqa: E402
+from kandinsky5.tasks import get_task  # noqa: E402
+from modules.safetensors_stream import PlannedTensor, write_streaming  # noqa: E402
+
+TASK = "k5-lite-t2v-5s-sd"
+GIB = 2**30
+
+
+def rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakSampler:
+    def __init__(self):
+        self.peak, self._running = rss_anon(), True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while self._running:
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(0.005)
+
+    def reset(self) -> int:
+        self.peak = rss_anon()
+        return self.peak
+
+    def stop(self) -> int:
+        self._running = False
+        self._thread.join()
+        return max(self.peak, rss_anon())
+
+
+def write_checkpoint(path: Path) -> int:
+    generator = torch.Generator().manual_seed(0)
+    plan = []
+    for name, shape in expected_shapes(get_task(TASK).dit_params).items():
+        plan.append(
+            PlannedTensor(
+                name,
+                torch.bfloat16,
+                tuple(shape),
+                lambda shape=shape: (torch.randn(shape, generator=generator) * 0.02).bfloat16(),
+            )
+        )
+    write_streaming(path, plan, {})
+    return path.stat().st_size
+
+
+def child(args: argparse.Namespace) -> None:
+    sampler = PeakSampler()
+    start_anon = sampler.reset()
+    if args.child == "convert":
+        from kandinsky5.fp8_checkpoint import convert_to_fp8
+
+        convert_to_fp8(args.checkpoint, args.output)
+        print(json.dumps({"peak": sampler.stop() - start_anon}))
+        return
+    model = load_dit(args.checkpoint, get_task(TASK), dtype=torch.bfloat16, fp8=args.child == "fp8")
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    load_peak, after_load = sampler.peak - start_anon, sampler.reset() - start_anon
+    params = get_task(TASK).dit_params
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 16, 16, 33, generator=g).bfloat16()
+    text = torch.randn(1, 32, params["in_text_dim"], generator=g).bfloat16()
+    pooled = torch.randn(1, params["in_text_dim2"], generator=g).bfloat16()
+    times = []
+    with torch.no_grad():
+        for _ in range(args.runs + 1):
+            begin = time.perf_counter()
+            model(x, text, pooled, torch.tensor([500.0]), rope_scale=(1.0, 2.0, 2.0))
+            times.append(time.perf_counter() - begin)
+    forward_peak = sampler.stop() - start_anon
+    print(
+        json.dumps(
+            {
+                "weights": weights,
+                "load_peak": load_peak,
+                "after_load": after_load,
+                "forward_peak": forward_peak,
+                "forward_s": statistics.median(times[1:]),
+            }
+        )
+    )
+
+
+def run_child(case: str, checkpoint: Path, runs: int, output: Path | None = None) -> dict:
+    command = [sys.executable, __file__, "--child", case, "--checkpoint", str(checkpoint), "--runs", str(runs)]
+    if output:
+        command += ["--output", str(output)]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=tempfile.gettempdir(), help="where the 4 GB checkpoint is written")
+    parser.add_argument("--runs", type=int, default=3, help="timed forwards per case")
+    parser.add_argument("--child", choices=["bf16", "fp8", "convert"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        checkpoint = Path(tmp) / "lite_bf16.safetensors"
+        size = write_checkpoint(checkpoint)
+        print(
+            f"Lite DiT checkpoint of random bf16 weights: {size / GIB:.2f} GiB; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads"
+        )
+        results = {case: run_child(case, checkpoint, args.runs) for case in ("bf16", "fp8")}
+        converted = Path(tmp) / "lite_fp8.safetensors"
+        conversion = run_child("convert", checkpoint, args.runs, converted)
+        largest = max(s[0] * s[1] for s in expected_shapes(get_task(TASK).dit_params).values() if len(s) == 2) * 2
+        for case, r in results.items():
+            activations = r["forward_peak"] - r["after_load"]
+            print(
+                f"{case}: weights {r['weights'] / GIB:.2f} GiB, peak anonymous memory while loading "
+                f"{r['load_peak'] / GIB:.2f} GiB, with a forward {r['forward_peak'] / GIB:.2f} GiB "
+                f"= {r['forward_peak'] / (r['weights'] + activations):.3f} x (weights + activations "
+                f"{activations / GIB:.2f} GiB); forward {r['forward_s']:.3f} s"
+            )
+        print(
+            f"fp8/bf16 forward time: {results['fp8']['forward_s'] / results['bf16']['forward_s']:.3f} (target <= 1.5)"
+        )
+        print(
+            f"_make_fp8_ckpt.py: peak anonymous memory {conversion['peak'] / GIB:.3f} GiB, "
+            f"{(conversion['peak'] - largest) / GIB:.3f} GiB above the largest tensor ({largest / GIB:.3f} GiB bf16); "
+            f"output {converted.stat().st_size / GIB:.2f} GiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
