@@ -103,7 +103,13 @@ def parser() -> argparse.ArgumentParser:
         help="store the DiT's block weights as block-scaled fp8 "
         "(quantized while loading; about half the memory); an fp8 checkpoint is always used as fp8",
     )
-    run.add_argument("--blocks_to_swap", type=int, default=0, help="blocks kept in CPU memory (not available yet)")
+    run.add_argument(
+        "--blocks_to_swap",
+        type=int,
+        default=0,
+        help="keep this many transformer blocks (the last "
+        "ones) in CPU memory, each moved to the GPU only while it runs; more than exist is clamped",
+    )
     run.add_argument(
         "--offload_dit_during_sampling",
         action="store_true",
@@ -125,8 +131,6 @@ def main(argv=None) -> None:
         args.negative_prompt = task.negative_prompt
     if args.vae_dtype is None:
         args.vae_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    if args.blocks_to_swap:
-        p.error("--blocks_to_swap is not implemented yet (it arrives with the memory issue)")
     if len(args.lora_multiplier) > len(args.lora_weight):
         p.error(f"{len(args.lora_multiplier)} --lora_multiplier values for {len(args.lora_weight)} LoRA files")
     if args.offload_dit_during_sampling:

@@ -106,11 +106,17 @@ def parser() -> argparse.ArgumentParser:
         help="store the DiT's block weights as block-scaled fp8 "
         "(frozen; the LoRA trains beside them in fp32); use with --gradient_checkpointing",
     )
-    mem.add_argument("--blocks_to_swap", type=int, default=0, help="blocks kept in CPU memory (not available yet)")
+    mem.add_argument(
+        "--blocks_to_swap",
+        type=int,
+        default=0,
+        help="keep this many transformer blocks in CPU memory, "
+        "each moved to the GPU for its forward and its backward; more than exist is clamped",
+    )
     mem.add_argument(
         "--gradient_checkpointing_cpu_offload",
         action="store_true",
-        help="keep checkpointed activations in CPU memory (not available yet)",
+        help="with --gradient_checkpointing: keep each block's checkpointed input in CPU memory until backward",
     )
     add_attention_arguments(p)
 

@@ -17,12 +17,16 @@ pooled text (B, in_text_dim2); time (B,) = sigma * 1000 in fp32. Output (B, T, H
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from modules.activation_offload import checkpoint_with_offload
+from modules.block_swap import BlockSwap, swap_plan
 
 from .attention import DEFAULT_BACKEND, attention, check_backend
 from .rope import RopeCache, apply_rotation, frequencies, text_angles, visual_angles
@@ -270,6 +274,8 @@ class DiffusionTransformer3D(nn.Module):
         self.out_layer = OutLayer(model_dim, time_dim, out_visual_dim, patch_size)
 
         self.gradient_checkpointing = False
+        self.activation_offload = False  # with gradient checkpointing: keep checkpointed inputs in CPU memory
+        self.block_swap: BlockSwap | None = None
         self.attention_backend = DEFAULT_BACKEND
         self._rope = RopeCache()
 
@@ -291,10 +297,33 @@ class DiffusionTransformer3D(nn.Module):
         check_backend(name, self.device)
         self.attention_backend = name
 
-    def _run_block(self, block: nn.Module, *args) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+    def enable_block_swap(self, requested: int, device: torch.device | str) -> int:
+        """Keep ``requested`` blocks (the last ones in execution order, text blocks then visual blocks) in
+        CPU memory and everything else on ``device``; returns the number swapped (clamped, with a warning)."""
+        blocks = [*self.text_transformer_blocks, *self.visual_transformer_blocks]
+        swapped, count = swap_plan(len(blocks), requested)
+        if count < requested:
+            warnings.warn(
+                f"--blocks_to_swap {requested} is more than the {len(blocks)} blocks; swapping {count}", stacklevel=2
+            )
+        block_ids = {id(b) for b in blocks}
+        for module in self.children():  # everything outside the blocks goes to the device
+            if id(module) not in block_ids and not isinstance(module, nn.ModuleList):
+                module.to(device)
+        self.block_swap = BlockSwap(blocks, swapped, device)
+        return count
+
+    def _run_block(self, index: int, block: nn.Module, *args) -> torch.Tensor:
+        def run(*inputs):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                if self.activation_offload:
+                    return checkpoint_with_offload(block, *inputs)
+                return checkpoint(block, *inputs, use_reentrant=False)
+            return block(*inputs)
+
+        if self.block_swap is None:
+            return run(*args)
+        return self.block_swap.run(index, run, *args)
 
     def _check_input(self, x: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> None:
         b, t, h, w, c = x.shape
@@ -335,11 +364,13 @@ class DiffusionTransformer3D(nn.Module):
             lambda: visual_angles(grid, self.axes_dims, rope_scale, device),
         )
 
-        backend = self.attention_backend
-        for block in self.text_transformer_blocks:
-            text_embed = self._run_block(block, text_embed, time_embed, text_rope, text_mask, backend)
-        for block in self.visual_transformer_blocks:
-            visual = self._run_block(block, visual, text_embed, time_embed, visual_rope, text_mask, backend)
+        backend, text_count = self.attention_backend, len(self.text_transformer_blocks)
+        for i, block in enumerate(self.text_transformer_blocks):
+            text_embed = self._run_block(i, block, text_embed, time_embed, text_rope, text_mask, backend)
+        for i, block in enumerate(self.visual_transformer_blocks):
+            visual = self._run_block(
+                text_count + i, block, visual, text_embed, time_embed, visual_rope, text_mask, backend
+            )
         out = self.out_layer(visual, time_embed)
         return self._unpatchify(out, grid)
 

@@ -184,7 +184,10 @@ def load_generation_dit(args, task: TaskPreset, device):
              for i, path in enumerate(args.lora_weight or [])]  # fmt: skip
     shapes = {k[: -len(".weight")]: s for k, s in expected_shapes(task.dit_params).items() if len(s) == 2}
     deltas = merge_plan(loras, shapes)
-    model = load_dit(args.dit, task, device=device, dtype=DTYPES[args.dtype], fp8=args.fp8_base, deltas=deltas)
+    load_device = "cpu" if args.blocks_to_swap else device  # swapped blocks stay in CPU memory
+    model = load_dit(args.dit, task, device=load_device, dtype=DTYPES[args.dtype], fp8=args.fp8_base, deltas=deltas)
+    if args.blocks_to_swap:
+        print(f"block swap: {model.enable_block_swap(args.blocks_to_swap, device)} blocks in CPU memory")
     for lora, multiplier in loras:
         print(f"merged LoRA {lora.path} x {multiplier:g} into {len(lora.modules)} layers")
     model.set_attention_backend(attention_backend(args))

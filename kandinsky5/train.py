@@ -40,11 +40,8 @@ class TrainingError(ValueError):
 
 
 def refuse_unavailable(args: argparse.Namespace, task: TaskPreset) -> None:
-    if args.blocks_to_swap or args.gradient_checkpointing_cpu_offload:
-        raise TrainingError(
-            "--blocks_to_swap and --gradient_checkpointing_cpu_offload are not implemented yet "
-            "(they arrive with the memory issue)"
-        )
+    if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
+        raise TrainingError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
     if task.kind == "i2i":
         raise TrainingError(f"training task {task.name} (image editing) needs source/target pairs, not supported yet")
 
@@ -217,9 +214,13 @@ def train(args: argparse.Namespace) -> Path:
     )
 
     # model and LoRA
-    dit = load_dit(args.dit, task, device=device, dtype=PRECISION[accelerator.mixed_precision], fp8=args.fp8_base)
+    load_device = "cpu" if args.blocks_to_swap else device  # swapped blocks stay in CPU memory
+    dit = load_dit(args.dit, task, device=load_device, dtype=PRECISION[accelerator.mixed_precision], fp8=args.fp8_base)
+    if args.blocks_to_swap:
+        print(f"block swap: {dit.enable_block_swap(args.blocks_to_swap, device)} blocks in CPU memory")
     dit.set_attention_backend(attention_backend(args))
     dit.gradient_checkpointing = args.gradient_checkpointing
+    dit.activation_offload = args.gradient_checkpointing_cpu_offload
     network = create_network(dit, args.network_dim, args.network_alpha, args.network_dropout, args.network_args)
     if args.network_weights:
         network.load_weights(args.network_weights)

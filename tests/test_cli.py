@@ -33,11 +33,6 @@ def test_help_lists_every_task_and_a_typo_gets_a_suggestion():
     assert "unknown task 'k5-pro-t2v-5s'; did you mean 'k5-pro-t2v-5s-sd'" in result.stderr
 
 
-def test_memory_flags_that_have_not_landed_say_so():
-    result = run("kandinsky5_generate_video.py", "--task", "tiny-t2v", "--blocks_to_swap", "4", "--prompt", "x")
-    assert result.returncode == 2 and "--blocks_to_swap is not implemented yet" in result.stderr
-
-
 def test_missing_attention_backend_is_named_before_any_model_loads(tiny_tree):
     result = run(
         "kandinsky5_generate_video.py",

@@ -219,7 +219,7 @@ def test_i2v_loss_leaves_the_clean_first_frame_out():
         (["--optimizer_args", "momentum=0.9"], "--optimizer_args do not fit AdamW"),
         (["--optimizer_type", "AdamW8bit"], "needs a CUDA GPU"),
         (["--network_args", "rank=4"], "--network_args 'rank=4': expected key=value with key one of"),
-        (["--blocks_to_swap", "2"], "not implemented yet"),
+        (["--gradient_checkpointing_cpu_offload"], "needs --gradient_checkpointing"),
         (["--min_timestep", "900", "--max_timestep", "100"], "need 0 <= --min_timestep < --max_timestep"),
     ],
 )
@@ -338,3 +338,12 @@ def test_lora_trains_over_fp8_base_weights_that_stay_untouched(tiny_tree, cached
     kandinsky5_train_network.main(train_args(tiny_tree, video_only, tmp_path, "--max_train_steps", "2", "--fp8_base",
                                              "--gradient_checkpointing"))  # fmt: skip
     assert (tmp_path / "lora.safetensors").exists()
+
+
+def test_training_with_block_swap_gives_the_same_lora(tiny_tree, cached_dataset, tmp_path):
+    _, _, video_only = cached_dataset
+    for name, extra in (("plain", []), ("swapped", ["--blocks_to_swap", "3", "--gradient_checkpointing"])):
+        kandinsky5_train_network.main(train_args(tiny_tree, video_only, tmp_path / name, "--max_train_steps", "3",
+                                                 *extra))  # fmt: skip
+    plain, swapped = (load_file(str(tmp_path / n / "lora.safetensors")) for n in ("plain", "swapped"))
+    assert all(torch.equal(plain[k], swapped[k]) for k in plain)
