@@ -114,6 +114,34 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
+def swap_timing(checkpoint: Path, device: str, counts: list[int], runs: int) -> None:
+    """Forward time of the bf16 Lite DiT with 0 and more blocks swapped to CPU memory (meant for CUDA;
+    on a CPU it measures the bookkeeping alone)."""
+    params = get_task(TASK).dit_params
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 16, 16, 33, generator=g).bfloat16().to(device)
+    text = torch.randn(1, 32, params["in_text_dim"], generator=g).bfloat16().to(device)
+    pooled = torch.randn(1, params["in_text_dim2"], generator=g).bfloat16().to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    baseline = None
+    for count in counts:
+        model = load_dit(checkpoint, get_task(TASK), device="cpu" if count else device, dtype=torch.bfloat16)
+        if count:
+            model.enable_block_swap(count, device)
+        times = []
+        with torch.no_grad():
+            for _ in range(runs + 1):
+                sync()
+                begin = time.perf_counter()
+                model(x, text, pooled, torch.tensor([500.0], device=device), rope_scale=(1.0, 2.0, 2.0))
+                sync()
+                times.append(time.perf_counter() - begin)
+        median = statistics.median(times[1:])
+        baseline = baseline or median
+        print(f"blocks_to_swap {count:>2}: forward {median:.3f} s ({median / baseline - 1:+.1%} against no swap)")
+        del model
+
+
 def run_child(case: str, checkpoint: Path, runs: int, output: Path | None = None) -> dict:
     command = [sys.executable, __file__, "--child", case, "--checkpoint", str(checkpoint), "--runs", str(runs)]
     if output:
@@ -125,6 +153,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="where the 4 GB checkpoint is written")
     parser.add_argument("--runs", type=int, default=3, help="timed forwards per case")
+    parser.add_argument("--device", default="cpu", help="cuda: also time forwards with 0/8/16/31 swapped blocks")
+    parser.add_argument("--swap_counts", type=int, nargs="*", default=[0, 8, 16, 31], help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["bf16", "fp8", "convert"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -159,6 +189,8 @@ def main() -> None:
             f"{(conversion['peak'] - largest) / GIB:.3f} GiB above the largest tensor ({largest / GIB:.3f} GiB bf16); "
             f"output {converted.stat().st_size / GIB:.2f} GiB"
         )
+        if args.device != "cpu":
+            swap_timing(checkpoint, args.device, args.swap_counts, args.runs)
 
 
 if __name__ == "__main__":
