@@ -47,7 +47,7 @@ def lora_loss_and_grads(task: str, swap: int, checkpointing: bool):
 def test_training_gradients_with_block_swap_equal_those_without(task, checkpointing):
     reference_loss, reference_grads, _ = lora_loss_and_grads(task, 0, checkpointing)
     total = SHAPES[task]
-    for count in sorted({1, total // 2, total}):
+    for count in range(1, total + 1):
         loss, grads, model = lora_loss_and_grads(task, count, checkpointing)
         assert torch.equal(loss, reference_loss), count
         for name, grad in reference_grads.items():
