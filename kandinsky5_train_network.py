@@ -21,7 +21,7 @@ import toml
 
 from kandinsky5.cli import add_attention_arguments, add_task_argument
 from kandinsky5.flow_matching import TIMESTEP_SAMPLING
-from kandinsky5.train import train
+from kandinsky5.train import TrainingInterrupted, train
 from modules.optimizers import SCHEDULERS
 
 NETWORK_MODULE = "networks.lora_kandinsky"
@@ -127,6 +127,13 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--save_every_n_steps", type=int, help="save <name>-step<step:08d>.safetensors every N steps")
     out.add_argument("--save_last_n_epochs", type=int, help="keep only the last N epoch files")
     out.add_argument("--save_last_n_steps", type=int, help="keep only the last N step files")
+    out.add_argument(
+        "--save_state",
+        action="store_true",
+        help="with every saved LoRA, also save a state folder (<file>-state) to --resume from",
+    )
+    out.add_argument("--save_state_on_train_end", action="store_true", help="save a state folder with the final LoRA")
+    out.add_argument("--resume", help="a state folder: continue that run exactly (step, epoch, optimizer, randomness)")
     out.add_argument("--logging_dir", help="tensorboard log folder")
     out.add_argument("--log_with", choices=["tensorboard"], help="logger (tensorboard when --logging_dir is given)")
     out.add_argument("--log_tracker_name", default="network_train", help="run name in the logs")
@@ -166,6 +173,9 @@ def main(argv=None) -> None:
         final = train(args)
     except ValueError as error:
         sys.exit(f"error: {error}")
+    except TrainingInterrupted as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(130)
     print(f"done: {final}")
 
 

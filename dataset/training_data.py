@@ -7,6 +7,7 @@ from ``seed + epoch`` alone, so a run and its resumption see the same batches.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,20 +90,48 @@ def load_batch(samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
 
 
 class EpochBatches(torch.utils.data.Dataset):
-    """The batches of one epoch for a DataLoader (batch_size=None: each item is a whole batch)."""
+    """Batches keyed by (epoch, index), for a DataLoader with ``batch_size=None``. Each process gets
+    every world_size-th batch (all shares equally long); the key carries the epoch, so loader workers
+    (persistent or not) always read the right epoch's order."""
 
     def __init__(self, datasets: list[DatasetSamples], seed: int, rank: int = 0, world_size: int = 1):
         self.datasets, self.seed, self.rank, self.world_size = datasets, seed, rank, world_size
-        self.set_epoch(0)
+        self._epoch, self._batches = None, []
 
-    def set_epoch(self, epoch: int) -> None:
-        """This process's share of the epoch: every world_size-th batch, all shares of equal length."""
-        batches = epoch_batches(self.datasets, epoch, self.seed)
-        usable = len(batches) - len(batches) % self.world_size if len(batches) >= self.world_size else len(batches)
-        self.batches = batches[:usable][self.rank :: self.world_size]
+    def batches(self, epoch: int) -> list[list[TrainingSample]]:
+        if epoch != self._epoch:
+            batches = epoch_batches(self.datasets, epoch, self.seed)
+            usable = len(batches) - len(batches) % self.world_size if len(batches) >= self.world_size else len(batches)
+            self._epoch, self._batches = epoch, batches[:usable][self.rank :: self.world_size]
+        return self._batches
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.batches(0))
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return load_batch(self.batches[index])
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key
+        return load_batch(self.batches(epoch)[index])
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """Yields (epoch, index) keys of one epoch from ``start`` on (a resumed run skips what was done)."""
+
+    def __init__(self, data: EpochBatches):
+        self.data, self.epoch, self.start = data, 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in range(self.start, len(self.data.batches(self.epoch)))])
+
+    def __len__(self) -> int:
+        return len(self.data.batches(self.epoch)) - self.start
+
+
+def samples_fingerprint(datasets: list[DatasetSamples]) -> str:
+    """Identifies the training set (cache files and repeats), to warn when a resumed run's data changed."""
+    parts = [
+        f"{s.latent_file.name}:{d.dataset.num_repeats}:{d.dataset.batch_size}" for d in datasets for s in d.samples
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

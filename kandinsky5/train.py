@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import time
 from collections import deque
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dataset.config import load_dataset_config
-from dataset.training_data import EpochBatches, find_samples
+from dataset.training_data import EpochBatches, EpochOrder, find_samples, samples_fingerprint
 from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
 from networks.lora_kandinsky import LoRANetwork, create_network
 
@@ -31,6 +32,7 @@ from .cli import attention_backend
 from .denoiser import i2v_channels, t2v_channels
 from .flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
 from .tasks import TaskPreset
+from .training_state import Position, load_state, remove_old, restore_rng, save_state
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -139,38 +141,72 @@ def lora_metadata(
 
 
 class Checkpoints:
-    """LoRA files in output_dir: per epoch, per step (each with optional rotation) and the final one."""
+    """What output_dir receives: LoRA files per epoch, per step (with rotation) and at the end, each
+    with a state folder when asked (--save_state), and a state when training is interrupted."""
 
-    def __init__(self, args: argparse.Namespace, save_metadata):
-        self.args, self.save_metadata = args, save_metadata
-        self.directory = Path(args.output_dir)
+    def __init__(self, args: argparse.Namespace, network: LoRANetwork, optimizer, scheduler, metadata):
+        self.args, self.network, self.optimizer, self.scheduler = args, network, optimizer, scheduler
+        self.metadata, self.directory = metadata, Path(args.output_dir)
 
-    def _save(self, network: LoRANetwork, name: str, epoch: int, step: int) -> Path:
+    def _save(self, name: str, position: Position, with_state: bool) -> Path:
         path = self.directory / f"{name}.safetensors"
-        network.save(path, self.save_metadata(epoch, step))
+        self.network.save(path, self.metadata(position))
         tqdm.write(f"saved {path}")
+        if with_state:
+            self.save_state(f"{name}-state", position)
         return path
 
-    def after_step(self, network: LoRANetwork, epoch: int, step: int) -> None:
-        every, keep = self.args.save_every_n_steps, self.args.save_last_n_steps
-        if every and step % every == 0:
-            self._save(network, f"{self.args.output_name}-step{step:08d}", epoch, step)
-            if keep and step - every * keep > 0:
-                (self.directory / f"{self.args.output_name}-step{step - every * keep:08d}.safetensors").unlink(
-                    missing_ok=True
-                )
+    def save_state(self, name: str, position: Position) -> Path:
+        folder = self.directory / name
+        save_state(folder, self.network, self.metadata(position), self.optimizer, self.scheduler, position)
+        tqdm.write(f"saved training state {folder}")
+        return folder
 
-    def after_epoch(self, network: LoRANetwork, epoch: int, step: int, last: bool) -> None:
+    def _rotate(self, name: str) -> None:
+        (self.directory / f"{name}.safetensors").unlink(missing_ok=True)
+        remove_old(self.directory / f"{name}-state")
+
+    def after_step(self, position: Position) -> None:
+        every, keep, step = self.args.save_every_n_steps, self.args.save_last_n_steps, position.step
+        if every and step % every == 0:
+            self._save(f"{self.args.output_name}-step{step:08d}", position, self.args.save_state)
+            if keep and step - every * keep > 0:
+                self._rotate(f"{self.args.output_name}-step{step - every * keep:08d}")
+
+    def after_epoch(self, epoch: int, position: Position, last: bool) -> None:
         every, keep = self.args.save_every_n_epochs, self.args.save_last_n_epochs
         if every and epoch % every == 0 and not last:
-            self._save(network, f"{self.args.output_name}-{epoch:06d}", epoch, step)
+            self._save(f"{self.args.output_name}-{epoch:06d}", position, self.args.save_state)
             if keep and epoch - every * keep > 0:
-                (self.directory / f"{self.args.output_name}-{epoch - every * keep:06d}.safetensors").unlink(
-                    missing_ok=True
-                )
+                self._rotate(f"{self.args.output_name}-{epoch - every * keep:06d}")
 
-    def final(self, network: LoRANetwork, epoch: int, step: int) -> Path:
-        return self._save(network, self.args.output_name, epoch, step)
+    def final(self, position: Position) -> Path:
+        return self._save(self.args.output_name, position, self.args.save_state or self.args.save_state_on_train_end)
+
+
+class TrainingInterrupted(Exception):
+    pass
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a request that the loop honours at the next optimizer step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        tqdm.write("stopping after this step; saving a state to resume from")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def check_latent_kind(datasets, task: TaskPreset) -> None:
@@ -205,12 +241,17 @@ def train(args: argparse.Namespace) -> Path:
         folders = ", ".join(str(e.dataset.cache_directory) for e in datasets)
         raise TrainingError(f"no training samples (latent + text caches) in {folders}: run the caching commands first")
     check_latent_kind(datasets, task)
+    fingerprint = samples_fingerprint(datasets)
     data = EpochBatches(datasets, args.seed, accelerator.process_index, accelerator.num_processes)
+    order = EpochOrder(data)
+    workers = args.max_data_loader_n_workers
     loader = torch.utils.data.DataLoader(
         data,
         batch_size=None,
-        num_workers=args.max_data_loader_n_workers,
-        persistent_workers=args.persistent_data_loader_workers and args.max_data_loader_n_workers > 0,
+        sampler=order,
+        num_workers=workers,
+        persistent_workers=args.persistent_data_loader_workers and workers > 0,
+        generator=torch.Generator().manual_seed(args.seed),
     )
 
     # model and LoRA
@@ -248,57 +289,81 @@ def train(args: argparse.Namespace) -> Path:
         args.lr_scheduler_num_cycles,
         args.lr_scheduler_power,
     )
+    position, rng_states = Position(0, 1, 0, fingerprint), None
+    if args.resume:
+        position, rng_states = load_state(args.resume, network, optimizer, scheduler)
+        if position.data_fingerprint != fingerprint and main:
+            print(f"warning: the training data changed since {args.resume} was saved")
+        print(f"resuming from {args.resume}: step {position.step}, epoch {position.epoch}")
     started = time.time()
-    checkpoints = Checkpoints(args, lambda e, s: lora_metadata(args, task, network, e, s, started, datasets))
+    checkpoints = Checkpoints(
+        args,
+        network,
+        optimizer,
+        scheduler,
+        lambda p: lora_metadata(
+            args, task, network, p.epoch if p.next_batch else p.epoch - 1, p.step, started, datasets
+        ),
+    )
     if log_with:
         accelerator.init_trackers(args.log_tracker_name, config={"task": task.name, "network_dim": args.network_dim})
     parameters = [p for p in network.parameters() if p.requires_grad]
+    if rng_states is not None:
+        restore_rng(rng_states)
 
     # the loop
-    step, recent = 0, deque(maxlen=20)
-    bar = tqdm(total=args.max_train_steps, desc="training", unit="step", disable=not main)
-    for epoch in range(1, epochs + 1):
-        data.set_epoch(epoch - 1)
-        for i, batch in enumerate(loader):
-            with accelerator.autocast():
-                loss = training_loss(dit, batch, task, args, device)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss is {loss.item()} at step {step + 1}; stopping (the files saved so "
-                    "far are kept). Try a lower --learning_rate or --max_grad_norm 1.0"
-                )
-            (loss / accumulation).backward()
-            recent.append(loss.item())
-            if (i + 1) % accumulation and i + 1 < len(loader):
-                continue
-            if accelerator.num_processes > 1:
-                for p in parameters:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-            if args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            average = sum(recent) / len(recent)
-            bar.update(1)
-            bar.set_postfix(loss=f"{average:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if log_with:
-                accelerator.log(
-                    {"loss/current": recent[-1], "loss/average": average, "lr": scheduler.get_last_lr()[0]}, step=step
-                )
+    step, recent = position.step, deque(maxlen=20)
+    bar = tqdm(total=args.max_train_steps, initial=step, desc="training", unit="step", disable=not main)
+    with StopRequest() as stop:
+        for epoch in range(position.epoch, epochs + 1):
+            order.set_epoch(epoch - 1, position.next_batch if epoch == position.epoch else 0)
+            total = len(data.batches(epoch - 1))
+            for i, batch in enumerate(loader, start=order.start):
+                with accelerator.autocast():
+                    loss = training_loss(dit, batch, task, args, device)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss is {loss.item()} at step {step + 1}; stopping (the files saved so "
+                        "far are kept). Try a lower --learning_rate or --max_grad_norm 1.0"
+                    )
+                (loss / accumulation).backward()
+                recent.append(loss.item())
+                if (i + 1) % accumulation and i + 1 < total:
+                    continue
+                if accelerator.num_processes > 1:
+                    for p in parameters:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+                if args.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                done_epoch = i + 1 >= total
+                position = Position(step, epoch + done_epoch, 0 if done_epoch else i + 1, fingerprint)
+                average = sum(recent) / len(recent)
+                bar.update(1)
+                bar.set_postfix(loss=f"{average:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if log_with:
+                    accelerator.log(
+                        {"loss/current": recent[-1], "loss/average": average, "lr": scheduler.get_last_lr()[0]},
+                        step=step,
+                    )
+                if main:
+                    checkpoints.after_step(position)
+                if stop.requested:
+                    folder = Path(args.output_dir) / f"{args.output_name}-step{step:08d}-state"
+                    if main:
+                        checkpoints.save_state(folder.name, position)
+                    raise TrainingInterrupted(f"interrupted at step {step}; continue with --resume {folder}")
+                if step >= args.max_train_steps:
+                    break
             if main:
-                checkpoints.after_step(network, epoch, step)
+                checkpoints.after_epoch(epoch, position, last=step >= args.max_train_steps or epoch == epochs)
             if step >= args.max_train_steps:
                 break
-        if main:
-            checkpoints.after_epoch(network, epoch, step, last=step >= args.max_train_steps or epoch == epochs)
-        if step >= args.max_train_steps:
-            break
     bar.close()
-    final = (
-        checkpoints.final(network, epoch, step) if main else Path(args.output_dir) / f"{args.output_name}.safetensors"
-    )
+    final = checkpoints.final(position) if main else Path(args.output_dir) / f"{args.output_name}.safetensors"
     if log_with:
         accelerator.end_training()
     return final

@@ -69,8 +69,18 @@ def test_generation_with_block_swap_gives_the_same_video(tiny_tree, tmp_path):
     from .generation_helpers import generate
 
     def sampled(name, *extra):
-        generate(tiny_tree, "tiny-t2v", "--prompt", "a dog", "--steps", "2", "--save_latent",
-                 "--output", str(tmp_path / f"{name}.mp4"), *extra)  # fmt: skip
+        generate(
+            tiny_tree,
+            "tiny-t2v",
+            "--prompt",
+            "a dog",
+            "--steps",
+            "2",
+            "--save_latent",
+            "--output",
+            str(tmp_path / f"{name}.mp4"),
+            *extra,
+        )
         return load_file(str(tmp_path / f"{name}.latent.safetensors"))["latent"]
 
     assert torch.equal(sampled("plain"), sampled("swapped", "--blocks_to_swap", "3"))

@@ -60,8 +60,13 @@ def test_lora_merged_under_fp8_equals_merging_before_quantizing(tiny_tree, tmp_p
     write_kohya(tmp_path / "l.safetensors", {n: (d * 0.3, u * 0.3) for n, (d, u) in lora_weights().items()})
     lora = read_lora(tmp_path / "l.safetensors")
     shapes = {k[:-7]: s for k, s in expected_shapes(TASK.dit_params).items() if len(s) == 2}
-    merged_on_load = load_dit(tiny_tree / "model/tiny_t2v.safetensors", TASK, dtype=torch.float32, fp8=True,
-                              deltas=merge_plan([(lora, 1.0)], shapes))  # fmt: skip
+    merged_on_load = load_dit(
+        tiny_tree / "model/tiny_t2v.safetensors",
+        TASK,
+        dtype=torch.float32,
+        fp8=True,
+        deltas=merge_plan([(lora, 1.0)], shapes),
+    )
     reference = load_dit(tiny_tree / "model/tiny_t2v.safetensors", TASK, dtype=torch.float32)
     merge_lora(reference, lora)
     quantize_linears(reference, lambda name: is_fp8_target(name + ".weight"))
@@ -71,8 +76,18 @@ def test_lora_merged_under_fp8_equals_merging_before_quantizing(tiny_tree, tmp_p
 
 def test_generation_and_training_with_fp8(tiny_tree, tmp_path):
     def sampled(name, *extra):
-        generate(tiny_tree, "tiny-t2v", "--prompt", "a dog", "--steps", "2", "--save_latent",
-                 "--output", str(tmp_path / f"{name}.mp4"), *extra)  # fmt: skip
+        generate(
+            tiny_tree,
+            "tiny-t2v",
+            "--prompt",
+            "a dog",
+            "--steps",
+            "2",
+            "--save_latent",
+            "--output",
+            str(tmp_path / f"{name}.mp4"),
+            *extra,
+        )
         return load_file(str(tmp_path / f"{name}.latent.safetensors"))["latent"]
 
     full, fp8 = sampled("full"), sampled("fp8", "--fp8_base")

@@ -1,0 +1,117 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import kandinsky5_train_network
+
+from .training_helpers import ROOT, train_args
+
+STEADY = ["--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--network_dropout", "0.1"]
+
+
+def lora(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def steps_in(path: Path) -> str:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["ss_steps"]
+
+
+def test_a_resumed_run_equals_the_uninterrupted_one(tiny_tree, cached_dataset, tmp_path):
+    _, config, _ = cached_dataset  # two batches per epoch: a clip, and two images in one batch
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    kandinsky5_train_network.main(train_args(tiny_tree, config, straight, "--max_train_steps", "7", *STEADY))
+    kandinsky5_train_network.main(
+        train_args(
+            tiny_tree, config, stopped, "--max_train_steps", "7", *STEADY, "--save_every_n_steps", "3", "--save_state"
+        )
+    )
+    state = stopped / "lora-step00000003-state"
+    position = json.loads((state / "train_state.json").read_text())
+    assert (position["step"], position["epoch"], position["next_batch"]) == (3, 2, 1)  # in the middle of epoch 2
+    resumed = tmp_path / "resumed"
+    kandinsky5_train_network.main(
+        train_args(
+            tiny_tree,
+            config,
+            resumed,
+            "--max_train_steps",
+            "7",
+            *STEADY,
+            "--save_every_n_steps",
+            "3",
+            "--resume",
+            str(state),
+        )
+    )
+    expected = lora(straight / "lora.safetensors")
+    for result in (stopped / "lora.safetensors", resumed / "lora.safetensors"):
+        got = lora(result)
+        assert all(torch.equal(got[k], expected[k]) for k in expected), result
+    assert sorted(p.name for p in resumed.glob("*.safetensors")) == [
+        "lora-step00000006.safetensors",
+        "lora.safetensors",
+    ]
+    assert steps_in(resumed / "lora.safetensors") == "7" and steps_in(resumed / "lora-step00000006.safetensors") == "6"
+
+
+def test_sigint_saves_a_state_that_resumes(tiny_tree, cached_dataset, tmp_path):
+    _, _, video_only = cached_dataset
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "kandinsky5_train_network.py",
+        *train_args(tiny_tree, video_only, out, "--max_train_steps", "100000", "--save_every_n_steps", "5"),
+    ]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "lora-step00000005.safetensors").exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    (state,) = out.glob("lora-step*-state")
+    assert f"continue with --resume {state}" in stderr
+    step = json.loads((state / "train_state.json").read_text())["step"]
+    kandinsky5_train_network.main(
+        train_args(tiny_tree, video_only, out, "--max_train_steps", str(step + 2), "--resume", str(state))
+    )
+    assert steps_in(out / "lora.safetensors") == str(step + 2)
+
+
+def test_a_diverging_run_stops_and_keeps_what_was_saved(tiny_tree, cached_dataset, tmp_path):
+    _, _, video_only = cached_dataset
+    with pytest.raises(SystemExit, match="the loss is (nan|inf) at step"):
+        kandinsky5_train_network.main(
+            train_args(
+                tiny_tree,
+                video_only,
+                tmp_path,
+                "--max_train_steps",
+                "20",
+                "--learning_rate",
+                "1e30",
+                "--max_grad_norm",
+                "0",
+                "--save_every_n_steps",
+                "1",
+            )
+        )
+    saved = sorted(tmp_path.glob("lora-step*.safetensors"))
+    assert saved and all(torch.isfinite(t).all() for t in lora(saved[0]).values())
+
+
+def test_resume_needs_a_state_folder(tiny_tree, cached_dataset, tmp_path):
+    _, config, _ = cached_dataset
+    with pytest.raises(SystemExit, match="not a training state folder"):
+        kandinsky5_train_network.main(train_args(tiny_tree, config, tmp_path, "--resume", str(tmp_path)))

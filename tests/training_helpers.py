@@ -1,0 +1,75 @@
+"""Training test helpers: a small cached dataset and the common training arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kandinsky5_cache_latents
+import kandinsky5_cache_text_encoder_outputs
+
+from .media_factory import caption, write_image, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_cached_dataset(tiny_tree: Path, root: Path) -> tuple[Path, Path, Path]:
+    """One 9-frame clip and two images with captions of different lengths, cached for tiny-t2v."""
+    (root / "videos").mkdir()
+    (root / "images").mkdir()
+    caption(write_video(root / "videos" / "clip.mp4", 9, 64, 64), "a red square slides to the right")
+    caption(write_image(root / "images" / "one.png", 64, 64, seed=1), "a cat")
+    caption(write_image(root / "images" / "two.png", 64, 64, seed=2), "two dogs play in the snow at dusk, wide shot")
+    config = root / "data.toml"
+    config.write_text(f"""
+[general]
+resolution = 64
+[[datasets]]
+video_directory = "{root / "videos"}"
+cache_directory = "{root / "cache_video"}"
+target_frames = [9]
+[[datasets]]
+image_directory = "{root / "images"}"
+cache_directory = "{root / "cache_images"}"
+batch_size = 2
+""")
+    common = ["--dataset_config", str(config), "--task", "tiny-t2v"]
+    kandinsky5_cache_latents.main([*common, "--vae", str(tiny_tree / "vae")])
+    kandinsky5_cache_text_encoder_outputs.main(
+        [
+            *common,
+            "--text_encoder_qwen",
+            str(tiny_tree / "text_encoder"),
+            "--text_encoder_clip",
+            str(tiny_tree / "text_encoder2"),
+        ]
+    )
+    video_only = root / "video.toml"
+    video_only.write_text(f"""
+[[datasets]]
+video_directory = "{root / "videos"}"
+cache_directory = "{root / "cache_video"}"
+resolution = 64
+target_frames = [9]
+""")
+    return root, config, video_only
+
+
+def train_args(tree, config, out, *extra):
+    return [
+        "--task",
+        "tiny-t2v",
+        "--dit",
+        str(tree / "model/tiny_t2v.safetensors"),
+        "--dataset_config",
+        str(config),
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "lora",
+        "--mixed_precision",
+        "no",
+        "--sdpa",
+        "--max_data_loader_n_workers",
+        "0",
+        *extra,
+    ]
