@@ -173,7 +173,8 @@ def load_dit(
         keep_large_allocations_out_of_the_heap()
     quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device=str(device))) for f in files}
+        where = "cpu" if device.type == "cpu" else str(device)  # safetensors refuses "cpu:0"
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device=where)) for f in files}
         for key, (file, file_key, _) in layout.items():
             if key.endswith(FP8_SCALE_SUFFIX):
                 continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import time
 from collections import deque
@@ -225,7 +226,11 @@ def train(args: argparse.Namespace) -> Path:
     task = args.task
     refuse_unavailable(args, task)
     log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_dir=args.logging_dir)
+    # Several processes without CUDA (accelerate launch --multi_gpu --num_processes N on a CPU machine): gloo.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, log_with=log_with, project_dir=args.logging_dir, cpu=cpu_processes
+    )
     set_seed(args.seed)
     device, main = accelerator.device, accelerator.is_main_process
 
@@ -364,6 +369,9 @@ def train(args: argparse.Namespace) -> Path:
                 break
     bar.close()
     final = checkpoints.final(position) if main else Path(args.output_dir) / f"{args.output_name}.safetensors"
+    if accelerator.num_processes > 1:  # every process holds the same LoRA; this shows it
+        checksum = sum(float(p.double().sum()) for p in network.parameters())
+        print(f"process {accelerator.process_index}: LoRA checksum {checksum:.12e}")
     if log_with:
         accelerator.end_training()
     return final

@@ -115,3 +115,31 @@ def test_resume_needs_a_state_folder(tiny_tree, cached_dataset, tmp_path):
     _, config, _ = cached_dataset
     with pytest.raises(SystemExit, match="not a training state folder"):
         kandinsky5_train_network.main(train_args(tiny_tree, config, tmp_path, "--resume", str(tmp_path)))
+
+
+def test_two_processes_train_the_same_lora_and_write_it_once(tiny_tree, cached_dataset, tmp_path):
+    _, config, _ = cached_dataset
+    out = tmp_path / "out"
+    # --multi_gpu on a machine without CUDA: accelerate starts the processes, the trainer uses gloo on the CPU
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "kandinsky5_train_network.py",
+        *train_args(tiny_tree, config, out, "--max_train_steps", "3", "--save_every_n_steps", "2"),
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sums = sorted(line.split()[-1] for line in result.stdout.splitlines() if "LoRA checksum" in line)
+    assert len(sums) == 2 and sums[0] == sums[1]  # DDP-averaged gradients keep the processes identical
+    assert sorted(p.name for p in out.iterdir()) == ["lora-step00000002.safetensors", "lora.safetensors"]
+    assert result.stdout.count("saved ") == 2  # each file written by the main process only
