@@ -26,7 +26,7 @@ def _read(file: Path, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
-def _quantized(name: str, file: Path, key: str, shape: tuple, block_size: int, done) -> list[PlannedTensor]:
+def _quantized(name: str, file: Path, key: str, shape: tuple, block_size: int, done, delta=None) -> list[PlannedTensor]:
     """The fp8 weight and its scale; the scale is made with the weight and written right after it."""
     out_features, in_features = shape
     blocks = in_features % block_size == 0
@@ -34,7 +34,10 @@ def _quantized(name: str, file: Path, key: str, shape: tuple, block_size: int, d
     made: dict[str, torch.Tensor] = {}
 
     def weight() -> torch.Tensor:
-        made["weight"], made["scale"] = quantize_weight(_read(file, key), block_size)
+        value = _read(file, key)
+        if delta is not None:
+            value = value.float() + delta()
+        made["weight"], made["scale"] = quantize_weight(value, block_size)
         done()
         return made.pop("weight")
 
@@ -45,35 +48,52 @@ def _quantized(name: str, file: Path, key: str, shape: tuple, block_size: int, d
     ]
 
 
-def _copied(name: str, file: Path, key: str, shape: tuple, done) -> PlannedTensor:
+def _copied(name: str, file: Path, key: str, shape: tuple, done, delta=None) -> PlannedTensor:
     with safe_open(str(file), framework="pt") as f:
         dtype = SAFETENSORS_DTYPES[f.get_slice(key).get_dtype()]
 
     def tensor() -> torch.Tensor:
         done()
-        return _read(file, key)
+        value = _read(file, key)
+        return value if delta is None else (value.float() + delta()).to(value.dtype)
 
     return PlannedTensor(name, dtype, shape, tensor)
 
 
-def convert_to_fp8(source: str | Path, output: str | Path, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
-    """Write the fp8 checkpoint; returns the number of quantized weights."""
+def rewrite_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    fp8: bool = True,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    deltas: dict | None = None,
+) -> int:
+    """Write ``source`` to ``output`` with ``deltas`` (module name -> fp32 delta function) added to the
+    weights and, with ``fp8``, the block Linear weights quantized; returns how many weights changed."""
     files = checkpoint_files(source)
     layout = read_layout(files)
-    if any(key.endswith(FP8_SCALE_SUFFIX) for key in layout):
+    if fp8 and any(key.endswith(FP8_SCALE_SUFFIX) for key in layout):
         raise CheckpointError(f"{source} is already an fp8 checkpoint")
+    if deltas and any(key.endswith(FP8_SCALE_SUFFIX) for key in layout):
+        raise CheckpointError(f"{source} is an fp8 checkpoint: merge LoRAs into the original, then convert")
     with safe_open(str(files[0]), framework="pt") as f:
         metadata = dict(f.metadata() or {})
-    metadata.update({"fp8_format": FORMAT_NOTE, "fp8_block_size": str(block_size)})
-    bar = tqdm(total=len(layout), desc="converting", unit="tensor")
+    if fp8:
+        metadata.update({"fp8_format": FORMAT_NOTE, "fp8_block_size": str(block_size)})
+    bar = tqdm(total=len(layout), desc="writing", unit="tensor")
     done = lambda: bar.update(1)  # noqa: E731
-    plan, targets = [], 0
+    deltas, plan, changed = dict(deltas or {}), [], 0
     for name, (file, key, shape) in layout.items():
-        if is_fp8_target(name) and len(shape) == 2:
-            plan += _quantized(name, file, key, tuple(shape), block_size, done)
-            targets += 1
+        delta = deltas.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+        if fp8 and is_fp8_target(name) and len(shape) == 2:
+            plan += _quantized(name, file, key, tuple(shape), block_size, done, delta)
         else:
-            plan.append(_copied(name, file, key, tuple(shape), done))
+            plan.append(_copied(name, file, key, tuple(shape), done, delta))
+        changed += bool(delta) or (fp8 and is_fp8_target(name) and len(shape) == 2)
     write_streaming(output, plan, metadata)
     bar.close()
-    return targets
+    return changed
+
+
+def convert_to_fp8(source: str | Path, output: str | Path, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Write the fp8 checkpoint; returns the number of quantized weights."""
+    return rewrite_checkpoint(source, output, fp8=True, block_size=block_size)
