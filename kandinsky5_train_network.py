@@ -34,11 +34,11 @@ def parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data and weights")
     data.add_argument("--dataset_config", help="the dataset config the caches were made from (required)")
     data.add_argument("--dit", help="DiT checkpoint to train on (required)")
+    data.add_argument("--vae", help="VAE for --sample_prompts (default: weights/vae or weights/flux/vae)")
     data.add_argument(
-        "--vae", help="VAE, recorded in the LoRA's metadata (sampling during training is not available yet)"
+        "--text_encoder_qwen", help="Qwen2.5-VL folder for --sample_prompts (default weights/text_encoder)"
     )
-    data.add_argument("--text_encoder_qwen", help="recorded for sampling during training (not available yet)")
-    data.add_argument("--text_encoder_clip", help="recorded for sampling during training (not available yet)")
+    data.add_argument("--text_encoder_clip", help="CLIP for --sample_prompts (default weights/text_encoder2)")
     data.add_argument("--max_data_loader_n_workers", type=int, default=2, help="processes loading cache files")
     data.add_argument(
         "--persistent_data_loader_workers", action="store_true", help="keep the loader processes between epochs"
@@ -134,6 +134,15 @@ def parser() -> argparse.ArgumentParser:
     )
     out.add_argument("--save_state_on_train_end", action="store_true", help="save a state folder with the final LoRA")
     out.add_argument("--resume", help="a state folder: continue that run exactly (step, epoch, optimizer, randomness)")
+    sampling = p.add_argument_group("samples during training (main process only, into output_dir/sample/)")
+    sampling.add_argument(
+        "--sample_prompts",
+        help="prompt file: one prompt per line with --w --h --f --d --s --g --n --i "
+        "as for generation (defaults: 17 frames for video tasks, 20 steps)",
+    )
+    sampling.add_argument("--sample_every_n_steps", type=int, help="sample every N optimizer steps")
+    sampling.add_argument("--sample_every_n_epochs", type=int, help="sample after every N epochs")
+    sampling.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
     out.add_argument("--logging_dir", help="tensorboard log folder")
     out.add_argument("--log_with", choices=["tensorboard"], help="logger (tensorboard when --logging_dir is given)")
     out.add_argument("--log_tracker_name", default="network_train", help="run name in the logs")

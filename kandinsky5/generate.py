@@ -180,8 +180,10 @@ def encode_images(vae, jobs: list[Job]) -> list[torch.Tensor | None]:
 
 def load_generation_dit(args, task: TaskPreset, device):
     """The DiT with the LoRAs merged in fp32 while loading, before any fp8 quantization."""
-    loras = [(read_lora(path), args.lora_multiplier[i] if i < len(args.lora_multiplier or []) else 1.0)
-             for i, path in enumerate(args.lora_weight or [])]  # fmt: skip
+    loras = [
+        (read_lora(path), args.lora_multiplier[i] if i < len(args.lora_multiplier or []) else 1.0)
+        for i, path in enumerate(args.lora_weight or [])
+    ]
     shapes = {k[: -len(".weight")]: s for k, s in expected_shapes(task.dit_params).items() if len(s) == 2}
     deltas = merge_plan(loras, shapes)
     load_device = "cpu" if args.blocks_to_swap else device  # swapped blocks stay in CPU memory

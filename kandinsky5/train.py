@@ -33,6 +33,7 @@ from .cli import attention_backend
 from .denoiser import i2v_channels, t2v_channels
 from .flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
 from .tasks import TaskPreset
+from .training_samples import TrainingSampler
 from .training_state import Position, load_state, remove_old, restore_rng, save_state
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -313,6 +314,19 @@ def train(args: argparse.Namespace) -> Path:
     if log_with:
         accelerator.init_trackers(args.log_tracker_name, config={"task": task.name, "network_dim": args.network_dim})
     parameters = [p for p in network.parameters() if p.requires_grad]
+    sampler = TrainingSampler(args, task, device) if args.sample_prompts and main else None
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True) if log_with and sampler else None
+
+    def sample(epoch_done: int | None = None) -> None:
+        every_step, every_epoch = args.sample_every_n_steps, args.sample_every_n_epochs
+        due = (epoch_done is None and every_step and step % every_step == 0) or (
+            epoch_done is not None and every_epoch and epoch_done % every_epoch == 0
+        )
+        if sampler is not None and due:
+            sampler.sample(dit, network, step, tracker)
+
+    if sampler is not None and args.sample_at_first and not args.resume:
+        sampler.sample(dit, network, 0, tracker)
     if rng_states is not None:
         restore_rng(rng_states)
 
@@ -356,6 +370,7 @@ def train(args: argparse.Namespace) -> Path:
                     )
                 if main:
                     checkpoints.after_step(position)
+                    sample()
                 if stop.requested:
                     folder = Path(args.output_dir) / f"{args.output_name}-step{step:08d}-state"
                     if main:
@@ -365,6 +380,7 @@ def train(args: argparse.Namespace) -> Path:
                     break
             if main:
                 checkpoints.after_epoch(epoch, position, last=step >= args.max_train_steps or epoch == epochs)
+                sample(epoch_done=epoch)
             if step >= args.max_train_steps:
                 break
     bar.close()

@@ -119,7 +119,20 @@ def test_resume_needs_a_state_folder(tiny_tree, cached_dataset, tmp_path):
 
 def test_two_processes_train_the_same_lora_and_write_it_once(tiny_tree, cached_dataset, tmp_path):
     _, config, _ = cached_dataset
-    out = tmp_path / "out"
+    out, prompts = tmp_path / "out", tmp_path / "prompts.txt"
+    prompts.write_text("a cat --f 5 --s 2\n")
+    sampling = [
+        "--sample_prompts",
+        str(prompts),
+        "--sample_every_n_steps",
+        "2",
+        "--vae",
+        str(tiny_tree / "vae"),
+        "--text_encoder_qwen",
+        str(tiny_tree / "text_encoder"),
+        "--text_encoder_clip",
+        str(tiny_tree / "text_encoder2"),
+    ]
     # --multi_gpu on a machine without CUDA: accelerate starts the processes, the trainer uses gloo on the CPU
     command = [
         sys.executable,
@@ -135,11 +148,12 @@ def test_two_processes_train_the_same_lora_and_write_it_once(tiny_tree, cached_d
         "--dynamo_backend",
         "no",
         "kandinsky5_train_network.py",
-        *train_args(tiny_tree, config, out, "--max_train_steps", "3", "--save_every_n_steps", "2"),
+        *train_args(tiny_tree, config, out, "--max_train_steps", "3", "--save_every_n_steps", "2", *sampling),
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sums = sorted(line.split()[-1] for line in result.stdout.splitlines() if "LoRA checksum" in line)
     assert len(sums) == 2 and sums[0] == sums[1]  # DDP-averaged gradients keep the processes identical
-    assert sorted(p.name for p in out.iterdir()) == ["lora-step00000002.safetensors", "lora.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["lora-step00000002.safetensors", "lora.safetensors", "sample"]
     assert result.stdout.count("saved ") == 2  # each file written by the main process only
+    assert [p.name for p in (out / "sample" / "step00000002").iterdir()] == ["000_42.mp4"]  # sampled once

@@ -1,0 +1,73 @@
+"""Sample generation during training, with the generation code itself.
+
+The prompt file (one prompt per line, with --w --h --f --d --s --g --n --i as for generation) is
+read and encoded once at the start (the text encoders are then freed); at each sampling point the
+DiT being trained (LoRA active, dropout off) samples every prompt and the VAE decodes it into
+``output_dir/sample/step<step>/``. Defaults suited to quick checks: 17 frames for video tasks and
+20 steps, each overridable per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .generate import build_jobs, default_paths, encode_images, encode_texts, job_metadata, sample_job, write_output
+from .tasks import TaskPreset
+from .vae import load_vae
+
+SAMPLE_FRAMES, SAMPLE_STEPS = 17, 20
+
+
+class TrainingSampler:
+    def __init__(self, args: argparse.Namespace, task: TaskPreset, device: torch.device):
+        paths = default_paths(task)
+        self.task, self.device, self.folder = task, device, Path(args.output_dir) / "sample"
+        self.settings = argparse.Namespace(
+            from_file=args.sample_prompts,
+            output=str(self.folder),
+            prompt=None,
+            image=None,
+            width=None,
+            height=None,
+            frames=SAMPLE_FRAMES if task.is_video else 1,
+            steps=SAMPLE_STEPS,
+            guidance=None,
+            seed=42,
+            negative_prompt=task.negative_prompt,
+            scheduler_scale=args.scheduler_scale,
+            separate_cfg_passes=False,
+            fps=24.0,
+            dit=args.dit,
+            lora_weight=[],
+            lora_multiplier=[],
+            text_encoder_qwen=args.text_encoder_qwen or paths["text_encoder_qwen"],
+            text_encoder_clip=args.text_encoder_clip or paths["text_encoder_clip"],
+            text_encoder_dtype="bfloat16",
+        )
+        self.jobs = build_jobs(self.settings, task)
+        self.texts = encode_texts(self.settings, task, self.jobs, device)
+        self.vae = load_vae(args.vae or paths["vae"], task.vae, device="cpu", task_name=task.name)
+        self.image_latents = encode_images(self.vae, self.jobs)
+
+    @torch.no_grad()
+    def sample(self, dit, network, step: int, tracker=None) -> list[Path]:
+        network.eval()
+        self.vae.model.to(self.device)
+        written = []
+        for job, texts, image_latent in zip(self.jobs, self.texts, self.image_latents, strict=True):
+            latent = sample_job(dit, self.task, job, texts, image_latent, self.settings, self.device)
+            pixels = self.vae.decode(latent)[0]
+            path = self.folder / f"step{step:08d}" / job.output.name
+            write_output(path, pixels, self.settings.fps, {**job_metadata(self.settings, self.task, job), "step": step})
+            written.append(path)
+            if tracker is not None:
+                first_frame = ((pixels[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+                tracker.add_image(f"sample/{job.index:03d}", first_frame, step)
+        self.vae.model.to("cpu")
+        network.train()
+        tqdm.write(f"samples of step {step} in {self.folder / f'step{step:08d}'}")
+        return written

@@ -1,0 +1,75 @@
+import av
+import pytest
+
+import kandinsky5_train_network
+from kandinsky5.prompt_file import PromptFileError, parse_prompt_line, read_prompt_file
+
+from .training_helpers import train_args
+
+
+def frame_count(path) -> tuple[int, int, int]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return sum(1 for _ in container.decode(video=0)), stream.width, stream.height
+
+
+def sampling_args(tiny_tree, prompts):
+    return [
+        "--sample_prompts",
+        str(prompts),
+        "--text_encoder_qwen",
+        str(tiny_tree / "text_encoder"),
+        "--text_encoder_clip",
+        str(tiny_tree / "text_encoder2"),
+        "--vae",
+        str(tiny_tree / "vae"),
+    ]
+
+
+def test_samples_during_training_follow_the_prompt_file_and_reach_tensorboard(tiny_tree, cached_dataset, tmp_path):
+    _, _, video_only = cached_dataset
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --f 5 --s 2\n# a comment\nrain on a window --s 2 --w 32 --h 48 --d 7\n")
+    out = tmp_path / "out"
+    kandinsky5_train_network.main(
+        train_args(
+            tiny_tree,
+            video_only,
+            out,
+            "--max_train_steps",
+            "4",
+            "--sample_every_n_steps",
+            "2",
+            "--sample_at_first",
+            "--logging_dir",
+            str(tmp_path / "logs"),
+            *sampling_args(tiny_tree, prompts),
+        )
+    )
+    folders = sorted(p.name for p in (out / "sample").iterdir())
+    assert folders == ["step00000000", "step00000002", "step00000004"]
+    assert sorted(p.name for p in (out / "sample" / "step00000002").iterdir()) == ["000_42.mp4", "001_7.mp4"]
+    assert frame_count(out / "sample" / "step00000004" / "000_42.mp4") == (5, 64, 64)
+    assert frame_count(out / "sample" / "step00000004" / "001_7.mp4") == (17, 32, 48)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [EventAccumulator(str(p.parent)).Reload() for p in (tmp_path / "logs").rglob("events.out.tfevents.*")]
+    images = {tag for e in events for tag in e.Tags()["images"]}
+    assert {"sample/000", "sample/001"} <= images
+
+
+def test_every_per_line_option_parses_and_bad_lines_name_their_number(tmp_path):
+    line = parse_prompt_line("a cat --w 768 --h 512 --f 33 --d 5 --s 30 --g 4.5 --n blurry, low quality --i a.png", 3)
+    assert (line.width, line.height, line.frames, line.seed, line.steps, line.guidance) == (768, 512, 33, 5, 30, 4.5)
+    assert (line.negative_prompt, line.image, line.prompt, line.line) == ("blurry, low quality", "a.png", "a cat", 3)
+    path = tmp_path / "p.txt"
+    path.write_text("fine\n\nbad --q 3\n")
+    with pytest.raises(PromptFileError, match=r"p.txt, line 3: unknown option --q"):
+        read_prompt_file(path)
+    path.write_text("fine --w wide\n")
+    with pytest.raises(PromptFileError, match=r"line 1: --w needs int, got 'wide'"):
+        read_prompt_file(path)
+    path.write_text("# only a comment\n")
+    with pytest.raises(PromptFileError, match="has no prompts"):
+        read_prompt_file(path)
