@@ -134,6 +134,13 @@ def parser() -> argparse.ArgumentParser:
     )
     out.add_argument("--save_state_on_train_end", action="store_true", help="save a state folder with the final LoRA")
     out.add_argument("--resume", help="a state folder: continue that run exactly (step, epoch, optimizer, randomness)")
+    data_val = p.add_argument_group("validation")
+    data_val.add_argument(
+        "--validation_dataset_config",
+        help="a dataset config cached like the training one; its "
+        "loss at fixed noise and timesteps is printed and logged",
+    )
+    data_val.add_argument("--validate_every_n_steps", type=int, help="compute the validation loss every N steps")
     sampling = p.add_argument_group("samples during training (main process only, into output_dir/sample/)")
     sampling.add_argument(
         "--sample_prompts",

@@ -72,8 +72,8 @@ def to_diffusers(lora: LoRAFile, output: Path, dit=None) -> None:
         path = names[name]
         tensors[f"transformer.{path}.lora_A.weight"] = weights.down.float()
         tensors[f"transformer.{path}.lora_B.weight"] = weights.up.float() * weights.scale
-    leaves = sorted({names[n].rsplit(".", 1)[-1] for n in lora.modules})
-    adapter = {"transformer.r": rank, "transformer.lora_alpha": rank, "transformer.target_modules": leaves}
+    targets = sorted(names[n] for n in lora.modules)  # full paths: PEFT matches suffixes, leaves would match more
+    adapter = {"transformer.r": rank, "transformer.lora_alpha": rank, "transformer.target_modules": targets}
     save_safetensors_atomic(tensors, output, metadata={"lora_adapter_metadata": json.dumps(adapter), "format": "pt"})
 
 
@@ -86,8 +86,8 @@ def to_official(lora: LoRAFile, output: Path, dit=None) -> None:
     output.mkdir(parents=True, exist_ok=True)
     trigger = lora.metadata.get("trigger")
     save_safetensors_atomic(tensors, output / "lora.safetensors", metadata={"trigger": trigger} if trigger else None)
-    leaves = sorted({names[n].rsplit(".", 1)[-1] for n in lora.modules})
-    config = {"r": rank, "lora_alpha": rank, "target_modules": leaves, "lora_dropout": 0.0, "bias": "none"}
+    targets = sorted(names[n] for n in lora.modules)  # full paths: PEFT matches suffixes, leaves would match more
+    config = {"r": rank, "lora_alpha": rank, "target_modules": targets, "lora_dropout": 0.0, "bias": "none"}
     (output / "config_lora.json").write_text(json.dumps(config, indent=2))
 
 

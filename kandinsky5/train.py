@@ -24,7 +24,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dataset.config import load_dataset_config
-from dataset.training_data import EpochBatches, EpochOrder, find_samples, samples_fingerprint
+from dataset.training_data import EpochBatches, EpochOrder, find_samples, load_batch, samples_fingerprint
 from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
 from networks.lora_kandinsky import LoRANetwork, create_network
 
@@ -50,12 +50,17 @@ def refuse_unavailable(args: argparse.Namespace, task: TaskPreset) -> None:
         raise TrainingError(f"training task {task.name} (image editing) needs source/target pairs, not supported yet")
 
 
-def training_loss(dit, batch: dict, task: TaskPreset, args: argparse.Namespace, device) -> torch.Tensor:
+def training_loss(
+    dit, batch: dict, task: TaskPreset, args: argparse.Namespace, device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The flow-matching loss of a batch; noise and timesteps come from ``generator`` when given
+    (validation: the same draws every time), else from the global random state."""
     x0 = batch["latents"].to(device, torch.float32)
-    noise = torch.randn_like(x0)
+    noise = torch.randn(x0.shape, generator=generator).to(device) if generator else torch.randn_like(x0)
     t = sample_timesteps(
         x0.shape[0],
         args.timestep_sampling,
+        generator,
         sigmoid_scale=args.sigmoid_scale,
         discrete_flow_shift=args.discrete_flow_shift,
         logit_mean=args.logit_mean,
@@ -82,6 +87,27 @@ def training_loss(dit, batch: dict, task: TaskPreset, args: argparse.Namespace, 
         rope_scale=task.rope_scale,
     )
     return flow_matching_loss(prediction, x0, noise, frame_weight)
+
+
+class Validation:
+    """The loss on a held-out cached dataset at fixed noise and timesteps (seeded per batch), with dropout off."""
+
+    def __init__(self, config: str, seed: int):
+        datasets = [find_samples(d) for d in load_dataset_config(config)]
+        if not any(entry.samples for entry in datasets):
+            raise TrainingError(f"--validation_dataset_config {config}: no cached samples (run the caching commands)")
+        self.batches, self.seed = EpochBatches(datasets, seed).batches(0), seed
+
+    @torch.no_grad()
+    def loss(self, dit, network, task: TaskPreset, args: argparse.Namespace, device, autocast) -> float:
+        network.eval()
+        total = 0.0
+        for i, samples in enumerate(self.batches):
+            generator = torch.Generator().manual_seed(self.seed + 1_000_003 * (i + 1))
+            with autocast():
+                total += training_loss(dit, load_batch(samples), task, args, device, generator).item()
+        network.train()
+        return total / len(self.batches)
 
 
 def lora_metadata(
@@ -315,6 +341,15 @@ def train(args: argparse.Namespace) -> Path:
         accelerator.init_trackers(args.log_tracker_name, config={"task": task.name, "network_dim": args.network_dim})
     parameters = [p for p in network.parameters() if p.requires_grad]
     sampler = TrainingSampler(args, task, device) if args.sample_prompts and main else None
+    validation = Validation(args.validation_dataset_config, args.seed) if args.validation_dataset_config else None
+
+    def validate() -> None:
+        if validation is not None and main and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
+            value = validation.loss(dit, network, task, args, device, accelerator.autocast)
+            tqdm.write(f"step {step}: validation loss {value:.5f}")
+            if log_with:
+                accelerator.log({"loss/validation": value}, step=step)
+
     tracker = accelerator.get_tracker("tensorboard", unwrap=True) if log_with and sampler else None
 
     def sample(epoch_done: int | None = None) -> None:
@@ -371,6 +406,7 @@ def train(args: argparse.Namespace) -> Path:
                 if main:
                     checkpoints.after_step(position)
                     sample()
+                    validate()
                 if stop.requested:
                     folder = Path(args.output_dir) / f"{args.output_name}-step{step:08d}-state"
                     if main:

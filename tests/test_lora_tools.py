@@ -68,7 +68,8 @@ def test_every_export_carries_the_same_update(kohya_file, tmp_path):
         assert got.keys() == reference.keys()
         assert all(torch.allclose(got[k], reference[k], atol=1e-6) for k in reference), other
     config = json.loads((tmp_path / "official" / "config_lora.json").read_text())
-    assert config["r"] == config["lora_alpha"] == RANK and "to_query" in config["target_modules"]
+    assert config["r"] == config["lora_alpha"] == RANK
+    assert "visual_transformer_blocks.0.self_attention.to_query" in config["target_modules"]
     assert (
         read_lora(tmp_path / "back.safetensors").modules["visual_transformer_blocks_0_self_attention_to_query"].alpha
         == RANK

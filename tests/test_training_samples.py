@@ -73,3 +73,41 @@ def test_every_per_line_option_parses_and_bad_lines_name_their_number(tmp_path):
     path.write_text("# only a comment\n")
     with pytest.raises(PromptFileError, match="has no prompts"):
         read_prompt_file(path)
+
+
+def test_validation_loss_is_logged_falls_and_leaves_training_unchanged(tiny_tree, cached_dataset, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    _, _, video_only = cached_dataset
+    common = [
+        "--max_train_steps",
+        "30",
+        "--learning_rate",
+        "5e-3",
+        "--network_dim",
+        "8",
+        "--timestep_sampling",
+        "uniform",
+    ]
+    kandinsky5_train_network.main(train_args(tiny_tree, video_only, tmp_path / "plain", *common))
+    capsys.readouterr()
+    kandinsky5_train_network.main(
+        train_args(
+            tiny_tree,
+            video_only,
+            tmp_path / "validated",
+            *common,
+            "--validation_dataset_config",
+            str(video_only),
+            "--validate_every_n_steps",
+            "10",
+            "--logging_dir",
+            str(tmp_path / "logs"),
+        )
+    )
+    values = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if "validation loss" in line]
+    assert len(values) == 3 and values[0] > values[1] > values[2]  # the clip is being memorised
+    plain, validated = (load_file(str(tmp_path / n / "lora.safetensors")) for n in ("plain", "validated"))
+    assert all(torch.equal(plain[k], validated[k]) for k in plain)  # fixed draws of their own: training unchanged
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
