@@ -36,6 +36,14 @@ def rss_kib(field: str) -> int:
     return 0
 
 
+def child_result(command: list[str]) -> dict:
+    """Run a benchmark child process; its last line of output is a JSON object of its measurements."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"benchmark child failed: {' '.join(command)}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def build(which: str, task_name: str, device: str) -> torch.nn.Module:
     """The model on ``device`` with seeded random bf16 weights, fp32 where that model keeps fp32."""
     params = dict(get_task(task_name).dit_params)
@@ -124,8 +132,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--child", which, "--output", outputs[which]]
             for name in ("task", "runs", "frames", "side", "text_tokens", "device"):
                 command += [f"--{name}", str(getattr(args, name))]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            results[which] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[which] = child_result(command)
         ours, theirs = torch.load(outputs["ours"]), torch.load(outputs["diffusers"])
     medians = {k: statistics.median(v["times"]) for k, v in results.items()}
     for which in ("ours", "diffusers"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_forward import build, rss_kib  # noqa: E402
+from dit_forward import build, child_result, rss_kib  # noqa: E402
 
 from kandinsky5.denoiser import Denoiser, TextCondition, t2v_channels  # noqa: E402
 from kandinsky5.sampling import flow_schedule, sample_euler  # noqa: E402
@@ -105,7 +104,7 @@ def main() -> None:
                 "--device",
                 args.device,
             ]
-            result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+            result = child_result(command)
             step = sum(result["per_step"]) / len(result["per_step"])
             label = "batched" if batched == "yes" else "separate"
             print(f"{task:<20} {label:<12} {step:>8.3f} {result['peak_kib'] / 2**20:>8.2f} GiB")

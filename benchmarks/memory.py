@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,7 +22,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dit_forward import child_result  # noqa: E402
 
 from kandinsky5.checkpoint import expected_shapes, load_dit  # noqa: E402
 from kandinsky5.tasks import get_task  # noqa: E402
@@ -146,7 +148,7 @@ def run_child(case: str, checkpoint: Path, runs: int, output: Path | None = None
     command = [sys.executable, __file__, "--child", case, "--checkpoint", str(checkpoint), "--runs", str(runs)]
     if output:
         command += ["--output", str(output)]
-    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    return child_result(command)
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_forward import build, rss_kib  # noqa: E402
+from dit_forward import build, child_result, rss_kib  # noqa: E402
 
 from kandinsky5.tasks import get_task  # noqa: E402
 from kandinsky5.train import training_loss  # noqa: E402
@@ -99,7 +98,7 @@ def main() -> None:
             "--task",
             args.task,
         ]
-        result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+        result = child_result(command)
         step = sum(result["per_step"]) / len(result["per_step"])
         print(f"{checkpointing:<24} {step:>8.2f} {result['peak_kib'] / 2**20:>8.2f} GiB")
 

@@ -35,3 +35,46 @@ def generate(tree: Path, task: str, *extra: str) -> None:
             *extra,
         ]
     )
+
+
+def sampled_latent(tree: Path, folder: Path, name: str, *extra: str, prompt: str = "a dog"):
+    """Generate 2 steps with tiny-t2v through the CLI and return the saved latent."""
+    from safetensors.torch import load_file
+
+    generate(
+        tree,
+        "tiny-t2v",
+        "--prompt",
+        prompt,
+        "--steps",
+        "2",
+        "--save_latent",
+        "--output",
+        str(folder / f"{name}.mp4"),
+        *extra,
+    )
+    return load_file(str(folder / f"{name}.latent.safetensors"))["latent"]
+
+
+def accelerate_launch(processes: int, *args: str) -> list[str]:
+    """The command starting kandinsky5_train_network.py with ``processes`` processes on this machine
+    (--multi_gpu without CUDA: the processes talk over gloo on the CPU)."""
+    import sys
+
+    mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *mode,
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "kandinsky5_train_network.py",
+        *args,
+    ]

@@ -64,29 +64,18 @@ def test_too_many_blocks_are_clamped_with_a_warning():
 
 
 def test_generation_with_block_swap_gives_the_same_video(tiny_tree, tmp_path):
-    from safetensors.torch import load_file
 
-    from .generation_helpers import generate
+    from .generation_helpers import sampled_latent
 
-    def sampled(name, *extra):
-        generate(
-            tiny_tree,
-            "tiny-t2v",
-            "--prompt",
-            "a dog",
-            "--steps",
-            "2",
-            "--save_latent",
-            "--output",
-            str(tmp_path / f"{name}.mp4"),
-            *extra,
-        )
-        return load_file(str(tmp_path / f"{name}.latent.safetensors"))["latent"]
-
-    assert torch.equal(sampled("plain"), sampled("swapped", "--blocks_to_swap", "3"))
-    fp8 = sampled("fp8", "--fp8_base")
+    assert torch.equal(
+        sampled_latent(tiny_tree, tmp_path, "plain"),
+        sampled_latent(tiny_tree, tmp_path, "swapped", "--blocks_to_swap", "3"),
+    )
+    fp8 = sampled_latent(tiny_tree, tmp_path, "fp8", "--fp8_base")
     with pytest.warns(UserWarning, match="more than the 5 blocks"):
-        assert torch.equal(sampled("swapped_fp8", "--blocks_to_swap", "50", "--fp8_base"), fp8)
+        assert torch.equal(
+            sampled_latent(tiny_tree, tmp_path, "swapped_fp8", "--blocks_to_swap", "50", "--fp8_base"), fp8
+        )
 
 
 @pytest.mark.parametrize("swap", [0, 3])

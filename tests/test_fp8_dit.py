@@ -10,7 +10,7 @@ from networks.lora_files import read_lora
 from networks.lora_merge import merge_lora, merge_plan
 
 from .dit_helpers import random_inputs
-from .generation_helpers import generate
+from .generation_helpers import sampled_latent
 from .test_lora_inference import lora_weights, write_kohya
 
 TASK = get_task("tiny-t2v")
@@ -75,22 +75,8 @@ def test_lora_merged_under_fp8_equals_merging_before_quantizing(tiny_tree, tmp_p
 
 
 def test_generation_and_training_with_fp8(tiny_tree, tmp_path):
-    def sampled(name, *extra):
-        generate(
-            tiny_tree,
-            "tiny-t2v",
-            "--prompt",
-            "a dog",
-            "--steps",
-            "2",
-            "--save_latent",
-            "--output",
-            str(tmp_path / f"{name}.mp4"),
-            *extra,
-        )
-        return load_file(str(tmp_path / f"{name}.latent.safetensors"))["latent"]
 
-    full, fp8 = sampled("full"), sampled("fp8", "--fp8_base")
+    full, fp8 = sampled_latent(tiny_tree, tmp_path, "full"), sampled_latent(tiny_tree, tmp_path, "fp8", "--fp8_base")
     assert not torch.equal(full, fp8) and (fp8 - full).norm() / full.norm() < 0.1
 
 

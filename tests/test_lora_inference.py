@@ -2,13 +2,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from networks.lora_files import LoRAFileError, read_lora
 from networks.lora_merge import merge_lora
 
 from .dit_helpers import random_dit
-from .generation_helpers import generate
+from .generation_helpers import generate, sampled_latent
 
 TARGETS = [
     "visual_transformer_blocks.0.self_attention.to_query",
@@ -98,30 +98,14 @@ def lora_files(tmp_path_factory):
     return folder
 
 
-def sampled(tree, tmp_path, name, *extra):
-    generate(
-        tree,
-        "tiny-t2v",
-        "--prompt",
-        "a dog",
-        "--steps",
-        "2",
-        "--save_latent",
-        "--output",
-        str(tmp_path / f"{name}.mp4"),
-        *extra,
-    )
-    return load_file(str(tmp_path / f"{name}.latent.safetensors"))["latent"]
-
-
 def test_multiplier_zero_is_the_base_and_every_layout_gives_the_same_output(tiny_tree, lora_files, tmp_path):
-    base = sampled(tiny_tree, tmp_path, "base")
-    zero = sampled(
+    base = sampled_latent(tiny_tree, tmp_path, "base")
+    zero = sampled_latent(
         tiny_tree, tmp_path, "zero", "--lora_weight", str(lora_files / "kohya.safetensors"), "--lora_multiplier", "0"
     )
-    kohya = sampled(tiny_tree, tmp_path, "kohya", "--lora_weight", str(lora_files / "kohya.safetensors"))
-    peft = sampled(tiny_tree, tmp_path, "peft", "--lora_weight", str(lora_files / "peft.safetensors"))
-    official = sampled(tiny_tree, tmp_path, "official", "--lora_weight", str(lora_files / "official"))
+    kohya = sampled_latent(tiny_tree, tmp_path, "kohya", "--lora_weight", str(lora_files / "kohya.safetensors"))
+    peft = sampled_latent(tiny_tree, tmp_path, "peft", "--lora_weight", str(lora_files / "peft.safetensors"))
+    official = sampled_latent(tiny_tree, tmp_path, "official", "--lora_weight", str(lora_files / "official"))
     assert torch.equal(zero, base)
     assert not torch.allclose(kohya, base, atol=1e-3)
     assert torch.equal(kohya, peft) and torch.equal(peft, official)

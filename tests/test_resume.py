@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import kandinsky5_train_network
 
+from .generation_helpers import accelerate_launch
 from .training_helpers import ROOT, train_args
 
 STEADY = ["--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--network_dropout", "0.1"]
@@ -133,23 +134,10 @@ def test_two_processes_train_the_same_lora_and_write_it_once(tiny_tree, cached_d
         "--text_encoder_clip",
         str(tiny_tree / "text_encoder2"),
     ]
-    # --multi_gpu on a machine without CUDA: accelerate starts the processes, the trainer uses gloo on the CPU
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "kandinsky5_train_network.py",
+    command = accelerate_launch(
+        2,
         *train_args(tiny_tree, config, out, "--max_train_steps", "3", "--save_every_n_steps", "2", *sampling),
-    ]
+    )
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sums = sorted(line.split()[-1] for line in result.stdout.splitlines() if "LoRA checksum" in line)

@@ -1,5 +1,4 @@
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from networks.lora_files import read_lora
 from networks.lora_kandinsky import create_network
 from networks.lora_merge import merge_lora
 
-from .generation_helpers import generate
+from .generation_helpers import accelerate_launch, sampled_latent
 from .media_factory import caption, write_image
 from .training_helpers import ROOT, train_args
 
@@ -48,20 +47,8 @@ def fixed_loss(tree, config, lora_file=None, multiplier=1.0) -> float:
 def test_accelerate_launch_training_memorizes_and_the_lora_works_in_generation(tiny_tree, cached_dataset, tmp_path):
     _, _, video_only = cached_dataset
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "kandinsky5_train_network.py",
+    command = accelerate_launch(
+        1,
         *train_args(
             tiny_tree,
             video_only,
@@ -79,7 +66,7 @@ def test_accelerate_launch_training_memorizes_and_the_lora_works_in_generation(t
             "--save_every_n_steps",
             "10",
         ),
-    ]
+    )
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     final = out / "lora.safetensors"
@@ -103,24 +90,12 @@ def test_accelerate_launch_training_memorizes_and_the_lora_works_in_generation(t
     assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "4.0" and meta["ss_steps"] == "30"
     assert meta["modelspec.architecture"] == "Kandinsky-5/lora" and meta["ss_base_model_version"] == "kandinsky5"
 
-    def sampled(name, *extra):
-        generate(
-            tiny_tree,
-            "tiny-t2v",
-            "--prompt",
-            "a red square",
-            "--steps",
-            "2",
-            "--save_latent",
-            "--output",
-            str(tmp_path / f"{name}.mp4"),
-            *extra,
-        )
-        return load_file(str(tmp_path / f"{name}.latent.safetensors"))["latent"]
-
-    base = sampled("base")
-    assert torch.equal(sampled("zero", "--lora_weight", str(final), "--lora_multiplier", "0"), base)
-    assert not torch.allclose(sampled("with", "--lora_weight", str(final)), base, atol=1e-4)
+    base = sampled_latent(tiny_tree, tmp_path, "base", prompt="a red square")
+    zero = sampled_latent(
+        tiny_tree, tmp_path, "zero", "--lora_weight", str(final), "--lora_multiplier", "0", prompt="a red square"
+    )
+    with_lora = sampled_latent(tiny_tree, tmp_path, "with", "--lora_weight", str(final), prompt="a red square")
+    assert torch.equal(zero, base) and not torch.allclose(with_lora, base, atol=1e-4)
 
 
 def network_and_batch(tree, config, task_name="tiny-t2v"):
