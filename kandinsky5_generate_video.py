@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from kandinsky5.cli import add_attention_arguments, add_task_argument
+from kandinsky5.cli import add_attention_arguments, add_nabla_arguments, add_task_argument
 from kandinsky5.generate import DTYPES, default_paths, generate
 from kandinsky5.text_encoders import TEXT_ENCODER_DTYPES
 
@@ -117,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
         "it runs (text encoders, then DiT, then VAE), so this changes nothing",
     )
     add_attention_arguments(p)
+    add_nabla_arguments(p)
     return p
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import toml
 
-from kandinsky5.cli import add_attention_arguments, add_task_argument
+from kandinsky5.cli import add_attention_arguments, add_nabla_arguments, add_task_argument
 from kandinsky5.flow_matching import TIMESTEP_SAMPLING
 from kandinsky5.train import TrainingInterrupted, train
 from modules.optimizers import SCHEDULERS
@@ -119,6 +119,7 @@ def parser() -> argparse.ArgumentParser:
         help="with --gradient_checkpointing: keep each block's checkpointed input in CPU memory until backward",
     )
     add_attention_arguments(p)
+    add_nabla_arguments(p)
 
     out = p.add_argument_group("output and logging")
     out.add_argument("--output_dir", help="where LoRA files go (required)")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from .attention import BACKENDS, DEFAULT_BACKEND
-from .tasks import TASKS, TaskPreset, UnknownTaskError, get_task
+from .tasks import TASKS, NablaParams, TaskPreset, UnknownTaskError, get_task
 
 ATTENTION_FLAGS = {
     "sdpa": "PyTorch scaled_dot_product_attention (default; works on CPU and GPU, needs no extra package)",
@@ -67,3 +68,36 @@ def run_caching(cache, args: argparse.Namespace) -> None:
     print(report.summary())
     if report.failures:
         sys.exit(1)
+
+
+def add_nabla_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("NABLA block-sparse attention (used by the 10 s and HD tasks)")
+    group.add_argument(
+        "--force_nabla_attention",
+        action="store_true",
+        help="use NABLA also for a task that does not (frame sides must be multiples of 128)",
+    )
+    group.add_argument(
+        "--nabla_P", type=float, help="attention mass each query block keeps (task default 0.7-0.9; 1 = dense)"
+    )
+    group.add_argument("--nabla_wT", type=int, help="local window in frames (default 11)")
+    group.add_argument("--nabla_wH", type=int, help="local window in 8x8-token tiles, vertically (default 3)")
+    group.add_argument("--nabla_wW", type=int, help="local window in 8x8-token tiles, horizontally (default 3)")
+    group.add_argument("--no_nabla_add_sta", action="store_true", help="do not add the local window to the kept blocks")
+    group.add_argument(
+        "--nabla_method",
+        choices=["topcdf", "topk"],
+        help="keep blocks by cumulative mass (default) or the P fraction of largest",
+    )
+
+
+def nabla_params(args: argparse.Namespace, task: TaskPreset) -> NablaParams | None:
+    """The task's NABLA parameters (or defaults with --force_nabla_attention) with the options applied."""
+    base = task.nabla or (NablaParams(P=0.9) if getattr(args, "force_nabla_attention", False) else None)
+    if base is None:
+        return None
+    changes = {field: getattr(args, f"nabla_{field}", None) for field in ("P", "wT", "wH", "wW", "method")}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if getattr(args, "no_nabla_add_sta", False):
+        changes["add_sta"] = False
+    return dataclasses.replace(base, **changes)

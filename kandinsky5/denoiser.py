@@ -69,8 +69,9 @@ class Denoiser:
         channels: torch.Tensor | None = None,
         first_frame: torch.Tensor | None = None,
         batched_cfg: bool = True,
+        nabla=None,
     ):
-        self.dit, self.guidance, self.rope_scale = dit, guidance, rope_scale
+        self.dit, self.guidance, self.rope_scale, self.nabla = dit, guidance, rope_scale, nabla
         self.channels, self.first_frame = channels, first_frame
         self.use_cfg = abs(guidance - 1.0) > CFG_EPSILON
         if self.use_cfg and uncond is None:
@@ -87,7 +88,9 @@ class Denoiser:
 
     def _run(self, x: torch.Tensor, sigma: torch.Tensor, text: TextCondition) -> torch.Tensor:
         time = (sigma.float() * 1000.0).reshape(1).expand(x.shape[0])
-        out = self.dit(x, text.embeddings, text.pooled, time, text_mask=text.mask, rope_scale=self.rope_scale)
+        out = self.dit(
+            x, text.embeddings, text.pooled, time, text_mask=text.mask, rope_scale=self.rope_scale, nabla=self.nabla
+        )
         return out.float()
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,9 @@ from modules.activation_offload import checkpoint_with_offload
 from modules.block_swap import BlockSwap, swap_plan
 
 from .attention import DEFAULT_BACKEND, attention, check_backend
+from .nabla import check_grid, fractal_order, nabla_attention, raster_order
 from .rope import RopeCache, apply_rotation, frequencies, text_angles, visual_angles
+from .tasks import NablaParams
 
 # Parameters whose names contain one of these stay fp32 whatever the compute dtype.
 FP32_PARAMETER_PATTERNS = ("time_embeddings", "modulation", "norm")
@@ -140,14 +142,19 @@ class Attention(nn.Module):
         key_mask: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         backend: str,
+        sparse: tuple | None = None,
     ) -> torch.Tensor:
+        """``sparse``: (token grid, NABLA parameters) for block-sparse visual self-attention."""
         q = self.to_query(x).unflatten(-1, (self.num_heads, -1))
         k = self.to_key(context).unflatten(-1, (self.num_heads, -1))
         v = self.to_value(context).unflatten(-1, (self.num_heads, -1))
         q, k = rms_norm_fp32(self.query_norm, q), rms_norm_fp32(self.key_norm, k)
         if rope is not None:
             q, k = apply_rotation(q, rope), apply_rotation(k, rope)
-        out = attention(q.to(v.dtype), k.to(v.dtype), v, key_mask, backend)
+        if sparse is not None:
+            out = nabla_attention(q.to(v.dtype), k.to(v.dtype), v, *sparse)
+        else:
+            out = attention(q.to(v.dtype), k.to(v.dtype), v, key_mask, backend)
         return self.out_layer(out.flatten(-2))
 
 
@@ -188,11 +195,11 @@ class VisualBlock(nn.Module):
         self.cross_attention = Attention(model_dim, head_dim)
         self.feed_forward = FeedForward(model_dim, ff_dim)
 
-    def forward(self, visual, text, time_embed, rope, text_mask, backend: str) -> torch.Tensor:
+    def forward(self, visual, text, time_embed, rope, text_mask, backend: str, sparse=None) -> torch.Tensor:
         params = self.visual_modulation(time_embed).chunk(9, dim=-1)
         shift, scale, gate = params[0:3]
         out = modulate(visual, shift, scale).to(visual.dtype)
-        visual = gated_add(visual, gate, self.self_attention(out, out, None, rope, backend))
+        visual = gated_add(visual, gate, self.self_attention(out, out, None, rope, backend, sparse))
         shift, scale, gate = params[3:6]
         out = modulate(visual, shift, scale).to(visual.dtype)
         visual = gated_add(visual, gate, self.cross_attention(out, text, text_mask, None, backend))
@@ -343,8 +350,10 @@ class DiffusionTransformer3D(nn.Module):
         time: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        nabla: NablaParams | None = None,
     ) -> torch.Tensor:
-        """Predict the velocity for latents ``x`` at times ``time`` (sigma * 1000) given the text."""
+        """Predict the velocity for latents ``x`` at times ``time`` (sigma * 1000) given the text;
+        ``nabla`` makes the visual self-attention block-sparse (see kandinsky5/nabla.py)."""
         self._check_input(x, text, pooled_text)
         batch, device = x.shape[0], x.device
         if text_mask is not None and bool(text_mask.all()):
@@ -356,23 +365,34 @@ class DiffusionTransformer3D(nn.Module):
         visual = self.visual_embeddings(x)
         grid = tuple(visual.shape[1:4])
         visual = visual.flatten(1, 3)
+        if nabla is not None:
+            check_grid(grid)
 
         length = text.shape[1]
         text_rope = self._rope.get(("text", length, device), lambda: text_angles(length, self.head_dim, device))
         visual_rope = self._rope.get(
-            ("visual", grid, tuple(rope_scale), device),
-            lambda: visual_angles(grid, self.axes_dims, rope_scale, device),
+            ("visual", grid, tuple(rope_scale), device, nabla is not None),
+            lambda: self._visual_angles(grid, rope_scale, device, nabla is not None),
         )
+        sparse = None
+        if nabla is not None:  # tokens in 8x8 tiles, the rotation angles reordered with them
+            visual, sparse = fractal_order(visual, grid), (grid, nabla)
 
         backend, text_count = self.attention_backend, len(self.text_transformer_blocks)
         for i, block in enumerate(self.text_transformer_blocks):
             text_embed = self._run_block(i, block, text_embed, time_embed, text_rope, text_mask, backend)
         for i, block in enumerate(self.visual_transformer_blocks):
             visual = self._run_block(
-                text_count + i, block, visual, text_embed, time_embed, visual_rope, text_mask, backend
+                text_count + i, block, visual, text_embed, time_embed, visual_rope, text_mask, backend, sparse
             )
+        if sparse is not None:
+            visual = raster_order(visual, grid)
         out = self.out_layer(visual, time_embed)
         return self._unpatchify(out, grid)
+
+    def _visual_angles(self, grid, rope_scale, device, fractal: bool) -> torch.Tensor:
+        angles = visual_angles(grid, self.axes_dims, rope_scale, device)
+        return fractal_order(angles[None], grid)[0] if fractal else angles
 
     def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, T'H'W', C*pt*ph*pw) with channels slowest -> (B, T, H, W, C)."""

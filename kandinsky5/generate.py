@@ -27,7 +27,7 @@ from networks.lora_merge import merge_plan
 
 from .attention import check_backend
 from .checkpoint import check_architecture, checkpoint_files, expected_shapes, load_dit, read_layout
-from .cli import attention_backend
+from .cli import attention_backend, nabla_params
 from .denoiser import Denoiser, TextCondition, i2i_channels, i2v_channels, t2v_channels
 from .media import (
     IMAGE_EXTENSIONS,
@@ -123,7 +123,7 @@ def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
             check_frames(frames)
             if not task.is_video and frames != 1:
                 raise GenerationError(f"task {task.name} makes images: frames must be 1, got {frames}")
-            check_size(width, height, task)
+            check_size(width, height, task, 128 if nabla_params(args, task) else None)
         except ValueError as error:
             raise GenerationError(f"{where}{error}") from None
         seed = line.seed if line.seed is not None else args.seed
@@ -225,6 +225,7 @@ def sample_job(dit, task: TaskPreset, job: Job, texts, image_latent, args, devic
         channels,
         first_frame,
         batched_cfg=not args.separate_cfg_passes,
+        nabla=nabla_params(args, task),
     )
     sigmas = flow_schedule(job.steps, args.scheduler_scale or task.scheduler_scale, device)
     with tqdm(total=job.steps, desc=f"sampling {job.index + 1}", unit="step") as bar, torch.no_grad():
@@ -291,11 +292,6 @@ def generate(args: argparse.Namespace, task: TaskPreset) -> None:
     check_backend(attention_backend(args), device)
     for path in args.lora_weight or []:
         read_lora(path)
-    if task.nabla is not None:
-        print(
-            f"warning: task {task.name} uses NABLA sparse attention, which is not implemented yet; attention "
-            "runs dense, which is exact but needs far more memory at full size"
-        )
     text_device = torch.device(args.text_encoder_device or args.device)
     texts = encode_texts(args, task, jobs, text_device)
 

@@ -23,8 +23,8 @@ def check_frames(frames: int) -> None:
         raise SizeError(f"frames must be 4k+1 (1, 5, 9, ..., 121 for 5 s), got {frames}; nearest: {low} or {low + 4}")
 
 
-def check_size(width: int, height: int, task: TaskPreset) -> None:
-    m = task.size_multiple
+def check_size(width: int, height: int, task: TaskPreset, multiple: int | None = None) -> None:
+    m = multiple or task.size_multiple
     for name, value in (("width", width), ("height", height)):
         if value < m or value % m:
             low = max(m, value // m * m)

@@ -29,7 +29,7 @@ from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
 from networks.lora_kandinsky import LoRANetwork, create_network
 
 from .checkpoint import load_dit
-from .cli import attention_backend
+from .cli import attention_backend, nabla_params
 from .denoiser import i2v_channels, t2v_channels
 from .flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
 from .tasks import TaskPreset
@@ -85,6 +85,7 @@ def training_loss(
         t * 1000.0,
         text_mask=batch["text_mask"].to(device),
         rope_scale=task.rope_scale,
+        nabla=nabla_params(args, task),
     )
     return flow_matching_loss(prediction, x0, noise, frame_weight)
 
