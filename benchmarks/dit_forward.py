@@ -36,6 +36,14 @@ def rss_kib(field: str) -> int:
     return 0
 
 
+def child_command(script: str, **options) -> list[str]:
+    """``python script --child ... --name value ...`` for a benchmark's measuring child process."""
+    command = [sys.executable, script]
+    for name, value in options.items():
+        command += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return command
+
+
 def child_result(command: list[str]) -> dict:
     """Run a benchmark child process; its last line of output is a JSON object of its measurements."""
     done = subprocess.run(command, capture_output=True, text=True)

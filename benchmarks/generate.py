@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_forward import build, child_result, rss_kib  # noqa: E402
+from dit_forward import build, child_command, child_result, rss_kib  # noqa: E402
 
 from kandinsky5.denoiser import Denoiser, TextCondition, t2v_channels  # noqa: E402
 from kandinsky5.sampling import flow_schedule, sample_euler  # noqa: E402
@@ -87,23 +87,16 @@ def main() -> None:
     print(f"{'task':<20} {'CFG passes':<12} {'s/step':>8} {'peak RSS':>10}")
     for task in args.tasks:
         for batched in ("yes", "no"):
-            command = [
-                sys.executable,
+            command = child_command(
                 __file__,
-                "--child",
-                "--task",
-                task,
-                "--batched",
-                batched,
-                "--steps",
-                str(args.steps),
-                "--frames",
-                str(args.frames),
-                "--side",
-                str(args.side),
-                "--device",
-                args.device,
-            ]
+                child=True,
+                task=task,
+                batched=batched,
+                steps=args.steps,
+                frames=args.frames,
+                side=args.side,
+                device=args.device,
+            )
             result = child_result(command)
             step = sum(result["per_step"]) / len(result["per_step"])
             label = "batched" if batched == "yes" else "separate"

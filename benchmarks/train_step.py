@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_forward import build, child_result, rss_kib  # noqa: E402
+from dit_forward import build, child_command, child_result, rss_kib  # noqa: E402
 
 from kandinsky5.tasks import get_task  # noqa: E402
 from kandinsky5.train import training_loss  # noqa: E402
@@ -81,23 +81,16 @@ def main() -> None:
     )
     print(f"{'gradient checkpointing':<24} {'s/step':>8} {'peak RSS':>10}")
     for checkpointing in ("no", "yes"):
-        command = [
-            sys.executable,
+        command = child_command(
             __file__,
-            "--child",
-            "--checkpointing",
-            checkpointing,
-            "--steps",
-            str(args.steps),
-            "--frames",
-            str(args.frames),
-            "--side",
-            str(args.side),
-            "--device",
-            args.device,
-            "--task",
-            args.task,
-        ]
+            child=True,
+            checkpointing=checkpointing,
+            steps=args.steps,
+            frames=args.frames,
+            side=args.side,
+            device=args.device,
+            task=args.task,
+        )
         result = child_result(command)
         step = sum(result["per_step"]) / len(result["per_step"])
         print(f"{checkpointing:<24} {step:>8.2f} {result['peak_kib'] / 2**20:>8.2f} GiB")

@@ -5,8 +5,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import kandinsky5_cache_latents
-import kandinsky5_cache_text_encoder_outputs
 import kandinsky5_train_network
 from dataset.config import load_dataset_config
 from dataset.training_data import EpochBatches, find_samples, load_batch
@@ -20,7 +18,7 @@ from networks.lora_merge import merge_lora
 
 from .generation_helpers import accelerate_launch, sampled_latent
 from .media_factory import caption, write_image
-from .training_helpers import ROOT, train_args
+from .training_helpers import ROOT, cache_both, train_args
 
 
 def fixed_loss(tree, config, lora_file=None, multiplier=1.0) -> float:
@@ -248,17 +246,7 @@ def test_t2i_trains_on_images_cached_with_the_image_vae(tiny_tree, tmp_path):
     caption(write_image(tmp_path / "imgs" / "a.png", 64, 64), "an apple")
     config = tmp_path / "d.toml"
     config.write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "imgs"}"\nresolution = 64\n')
-    common = ["--dataset_config", str(config), "--task", "tiny-t2i"]
-    kandinsky5_cache_latents.main([*common, "--vae", str(tiny_tree / "flux/vae")])
-    kandinsky5_cache_text_encoder_outputs.main(
-        [
-            *common,
-            "--text_encoder_qwen",
-            str(tiny_tree / "text_encoder"),
-            "--text_encoder_clip",
-            str(tiny_tree / "text_encoder2"),
-        ]
-    )
+    cache_both(tiny_tree, config, "tiny-t2i", tiny_tree / "flux/vae")
     args = [
         "--task",
         "tiny-t2i",

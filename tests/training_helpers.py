@@ -12,6 +12,19 @@ from .media_factory import caption, write_image, write_video
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cache_both(tiny_tree: Path, config: Path, task: str, vae: Path) -> None:
+    """Run both caching commands on a dataset config for ``task``."""
+    common = ["--dataset_config", str(config), "--task", task]
+    kandinsky5_cache_latents.main([*common, "--vae", str(vae)])
+    encoders = [
+        "--text_encoder_qwen",
+        str(tiny_tree / "text_encoder"),
+        "--text_encoder_clip",
+        str(tiny_tree / "text_encoder2"),
+    ]
+    kandinsky5_cache_text_encoder_outputs.main([*common, *encoders])
+
+
 def build_cached_dataset(tiny_tree: Path, root: Path) -> tuple[Path, Path, Path]:
     """One 9-frame clip and two images with captions of different lengths, cached for tiny-t2v."""
     (root / "videos").mkdir()
@@ -32,17 +45,7 @@ image_directory = "{root / "images"}"
 cache_directory = "{root / "cache_images"}"
 batch_size = 2
 """)
-    common = ["--dataset_config", str(config), "--task", "tiny-t2v"]
-    kandinsky5_cache_latents.main([*common, "--vae", str(tiny_tree / "vae")])
-    kandinsky5_cache_text_encoder_outputs.main(
-        [
-            *common,
-            "--text_encoder_qwen",
-            str(tiny_tree / "text_encoder"),
-            "--text_encoder_clip",
-            str(tiny_tree / "text_encoder2"),
-        ]
-    )
+    cache_both(tiny_tree, config, "tiny-t2v", tiny_tree / "vae")
     video_only = root / "video.toml"
     video_only.write_text(f"""
 [[datasets]]
