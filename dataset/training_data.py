@@ -106,7 +106,8 @@ class EpochBatches(torch.utils.data.Dataset):
         return self._batches
 
     def __len__(self) -> int:
-        return len(self.batches(0))
+        """Batches per epoch (the same in every epoch: only their order changes)."""
+        return len(self.batches(self._epoch if self._epoch is not None else 0))
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, index = key

@@ -287,10 +287,6 @@ class DiffusionTransformer3D(nn.Module):
         self._rope = RopeCache()
 
     @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.visual_embeddings.in_layer.weight.dtype
-
-    @property
     def device(self) -> torch.device:
         return self.visual_embeddings.in_layer.weight.device
 

@@ -178,12 +178,15 @@ def encode_images(vae, jobs: list[Job]) -> list[torch.Tensor | None]:
     return latents
 
 
-def load_generation_dit(args, task: TaskPreset, device):
-    """The DiT with the LoRAs merged in fp32 while loading, before any fp8 quantization."""
-    loras = [
-        (read_lora(path), args.lora_multiplier[i] if i < len(args.lora_multiplier or []) else 1.0)
-        for i, path in enumerate(args.lora_weight or [])
-    ]
+def lora_multipliers(args) -> list[float]:
+    """One multiplier per --lora_weight: the given ones, then 1.0."""
+    given = list(args.lora_multiplier or [])
+    return given + [1.0] * (len(args.lora_weight or []) - len(given))
+
+
+def load_generation_dit(args, task: TaskPreset, device, loras: list):
+    """The DiT with the LoRAs ((file, multiplier) pairs) merged in fp32 while loading, before any fp8
+    quantization."""
     shapes = {k[: -len(".weight")]: s for k, s in expected_shapes(task.dit_params).items() if len(s) == 2}
     deltas = merge_plan(loras, shapes)
     load_device = "cpu" if args.blocks_to_swap else device  # swapped blocks stay in CPU memory
@@ -238,8 +241,7 @@ def job_metadata(args, task: TaskPreset, job: Job) -> dict:
     values.pop("output")
     values.pop("index")
     loras = [
-        {"path": str(p), "multiplier": (args.lora_multiplier or [])[i] if i < len(args.lora_multiplier or []) else 1.0}
-        for i, p in enumerate(args.lora_weight or [])
+        {"path": str(p), "multiplier": m} for p, m in zip(args.lora_weight or [], lora_multipliers(args), strict=True)
     ]
     return {
         **values,
@@ -287,11 +289,10 @@ def generate(args: argparse.Namespace, task: TaskPreset) -> None:
         decode_latent_files(args, task, device)
         return
     jobs = build_jobs(args, task)
-    # Refuse a wrong DiT or a broken LoRA before the text encoders spend any time.
+    # Refuse a wrong DiT or a broken LoRA before the text encoders spend any time (LoRAs are read once, here).
     check_architecture(read_layout(checkpoint_files(args.dit)), task, str(args.dit))
     check_backend(attention_backend(args), device)
-    for path in args.lora_weight or []:
-        read_lora(path)
+    loras = [(read_lora(path), m) for path, m in zip(args.lora_weight or [], lora_multipliers(args), strict=True)]
     text_device = torch.device(args.text_encoder_device or args.device)
     texts = encode_texts(args, task, jobs, text_device)
 
@@ -303,7 +304,7 @@ def generate(args: argparse.Namespace, task: TaskPreset) -> None:
     else:
         image_latents = [None] * len(jobs)
 
-    dit = load_generation_dit(args, task, device)
+    dit = load_generation_dit(args, task, device, loras)
     latents = [sample_job(dit, task, job, texts[i], image_latents[i], args, device) for i, job in enumerate(jobs)]
     free(dit)
 

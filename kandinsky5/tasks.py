@@ -230,8 +230,3 @@ def get_task(name: str) -> TaskPreset:
         close = difflib.get_close_matches(name, list(TASKS), n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
         raise UnknownTaskError(f"unknown task {name!r}{hint} Known tasks: {', '.join(TASKS)}") from None
-
-
-def tasks_with_architecture(dit_params: Mapping[str, Any]) -> list[str]:
-    """Names of the official tasks whose DiT has exactly these parameters."""
-    return [name for name in OFFICIAL_TASKS if dict(TASKS[name].dit_params) == dict(dit_params)]

@@ -112,7 +112,7 @@ class Validation:
 
 
 def lora_metadata(
-    args: argparse.Namespace, task: TaskPreset, network: LoRANetwork, epoch: int, step: int, started: float, datasets
+    args: argparse.Namespace, task: TaskPreset, epoch: int, step: int, started: float, datasets
 ) -> dict[str, str]:
     info = {
         "ss_base_model_version": "kandinsky5",
@@ -334,9 +334,7 @@ def train(args: argparse.Namespace) -> Path:
         network,
         optimizer,
         scheduler,
-        lambda p: lora_metadata(
-            args, task, network, p.epoch if p.next_batch else p.epoch - 1, p.step, started, datasets
-        ),
+        lambda p: lora_metadata(args, task, p.epoch if p.next_batch else p.epoch - 1, p.step, started, datasets),
     )
     if log_with:
         accelerator.init_trackers(args.log_tracker_name, config={"task": task.name, "network_dim": args.network_dim})

@@ -7,7 +7,7 @@ layer are never targeted. ``network_args`` can narrow or widen this with regular
 (``include_patterns=[...]``, ``exclude_patterns=[...]``, matched against the dotted module path).
 
 Each targeted Linear keeps its own weights; its forward becomes
-``y = W x + b + multiplier * (alpha / rank) * up(dropout(down(x)))``, with ``up`` zero at the start.
+``y = W x + b + (alpha / rank) * up(dropout(down(x)))``, with ``up`` zero at the start.
 Files hold ``lora_unet_<path with _>.lora_down.weight`` (rank, in), ``.lora_up.weight`` (out, rank)
 and ``.alpha``, which ComfyUI and musubi-tuner load unchanged.
 """
@@ -64,7 +64,6 @@ class LoRAModule(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha or rank)))
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
-        self.multiplier = 1.0
         self.base_forward = base.forward
 
     @property
@@ -76,7 +75,7 @@ class LoRAModule(nn.Module):
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out
         hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
-        scale = self.scale * self.multiplier
+        scale = self.scale
         if self.training and self.dropout:
             hidden = F.dropout(hidden, p=self.dropout)
         if self.training and self.rank_dropout:
@@ -110,23 +109,12 @@ class LoRANetwork(nn.Module):
         super().__init__()
         self.loras = nn.ModuleDict({m.name: m for m in modules})
         self.loraplus_lr_ratio = loraplus_lr_ratio
-        self._applied: list[tuple[nn.Linear, object]] = []
 
     def apply_to(self, model: nn.Module) -> None:
         """Route the targeted layers' forward through their LoRA."""
+        paths = {PREFIX + name.replace(".", "_"): name for name, _ in model.named_modules()}
         for lora in self.loras.values():
-            layer = model.get_submodule(module_path(lora.name, model))
-            self._applied.append((layer, layer.forward))
-            layer.forward = lora.forward
-
-    def remove(self) -> None:
-        for layer, forward in self._applied:
-            layer.forward = forward
-        self._applied.clear()
-
-    def set_multiplier(self, multiplier: float) -> None:
-        for lora in self.loras.values():
-            lora.multiplier = multiplier
+            model.get_submodule(paths[lora.name]).forward = lora.forward
 
     def parameter_groups(self, learning_rate: float) -> list[dict]:
         """One group, or with LoRA+ the up matrices in a second group at ``learning_rate * ratio``."""
@@ -169,11 +157,6 @@ class LoRANetwork(nn.Module):
             module.lora_down.weight.copy_(weights.down)
             module.lora_up.weight.copy_(weights.up)
             module.alpha.fill_(weights.alpha)
-
-
-def module_path(lora_name: str, model: nn.Module) -> str:
-    lookup = {PREFIX + name.replace(".", "_"): name for name, _ in model.named_modules()}
-    return lookup[lora_name]
 
 
 def create_network(
