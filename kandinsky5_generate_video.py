@@ -16,8 +16,9 @@ import sys
 
 import torch
 
-from kandinsky5.cli import add_attention_arguments, add_nabla_arguments, add_task_argument
+from kandinsky5.cli import add_attention_arguments, add_magcache_arguments, add_nabla_arguments, add_task_argument
 from kandinsky5.generate import DTYPES, default_paths, generate
+from kandinsky5.magcache import task_ratios
 from kandinsky5.text_encoders import TEXT_ENCODER_DTYPES
 
 
@@ -118,6 +119,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add_attention_arguments(p)
     add_nabla_arguments(p)
+    add_magcache_arguments(p)
     return p
 
 
@@ -134,6 +136,11 @@ def main(argv=None) -> None:
         args.vae_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if len(args.lora_multiplier) > len(args.lora_weight):
         p.error(f"{len(args.lora_multiplier)} --lora_multiplier values for {len(args.lora_weight)} LoRA files")
+    if args.magcache:
+        try:
+            task_ratios(task.name)
+        except ValueError as error:
+            p.error(str(error))
     if args.offload_dit_during_sampling:
         print("note: --offload_dit_during_sampling changes nothing: each stage already loads only while it runs")
     try:

@@ -7,6 +7,7 @@ import dataclasses
 import sys
 
 from .attention import BACKENDS, DEFAULT_BACKEND
+from .magcache import DEFAULT_MAX_SKIPS, DEFAULT_RETENTION, DEFAULT_THRESHOLD, MagCache, task_ratios
 from .tasks import TASKS, NablaParams, TaskPreset, UnknownTaskError, get_task
 
 ATTENTION_FLAGS = {
@@ -101,3 +102,43 @@ def nabla_params(args: argparse.Namespace, task: TaskPreset) -> NablaParams | No
     if getattr(args, "no_nabla_add_sta", False):
         changes["add_sta"] = False
     return dataclasses.replace(base, **changes)
+
+
+def add_magcache_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "MagCache (skips the visual blocks on predictable steps; SFT and no-CFG tasks; see docs/inference.md)"
+    )
+    group.add_argument("--magcache", action="store_true", help="enable MagCache with the task's magnitude ratios")
+    group.add_argument(
+        "--magcache_threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"accumulated error under which a step may reuse the cached residual (default {DEFAULT_THRESHOLD}; "
+        "0 never skips, larger skips more and drifts more)",
+    )
+    group.add_argument(
+        "--magcache_max_skips",
+        type=int,
+        default=DEFAULT_MAX_SKIPS,
+        help=f"at most this many steps in a row reuse the residual (default {DEFAULT_MAX_SKIPS})",
+    )
+    group.add_argument(
+        "--magcache_retention",
+        type=float,
+        default=DEFAULT_RETENTION,
+        help=f"fraction of the steps at the start that always compute (default {DEFAULT_RETENTION})",
+    )
+
+
+def magcache_for(args: argparse.Namespace, task: TaskPreset, steps: int, num_blocks: int) -> MagCache | None:
+    """A fresh MagCache for one sampling run of ``steps`` steps, or None without --magcache."""
+    if not getattr(args, "magcache", False):
+        return None
+    return MagCache(
+        task_ratios(task.name),
+        steps,
+        num_blocks,
+        threshold=args.magcache_threshold,
+        max_skips=args.magcache_max_skips,
+        retention=args.magcache_retention,
+    )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .dit import DiffusionTransformer3D
+from .magcache import MagCache
 
 CFG_EPSILON = 1e-6  # guidance within this of 1 means no unconditional pass, as the official code
 
@@ -70,8 +71,10 @@ class Denoiser:
         first_frame: torch.Tensor | None = None,
         batched_cfg: bool = True,
         nabla=None,
+        magcache: MagCache | None = None,
     ):
         self.dit, self.guidance, self.rope_scale, self.nabla = dit, guidance, rope_scale, nabla
+        self.magcache = magcache
         self.channels, self.first_frame = channels, first_frame
         self.use_cfg = abs(guidance - 1.0) > CFG_EPSILON
         if self.use_cfg and uncond is None:
@@ -86,21 +89,35 @@ class Denoiser:
             x = torch.cat([x, self.channels.to(x.dtype)], dim=-1)
         return x
 
-    def _run(self, x: torch.Tensor, sigma: torch.Tensor, text: TextCondition) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, sigma: torch.Tensor, text: TextCondition, streams) -> torch.Tensor:
+        """One DiT pass; ``streams`` names the guidance pass (0 cond, 1 uncond) of each slice of the batch."""
         time = (sigma.float() * 1000.0).reshape(1).expand(x.shape[0])
+        hook = None if self.magcache is None else self.magcache.hook(streams)
         out = self.dit(
-            x, text.embeddings, text.pooled, time, text_mask=text.mask, rope_scale=self.rope_scale, nabla=self.nabla
+            x,
+            text.embeddings,
+            text.pooled,
+            time,
+            text_mask=text.mask,
+            rope_scale=self.rope_scale,
+            nabla=self.nabla,
+            visual_blocks_hook=hook,
         )
         return out.float()
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        x_in = self.model_input(x)
+        if self.magcache is not None:
+            self.magcache.next_step()
+        x_in, whole = self.model_input(x), slice(None)
         if not self.use_cfg:
-            return self._run(x_in, sigma, self.cond)
+            return self._run(x_in, sigma, self.cond, [(0, whole)])
         if self.both is not None:
-            v_cond, v_uncond = self._run(torch.cat([x_in, x_in]), sigma, self.both).chunk(2)
+            b = x_in.shape[0]
+            halves = [(0, slice(0, b)), (1, slice(b, 2 * b))]
+            v_cond, v_uncond = self._run(torch.cat([x_in, x_in]), sigma, self.both, halves).chunk(2)
         else:
-            v_cond, v_uncond = self._run(x_in, sigma, self.cond), self._run(x_in, sigma, self.uncond)
+            v_cond = self._run(x_in, sigma, self.cond, [(0, whole)])
+            v_uncond = self._run(x_in, sigma, self.uncond, [(1, whole)])
         return v_uncond + self.guidance * (v_cond - v_uncond)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -347,9 +348,12 @@ class DiffusionTransformer3D(nn.Module):
         text_mask: torch.Tensor | None = None,
         rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
         nabla: NablaParams | None = None,
+        visual_blocks_hook: Callable[[torch.Tensor, Callable[[slice], torch.Tensor]], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the velocity for latents ``x`` at times ``time`` (sigma * 1000) given the text;
-        ``nabla`` makes the visual self-attention block-sparse (see kandinsky5/nabla.py)."""
+        ``nabla`` makes the visual self-attention block-sparse (see kandinsky5/nabla.py).
+        ``visual_blocks_hook(visual, run_blocks)`` replaces the pass through the visual blocks:
+        ``run_blocks(rows)`` runs them on a slice of the batch (MagCache uses it to skip them)."""
         self._check_input(x, text, pooled_text)
         batch, device = x.shape[0], x.device
         if text_mask is not None and bool(text_mask.all()):
@@ -377,10 +381,16 @@ class DiffusionTransformer3D(nn.Module):
         backend, text_count = self.attention_backend, len(self.text_transformer_blocks)
         for i, block in enumerate(self.text_transformer_blocks):
             text_embed = self._run_block(i, block, text_embed, time_embed, text_rope, text_mask, backend)
-        for i, block in enumerate(self.visual_transformer_blocks):
-            visual = self._run_block(
-                text_count + i, block, visual, text_embed, time_embed, visual_rope, text_mask, backend, sparse
-            )
+
+        def run_blocks(rows: slice) -> torch.Tensor:
+            out, mask = visual[rows], None if text_mask is None else text_mask[rows]
+            for i, block in enumerate(self.visual_transformer_blocks):
+                out = self._run_block(
+                    text_count + i, block, out, text_embed[rows], time_embed[rows], visual_rope, mask, backend, sparse
+                )
+            return out
+
+        visual = run_blocks(slice(None)) if visual_blocks_hook is None else visual_blocks_hook(visual, run_blocks)
         if sparse is not None:
             visual = raster_order(visual, grid)
         out = self.out_layer(visual, time_embed)

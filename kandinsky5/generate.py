@@ -27,7 +27,7 @@ from networks.lora_merge import merge_plan
 
 from .attention import check_backend
 from .checkpoint import check_architecture, checkpoint_files, expected_shapes, load_dit, read_layout
-from .cli import attention_backend, nabla_params
+from .cli import attention_backend, magcache_for, nabla_params
 from .denoiser import Denoiser, TextCondition, i2i_channels, i2v_channels, t2v_channels
 from .media import (
     IMAGE_EXTENSIONS,
@@ -229,10 +229,13 @@ def sample_job(dit, task: TaskPreset, job: Job, texts, image_latent, args, devic
         first_frame,
         batched_cfg=not args.separate_cfg_passes,
         nabla=nabla_params(args, task),
+        magcache=magcache_for(args, task, job.steps, len(dit.visual_transformer_blocks)),
     )
     sigmas = flow_schedule(job.steps, args.scheduler_scale or task.scheduler_scale, device)
     with tqdm(total=job.steps, desc=f"sampling {job.index + 1}", unit="step") as bar, torch.no_grad():
         latent = sample_euler(denoiser, noise, sigmas, callback=lambda i, x: bar.update(1))
+    if denoiser.magcache is not None:
+        print(denoiser.magcache.summary())
     return denoiser.finish(latent).cpu()
 
 
