@@ -40,6 +40,8 @@ def child_command(script: str, **options) -> list[str]:
     """``python script --child ... --name value ...`` for a benchmark's measuring child process."""
     command = [sys.executable, script]
     for name, value in options.items():
+        if value is False or value is None:
+            continue
         command += [f"--{name}"] if value is True else [f"--{name}", str(value)]
     return command
 
@@ -58,6 +60,7 @@ def build(which: str, task_name: str, device: str) -> torch.nn.Module:
     if which == "ours":
         with torch.device("meta"):
             model = DiffusionTransformer3D(**params)
+        model.allocate_packed_projections(torch.bfloat16, device)  # as load_dit does
         fp32 = keeps_fp32
     else:
         from accelerate import init_empty_weights
@@ -75,7 +78,10 @@ def build(which: str, task_name: str, device: str) -> torch.nn.Module:
         shape = module._parameters[leaf].shape
         value = torch.randn(shape, generator=generator, dtype=torch.bfloat16) * 0.02
         value = value.to(device=device, dtype=torch.float32 if fp32(name) else torch.bfloat16)
-        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        if module._parameters[leaf].is_meta:
+            module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        else:  # a packed projection: filled in place
+            module._parameters[leaf].data.copy_(value)
     return model.eval()
 
 

@@ -66,9 +66,10 @@ def epoch_batches(datasets: list[DatasetSamples], epoch: int, seed: int) -> list
     return batches
 
 
-def load_batch(samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
+def load_batch(samples: list[TrainingSample]) -> dict[str, torch.Tensor | bool]:
     """latents (B, T, h, w, 16), first_frame (B, 1, h, w, 16) when cached, text (B, L, D) padded,
-    text_mask (B, L), pooled (B, D2)."""
+    text_mask (B, L), pooled (B, D2), and text_padded: whether any text is padded (known on the host,
+    so that the training step need not ask the device)."""
     latents, firsts, texts, pooled = [], [], [], []
     for sample in samples:
         with safe_open(str(sample.latent_file), framework="pt") as f:
@@ -84,6 +85,7 @@ def load_batch(samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
     for i, t in enumerate(texts):
         text[i, : t.shape[0]], mask[i, : t.shape[0]] = t, True
     batch = {"latents": torch.stack(latents), "text": text, "text_mask": mask, "pooled": torch.stack(pooled)}
+    batch["text_padded"] = any(t.shape[0] < length for t in texts)
     if len(firsts) == len(samples):
         batch["first_frame"] = torch.stack(firsts)
     return batch

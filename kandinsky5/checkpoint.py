@@ -24,7 +24,7 @@ from torch import nn
 
 from modules.atomic_save import save_safetensors_atomic
 from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8Linear, dequantize_weight, quantize_weight
-from modules.memory import keep_large_allocations_out_of_the_heap, release_freed_memory
+from modules.memory import LOADING_MMAP_THRESHOLD, RUNNING_MMAP_THRESHOLD, release_freed_memory, set_mmap_threshold
 
 from .dit import DiffusionTransformer3D, keeps_fp32
 from .tasks import TASKS, TaskPreset
@@ -128,10 +128,16 @@ def check_architecture(layout: Mapping[str, tuple[Path, str, tuple[int, ...]]], 
     raise CheckpointError(f"{source} does not fit task {task.name!r}: {problems[0]}{more}.{hint}")
 
 
-def _set_parameter(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+def set_parameter(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """Parameter ``key`` set to ``tensor`` in its final dtype (fp32 for the parts kept in fp32); a
+    parameter that already has memory of its own (a packed projection) is filled in place."""
     module_path, _, name = key.rpartition(".")
     module = model.get_submodule(module_path)
-    module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    current = module._parameters[name]
+    if not current.is_meta:
+        current.data.copy_(tensor)
+        return
+    module._parameters[name] = nn.Parameter(_materialize(tensor, key, dtype), requires_grad=False)
 
 
 def _materialize(tensor: torch.Tensor, key: str, dtype: torch.dtype) -> torch.Tensor:
@@ -170,7 +176,9 @@ def load_dit(
     device, deltas = torch.device(device), dict(deltas or {})
     scales = {key[: -len(FP8_SCALE_SUFFIX)]: layout[key] for key in layout if key.endswith(FP8_SCALE_SUFFIX)}
     if fp8 or scales:
-        keep_large_allocations_out_of_the_heap()
+        set_mmap_threshold(LOADING_MMAP_THRESHOLD)
+    else:  # (fp8 layers are not packed)
+        model.allocate_packed_projections(dtype, device)
     quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with contextlib.ExitStack() as stack:
         where = "cpu" if device.type == "cpu" else str(device)  # safetensors refuses "cpu:0"
@@ -185,7 +193,7 @@ def load_dit(
             elif (fp8 or module_name in scales) and is_fp8_target(key):
                 quantized[module_name] = quantize_weight(tensor, fp8_block_size)
             else:
-                _set_parameter(model, key, _materialize(tensor, key, dtype))
+                set_parameter(model, key, tensor, dtype)
     for module_name, (weight, scale) in quantized.items():
         parent, _, child = module_name.rpartition(".")
         bias = model.get_submodule(module_name).bias
@@ -193,6 +201,7 @@ def load_dit(
         setattr(model.get_submodule(parent), child, fp8_layer)
     if quantized:
         release_freed_memory()
+        set_mmap_threshold(RUNNING_MMAP_THRESHOLD)
     return model
 
 
@@ -215,4 +224,6 @@ def save_dit(model: DiffusionTransformer3D, path: str | Path, metadata: dict[str
     """Write the DiT's state dict as one safetensors file with the official key names."""
     meta = {"dit_params": json.dumps(model.config)}
     meta.update(metadata or {})
-    save_safetensors_atomic(model.state_dict(), path, metadata=meta)
+    # packed projections share one buffer (kandinsky5/packed_projections.py); safetensors wants each alone
+    state = {k: t if t.untyped_storage().nbytes() == t.nbytes else t.clone() for k, t in model.state_dict().items()}
+    save_safetensors_atomic(state, path, metadata=meta)

@@ -6,12 +6,12 @@ import argparse
 import dataclasses
 import sys
 
-from .attention import BACKENDS, DEFAULT_BACKEND
+from .attention import AUTO, BACKENDS
 from .magcache import DEFAULT_MAX_SKIPS, DEFAULT_RETENTION, DEFAULT_THRESHOLD, MagCache, task_ratios
 from .tasks import TASKS, NablaParams, TaskPreset, UnknownTaskError, get_task
 
 ATTENTION_FLAGS = {
-    "sdpa": "PyTorch scaled_dot_product_attention (default; works on CPU and GPU, needs no extra package)",
+    "sdpa": "PyTorch scaled_dot_product_attention (works on CPU and GPU, needs no extra package)",
     "flash_attn": "FlashAttention 2 (pip install flash-attn; CUDA only)",
     "flash3": "FlashAttention 3 (Hopper GPUs; flash_attn_interface built from flash-attention's hopper/ folder)",
     "xformers": "xformers memory-efficient attention (pip install xformers; CUDA only)",
@@ -46,9 +46,16 @@ def add_task_argument(parser: argparse.ArgumentParser, default: str | None = Non
 
 
 def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("attention backend (choose at most one)").add_mutually_exclusive_group()
+    group = parser.add_argument_group(
+        "attention backend (at most one; default: the fastest exact one installed, see docs/attention.md)"
+    ).add_mutually_exclusive_group()
     for flag, text in ATTENTION_FLAGS.items():
         group.add_argument(f"--{flag}", action="store_true", help=text)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each transformer block (the first step compiles: slower start, faster steps)",
+    )
 
 
 def attention_backend(args: argparse.Namespace) -> str:
@@ -57,7 +64,7 @@ def attention_backend(args: argparse.Namespace) -> str:
             backend = _FLAG_TO_BACKEND.get(flag, flag)
             assert backend in BACKENDS
             return backend
-    return DEFAULT_BACKEND
+    return AUTO
 
 
 def run_caching(cache, args: argparse.Namespace) -> None:

@@ -29,8 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from modules.activation_offload import checkpoint_with_offload
 from modules.block_swap import BlockSwap, swap_plan
 
-from .attention import DEFAULT_BACKEND, attention, check_backend
+from .attention import AUTO, DEFAULT_BACKEND, attention, auto_backend, check_backend
 from .nabla import check_grid, fractal_order, nabla_attention, raster_order
+from .packed_projections import allocate_packed, packed_outputs
 from .rope import RopeCache, apply_rotation, frequencies, text_angles, visual_angles
 from .tasks import NablaParams
 
@@ -58,12 +59,12 @@ def rms_norm_fp32(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """LayerNorm (no affine) then scale and shift, in fp32; returns fp32."""
-    return F.layer_norm(x.float(), x.shape[-1:], eps=LAYER_NORM_EPS) * (1.0 + scale) + shift
+    return torch.addcmul(shift, F.layer_norm(x.float(), x.shape[-1:], eps=LAYER_NORM_EPS), 1.0 + scale)
 
 
 def gated_add(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """x + gate * update in fp32, returned in x's dtype."""
-    return (x.float() + gate * update.float()).to(x.dtype)
+    return torch.addcmul(x.float(), gate, update.float()).to(x.dtype)
 
 
 class TimeEmbeddings(nn.Module):
@@ -136,6 +137,12 @@ class Attention(nn.Module):
         self.key_norm = nn.RMSNorm(head_dim)
         self.out_layer = nn.Linear(model_dim, model_dim)
 
+    def _project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x is context and (qkv := packed_outputs((self.to_query, self.to_key, self.to_value), x)) is not None:
+            return qkv
+        kv = packed_outputs((self.to_key, self.to_value), context)
+        return self.to_query(x), *(kv if kv is not None else (self.to_key(context), self.to_value(context)))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -146,9 +153,7 @@ class Attention(nn.Module):
         sparse: tuple | None = None,
     ) -> torch.Tensor:
         """``sparse``: (token grid, NABLA parameters) for block-sparse visual self-attention."""
-        q = self.to_query(x).unflatten(-1, (self.num_heads, -1))
-        k = self.to_key(context).unflatten(-1, (self.num_heads, -1))
-        v = self.to_value(context).unflatten(-1, (self.num_heads, -1))
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in self._project(x, context))
         q, k = rms_norm_fp32(self.query_norm, q), rms_norm_fp32(self.key_norm, k)
         if rope is not None:
             q, k = apply_rotation(q, rope), apply_rotation(k, rope)
@@ -297,9 +302,26 @@ class DiffusionTransformer3D(nn.Module):
             param.data = param.data.to(torch.float32 if keeps_fp32(name) else dtype)
         return self
 
-    def set_attention_backend(self, name: str) -> None:
+    def allocate_packed_projections(self, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Give every attention's q, k, v uninitialized parameters lying side by side, to be filled in
+        place by a loader: from then on one matmul computes all three (see
+        kandinsky5/packed_projections.py). Names and shapes stay those of the checkpoints."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                allocate_packed((module.to_query, module.to_key, module.to_value), dtype, device)
+
+    def set_attention_backend(self, name: str) -> str:
+        """Use backend ``name`` (``auto``: the fastest exact one installed for the model's device)."""
+        if name == AUTO:
+            name = auto_backend(self.device)
         check_backend(name, self.device)
         self.attention_backend = name
+        return name
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile every transformer block (the first forward compiles; a new shape recompiles)."""
+        for block in [*self.text_transformer_blocks, *self.visual_transformer_blocks]:
+            block.compile(**options)
 
     def enable_block_swap(self, requested: int, device: torch.device | str) -> int:
         """Keep ``requested`` blocks (the last ones in execution order, text blocks then visual blocks) in

@@ -195,7 +195,9 @@ def load_generation_dit(args, task: TaskPreset, device, loras: list):
         print(f"block swap: {model.enable_block_swap(args.blocks_to_swap, device)} blocks in CPU memory")
     for lora, multiplier in loras:
         print(f"merged LoRA {lora.path} x {multiplier:g} into {len(lora.modules)} layers")
-    model.set_attention_backend(attention_backend(args))
+    print(f"attention: {model.set_attention_backend(attention_backend(args))}")
+    if args.compile:
+        model.compile_blocks()
     return model.eval()
 
 

@@ -81,7 +81,9 @@ def build_qwen_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def write_qwen(folder: Path, seed: int) -> None:
+def write_qwen(folder: Path, seed: int, language: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """A Qwen2.5-VL folder with the tiny tokenizer; ``language`` overrides the tiny language-model
+    sizes (benchmarks/run_all.py writes one of the real width), ``dtype`` is that of the weights."""
     from transformers import (
         PreTrainedTokenizerFast,
         Qwen2_5_VLConfig,
@@ -105,27 +107,29 @@ def write_qwen(folder: Path, seed: int) -> None:
     assert len(PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))) == backend.get_vocab_size()
 
     torch.manual_seed(seed)
-    head_dim = TINY_TEXT_DIM // 2
+    text_config = dict(
+        vocab_size=backend.get_vocab_size(),
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=2 * TINY_TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    text_config.update(language or {})
+    head_dim = text_config["hidden_size"] // text_config["num_attention_heads"]
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=backend.get_vocab_size(),
-            hidden_size=TINY_TEXT_DIM,
-            intermediate_size=2 * TINY_TEXT_DIM,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
+        text_config=text_config,
         vision_config=dict(
             depth=2,
             hidden_size=32,
             intermediate_size=64,
             num_heads=2,
-            out_hidden_size=TINY_TEXT_DIM,
+            out_hidden_size=text_config["hidden_size"],
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
@@ -138,7 +142,7 @@ def write_qwen(folder: Path, seed: int) -> None:
         vision_end_token_id=ids["<|vision_end|>"],
     )
     assert sum(config.text_config.rope_parameters["mrope_section"]) * 2 == head_dim
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
     model.save_pretrained(folder)
     Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=256 * 256).save_pretrained(folder)
     processor_config = {"processor_class": "Qwen2_5_VLProcessor"}

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from dataset.config import load_dataset_config
 from dataset.training_data import EpochBatches, EpochOrder, find_samples, load_batch, samples_fingerprint
 from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
+from modules.prefetch import prefetch_to
 from networks.lora_kandinsky import LoRANetwork, create_network
 
 from .checkpoint import load_dit
@@ -83,7 +84,7 @@ def training_loss(
         batch["text"].to(device),
         batch["pooled"].to(device),
         t * 1000.0,
-        text_mask=batch["text_mask"].to(device),
+        text_mask=batch["text_mask"].to(device) if batch["text_padded"] else None,
         rope_scale=task.rope_scale,
         nabla=nabla_params(args, task),
     )
@@ -285,6 +286,7 @@ def train(args: argparse.Namespace) -> Path:
         num_workers=workers,
         persistent_workers=args.persistent_data_loader_workers and workers > 0,
         generator=torch.Generator().manual_seed(args.seed),
+        pin_memory=torch.device(device).type == "cuda",
     )
 
     # model and LoRA
@@ -292,7 +294,7 @@ def train(args: argparse.Namespace) -> Path:
     dit = load_dit(args.dit, task, device=load_device, dtype=PRECISION[accelerator.mixed_precision], fp8=args.fp8_base)
     if args.blocks_to_swap:
         print(f"block swap: {dit.enable_block_swap(args.blocks_to_swap, device)} blocks in CPU memory")
-    dit.set_attention_backend(attention_backend(args))
+    print(f"attention: {dit.set_attention_backend(attention_backend(args))}")
     dit.gradient_checkpointing = args.gradient_checkpointing
     dit.activation_offload = args.gradient_checkpointing_cpu_offload
     network = create_network(dit, args.network_dim, args.network_alpha, args.network_dropout, args.network_args)
@@ -300,6 +302,8 @@ def train(args: argparse.Namespace) -> Path:
         network.load_weights(args.network_weights)
     network.apply_to(dit)
     network.to(device).train()
+    if args.compile:
+        dit.compile_blocks()
 
     # optimizer and schedule (counted in optimizer steps)
     accumulation = args.gradient_accumulation_steps
@@ -371,16 +375,14 @@ def train(args: argparse.Namespace) -> Path:
         for epoch in range(position.epoch, epochs + 1):
             order.set_epoch(epoch - 1, position.next_batch if epoch == position.epoch else 0)
             total = len(data.batches(epoch - 1))
-            for i, batch in enumerate(loader, start=order.start):
+            step_loss, micro_steps = None, 0
+            for i, batch in enumerate(prefetch_to(loader, device), start=order.start):
                 with accelerator.autocast():
                     loss = training_loss(dit, batch, task, args, device)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"the loss is {loss.item()} at step {step + 1}; stopping (the files saved so "
-                        "far are kept). Try a lower --learning_rate or --max_grad_norm 1.0"
-                    )
                 (loss / accumulation).backward()
-                recent.append(loss.item())
+                # summed on the device: the step reads it once, after all its work is queued
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+                micro_steps += 1
                 if (i + 1) % accumulation and i + 1 < total:
                     continue
                 if accelerator.num_processes > 1:
@@ -391,6 +393,14 @@ def train(args: argparse.Namespace) -> Path:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                value = step_loss.item() / micro_steps  # the one host-device sync of the step
+                step_loss, micro_steps = None, 0
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"the loss is {value} at step {step + 1}; stopping (the files saved so "
+                        "far are kept). Try a lower --learning_rate or --max_grad_norm 1.0"
+                    )
+                recent.append(value)
                 step += 1
                 done_epoch = i + 1 >= total
                 position = Position(step, epoch + done_epoch, 0 if done_epoch else i + 1, fingerprint)

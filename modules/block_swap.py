@@ -4,11 +4,14 @@ Each swapped block keeps a permanent host copy of its tensors (pinned on CUDA). 
 points its tensors at a device copy; sending it out points them back at the host copy; nothing is
 ever copied back, since swapped weights are frozen (LoRA weights live outside the blocks).
 
-Forward: a swapped block is brought in just before it runs and sent out right after. Backward
-(training): an identity autograd node on the block's output brings the block back before its
-gradient is computed (also for gradient-checkpointing recomputation) and sends the block that ran
-before it back out; backward walks the blocks in reverse, so at most one swapped block is on the
-device at a time. With CPU as both places the same bookkeeping runs, which is how it is tested.
+Forward: a swapped block is brought in just before it runs and sent out right after; while it
+runs, the next swapped block is already being copied in (on CUDA on a side stream, so the copy
+overlaps the computation; the compute stream waits for that copy only when the block is needed).
+Backward (training): an identity autograd node on the block's output brings the block back before
+its gradient is computed (also for gradient-checkpointing recomputation), sends the block that ran
+before it back out, and starts copying the block whose gradient comes next; backward walks the
+blocks in reverse. At most two swapped blocks are on the device at a time. With CPU as both places
+the same schedule and bookkeeping run (without streams), which is how it is tested.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ class BlockSwap:
         self.log: list[tuple[str, int]] = []
         self._on_device: set[int] = set()
         self._host_copies: dict[int, list[torch.Tensor]] = {}
+        self._copied: dict[int, torch.cuda.Event] = {}  # CUDA copies in flight on the side stream
         pin = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if pin else None
         for index, block in enumerate(self.blocks):
             tensors = _tensors(block)
             if index in self.swapped:
@@ -44,32 +49,60 @@ class BlockSwap:
                 for tensor in tensors:
                     tensor.data = tensor.data.to(self.device)
 
-    def bring_in(self, index: int) -> None:
+    def prefetch(self, index: int) -> None:
+        """Start copying block ``index`` to the device (on CUDA on the side stream; elsewhere at once)."""
         if index not in self.swapped or index in self._on_device:
             return
-        for tensor, copy in zip(_tensors(self.blocks[index]), self._host_copies[index], strict=True):
-            tensor.data = copy.to(self.device, non_blocking=True)
+        tensors, copies = _tensors(self.blocks[index]), self._host_copies[index]
+        if self._stream is None:
+            for tensor, copy in zip(tensors, copies, strict=True):
+                tensor.data = copy.to(self.device)
+        else:
+            compute = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(compute)  # the memory it reuses may still be read by queued kernels
+            with torch.cuda.stream(self._stream):
+                for tensor, copy in zip(tensors, copies, strict=True):
+                    tensor.data = copy.to(self.device, non_blocking=True)
+                    tensor.data.record_stream(compute)  # freed only after the compute stream is done with it
+                self._copied[index] = torch.cuda.Event()
+                self._copied[index].record(self._stream)
         self._on_device.add(index)
         self.log.append(("in", index))
+
+    def bring_in(self, index: int) -> None:
+        """Block ``index`` usable by the next kernels of the compute stream."""
+        if index not in self.swapped:
+            return
+        self.prefetch(index)
+        event = self._copied.pop(index, None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     def send_out(self, index: int) -> None:
         if index not in self._on_device:
             return
+        self._copied.pop(index, None)
         for tensor, copy in zip(_tensors(self.blocks[index]), self._host_copies[index], strict=True):
             tensor.data = copy
         self._on_device.discard(index)
         self.log.append(("out", index))
 
-    def send_out_all_but(self, keep: int | None = None) -> None:
-        for index in sorted(self._on_device - {keep}):
+    def send_out_all_but(self, *keep: int) -> None:
+        for index in sorted(self._on_device - set(keep)):
             self.send_out(index)
 
     def run(self, index: int, function: Callable[..., torch.Tensor], *args) -> torch.Tensor:
-        """``function(*args)`` (block ``index``'s forward) with that block on the device."""
+        """``function(*args)`` (block ``index``'s forward) with that block on the device; the block
+        that runs next (the following one, or the previous one in a recomputation during backward)
+        is copied in meanwhile."""
         if index not in self.swapped:
+            if not _in_backward():
+                self.prefetch(index + 1)  # the first swapped block, while the last resident one runs
             return function(*args)
-        self.send_out_all_but(index)  # e.g. the block the last backward ended with
+        following = index - 1 if _in_backward() else index + 1
+        self.send_out_all_but(index, following)  # e.g. the block the last backward ended with
         self.bring_in(index)
+        self.prefetch(following)
         out = function(*args)
         self.send_out(index)
         if out.requires_grad:
@@ -87,9 +120,16 @@ class _BringBackForBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.swap.send_out_all_but(ctx.index)
-        ctx.swap.bring_in(ctx.index)
+        swap, index = ctx.swap, ctx.index
+        swap.send_out_all_but(index, index - 1)
+        swap.bring_in(index)
+        swap.prefetch(index - 1)  # backward goes on with the block before
         return grad, None, None
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass in this thread (gradient-checkpointing recomputation)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:

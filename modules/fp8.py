@@ -35,16 +35,47 @@ def quantize_weight(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE) 
     return quantized, scale
 
 
-def dequantize_weight(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_weight(
+    quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """The weight in ``dtype``, computed in ``dtype`` itself: e4m3 values are exact in bf16/fp16 and the
-    product is rounded once, which keeps the memory traffic of a forward low (no fp32 copy)."""
+    product is rounded once, which keeps the memory traffic of a forward low (no fp32 copy).
+    bf16 and fp32 on the CPU go through :func:`_from_e4m3_bits` (the same result, about 10x faster
+    than PyTorch's CPU float8 cast); ``scratch`` (bytes, at least the weight's size in ``dtype``) is
+    then used as the output's memory."""
     out_features, in_features = quantized.shape
-    weight = quantized.to(dtype)
-    if scale.ndim == 3:
-        weight.view(out_features, scale.shape[1], -1).mul_(scale.to(dtype))
+    if dtype in E4M3_BIT_LAYOUT and quantized.device.type == "cpu" and float(scale.max()) < MAX_BITS_SCALE:
+        weight = _from_e4m3_bits(quantized, dtype, scratch)
+        scale = (scale * E4M3_BITS_FACTOR).to(dtype)
     else:
-        weight.mul_(scale.to(dtype))
+        weight, scale = quantized.to(dtype), scale.to(dtype)
+    if scale.ndim == 3:
+        weight.view(out_features, scale.shape[1], -1).mul_(scale)
+    else:
+        weight.mul_(scale)
     return weight
+
+
+# The bits of an e4m3 number moved into the sign, the low exponent bits and the high mantissa bits of
+# a bf16 or fp32 make a number worth exactly 2**-120 times it (subnormals included): the exponent
+# biases are 7 and 127. The scale is therefore taken 2**120 times.
+E4M3_BITS_FACTOR = 2.0**120
+MAX_BITS_SCALE = 2.0**7  # the scale times 2**120 stays finite, in bf16 too
+# dtype: (integer type of its width, shift that puts e4m3's exponent above the mantissa, mask of the
+# sign bit and the 7 bits below it: 0x87FF and 0x87F00000 as signed integers)
+E4M3_BIT_LAYOUT = {torch.bfloat16: (torch.int16, 4, -0x7801), torch.float32: (torch.int32, 20, -0x78100000)}
+
+
+def _from_e4m3_bits(quantized: torch.Tensor, dtype: torch.dtype, scratch: torch.Tensor | None) -> torch.Tensor:
+    """Values 2**-120 times those of the e4m3 ``quantized``, in ``dtype``, made with three integer passes."""
+    integer, shift, mask = E4M3_BIT_LAYOUT[dtype]
+    if scratch is None:
+        bits = torch.empty(quantized.shape, dtype=integer)
+    else:
+        bits = scratch[: quantized.numel() * dtype.itemsize].view(integer).view(quantized.shape)
+    bits.copy_(quantized.view(torch.int8))  # sign-extended: the sign fills the high bits
+    bits.bitwise_left_shift_(shift).bitwise_and_(mask)
+    return bits.view(dtype)
 
 
 class FP8Linear(nn.Module):
@@ -64,13 +95,27 @@ class FP8Linear(nn.Module):
         return cls(quantized, scale, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dequantize_weight(self.weight, self.scale_weight, x.dtype)
+        # Without autograd the dequantized weight is dead once the matmul returns, so on the CPU every
+        # layer reuses one buffer (no page faults of a fresh layer-sized allocation each time).
+        reuse = x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+        scratch = _cpu_scratch(self.weight.numel() * x.dtype.itemsize) if reuse else None
+        weight = dequantize_weight(self.weight, self.scale_weight, x.dtype, scratch)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         scale = "block" if self.scale_weight.ndim == 3 else "row"
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 with {scale} scales"
+
+
+_scratch: list[torch.Tensor] = []
+
+
+def _cpu_scratch(nbytes: int) -> torch.Tensor:
+    """One CPU byte buffer shared by all fp8 layers, grown to the largest dequantized weight asked for."""
+    if not _scratch or _scratch[0].numel() < nbytes:
+        _scratch[:] = [torch.empty(nbytes, dtype=torch.uint8)]
+    return _scratch[0]
 
 
 def quantize_linears(model: nn.Module, include: Callable[[str], bool], block_size: int = DEFAULT_BLOCK_SIZE) -> int:

@@ -3,7 +3,15 @@ import importlib.util
 import pytest
 import torch
 
-from kandinsky5.attention import AttentionBackendError, _sdpa, attention, check_backend, per_sample_attention
+from kandinsky5.attention import (
+    AUTO,
+    AttentionBackendError,
+    _sdpa,
+    attention,
+    auto_backend,
+    check_backend,
+    per_sample_attention,
+)
 from kandinsky5.dit import DiffusionTransformer3D
 from kandinsky5.tasks import get_task
 
@@ -58,3 +66,10 @@ def test_optional_backend_errors_name_what_to_install_or_that_cuda_is_needed(nam
         with pytest.raises(AttentionBackendError, match="runs only on CUDA GPUs"):
             model.set_attention_backend(name)
     assert model.attention_backend == "sdpa"
+
+
+def test_without_a_flag_the_model_takes_the_fastest_installed_backend_for_its_device():
+    assert auto_backend("cpu") == "sdpa"  # the CUDA kernels are never chosen for a CPU model
+    model = DiffusionTransformer3D(**get_task("tiny-t2v").dit_params)
+    model.attention_backend = "unset"
+    assert model.set_attention_backend(AUTO) == "sdpa" and model.attention_backend == "sdpa"

@@ -115,3 +115,18 @@ def test_bad_inputs_are_named():
         model(x[:, :, :3], text, pooled, time)
     with pytest.raises(ValueError, match="batch sizes differ"):
         model(x, text.expand(2, -1, -1), pooled, time)
+
+
+def test_compiled_blocks_give_the_eager_output_and_gradients():
+    model = random_dit("tiny-t2v")
+    inputs = random_inputs(model, 2, 2, 4, 6, 5)
+    x = inputs[0].clone().requires_grad_(True)
+    eager = model(x, *inputs[1:])
+    eager.square().mean().backward()
+    eager_grad, x.grad = x.grad, None
+    model.compile_blocks()
+    compiled = model(x, *inputs[1:])
+    compiled.square().mean().backward()
+    assert all(block._compiled_call_impl is not None for block in model.visual_transformer_blocks)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, eager_grad, rtol=1e-4, atol=1e-4)

@@ -35,3 +35,28 @@ def test_quantize_linears_replaces_only_the_chosen_layers():
     assert quantize_linears(model, lambda name: name.startswith("2.")) == 2
     assert isinstance(model[0], nn.Linear) and isinstance(model[2][0], FP8Linear) and isinstance(model[2][1], FP8Linear)
     assert model(torch.randn(2, 64)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_cpu_bit_conversion_equals_the_float8_cast_for_every_e4m3_value(dtype):
+    # all 254 finite e4m3 bit patterns (subnormals, both zeros, negatives), in blocks with varied scales
+    patterns = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    quantized = patterns.repeat(4).view(8, 127).view(FP8_DTYPE)
+    for scale in (torch.rand(8, 1) * 1e-3 + 1e-6, torch.rand(8, 1) * 3 + 1):
+        expected = quantized.to(dtype) * scale.to(dtype)  # PyTorch's own float8 cast
+        assert torch.equal(dequantize_weight(quantized, scale, dtype), expected)
+        scratch = torch.full((quantized.numel() * dtype.itemsize,), 255, dtype=torch.uint8)
+        assert torch.equal(dequantize_weight(quantized, scale, dtype, scratch), expected)
+    huge = torch.full((8, 1), 1e3)  # scale * 2**120 would overflow bf16: the plain cast is used
+    assert torch.equal(dequantize_weight(quantized, huge, dtype), quantized.to(dtype) * huge.to(dtype))
+
+
+def test_fp8_linear_gives_the_same_output_with_and_without_autograd():
+    layers = [FP8Linear.from_linear(nn.Linear(128, n)) for n in (64, 32)]
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with_grad = [layer(x.clone().requires_grad_(True)) for layer in layers]
+    with torch.no_grad():
+        outputs = [layer(x) for layer in layers]
+        again = [layer(x) for layer in layers]  # the shared buffer now holds the other layer's weight
+    for a, b, c in zip(with_grad, outputs, again, strict=True):
+        assert torch.equal(a.detach(), b) and torch.equal(b, c)

@@ -55,7 +55,7 @@ def test_t2v_writes_an_mp4_with_the_requested_frames_size_and_fps(tiny_tree, tmp
     assert meta["task"] == "tiny-t2v" and meta["guidance"] == 5.0 and meta["loras"] == []
 
 
-def test_t2i_and_i2i_write_pngs_of_the_requested_size(tiny_tree, tmp_path):
+def test_t2i_and_i2i_write_pngs_of_the_requested_size(tiny_tree, tmp_path, capsys):
     generate(
         tiny_tree,
         "tiny-t2i",
@@ -69,6 +69,7 @@ def test_t2i_and_i2i_write_pngs_of_the_requested_size(tiny_tree, tmp_path):
         str(tmp_path / "t2i.png"),
     )
     assert Image.open(tmp_path / "t2i.png").size == (48, 80)
+    assert "attention: sdpa" in capsys.readouterr().out  # no flag: the fastest backend for the CPU
     Image.new("RGB", (120, 80), (10, 200, 30)).save(tmp_path / "src.jpg")
     generate(
         tiny_tree,

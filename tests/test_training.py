@@ -149,6 +149,7 @@ def test_batch_size_two_with_captions_of_different_lengths_trains(tiny_tree, cac
     (_, images) = [find_samples(d) for d in load_dataset_config(config)]
     batch = load_batch(images.samples)
     assert batch["latents"].shape[0] == 2 and batch["text_mask"].sum(1).tolist()[0] != batch["text_mask"].sum(1)[1]
+    assert batch["text_padded"] and not load_batch(images.samples[:1])["text_padded"]
     kandinsky5_train_network.main(
         train_args(tiny_tree, config, tmp_path, "--max_train_steps", "4", "--gradient_accumulation_steps", "2")
     )

@@ -1,0 +1,184 @@
+"""Every benchmark side by side with diffusers, in one run, as one table.
+
+Cases (benchmarks/suite_cases.py): DiT forward, DiT forward+backward (frozen weights), one sampling
+step with CFG, one LoRA training step, HunyuanVideo VAE encode. Each (case, side) runs in a child
+process of its own, so its peak anonymous memory (RssAnon sampled every 5 ms from when the model is
+built, with the building's leftovers returned to the system, until it has run once; on CUDA the
+peak allocated GPU memory) is its own. Times are the best of
+--runs after that first run, with the sampler stopped.
+
+For the DiT rows the table also gives the matmul work counted from the shapes (benchmarks/
+roofline.py), the time the same matmuls take as plain matmuls on this device (the roofline,
+measured in each child between its own runs, the best of both children shown), and the fraction
+of its own roofline each side reaches.
+
+    python benchmarks/run_all.py [--device cpu|cuda] [--runs 5] [--compile] [--only "DiT forward"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dit_forward import child_command, child_result  # noqa: E402
+from memory import PeakSampler  # noqa: E402
+from roofline import backward_shapes, forward_shapes, roofline_pass, total_flops  # noqa: E402
+from suite_cases import CASES, PROMPTS  # noqa: E402
+
+from kandinsky5.tasks import get_task  # noqa: E402
+from modules.memory import release_freed_memory  # noqa: E402
+
+GIB = 2**30
+SIZES = ("qwen_layers", "task", "frames", "side", "text_tokens", "vae_frames", "vae_side", "device", "runs", "compile")
+PROMPT_CASE = "prompt encoding (Qwen)"
+
+
+def child(args: argparse.Namespace) -> None:
+    cuda = args.device.startswith("cuda")
+    run = CASES[args.case](args.side_name, args)
+    release_freed_memory()  # what building the random model left behind is no part of either side's cost
+    sampler = PeakSampler()  # the model in memory and its first run (compilation included)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    run()  # warm-up (and compilation), with the memory sampler on
+    sync()
+    peak = torch.cuda.max_memory_allocated() if cuda else sampler.stop()  # the sampler thread would slow the timing
+    shapes = dit_shapes(args).get(args.case)
+    roof = roofline_pass(shapes, torch.bfloat16, args.device) if shapes else None
+    times, roof_times = [], []
+    for _ in range(args.runs):
+        times.append(timed(run, sync))
+        if roof is not None:
+            roof_times.append(timed(roof, sync))
+    result = {"best": min(times), "times": times, "peak_bytes": peak}
+    if roof is not None:
+        result.update(roof_best=min(roof_times), flops=total_flops(shapes))
+    print(json.dumps(result))
+
+
+def timed(function, sync) -> float:
+    start = time.perf_counter()
+    function()
+    sync()
+    return time.perf_counter() - start
+
+
+def write_random_vae(folder: Path) -> None:
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    torch.manual_seed(0)
+    AutoencoderKLHunyuanVideo().save_pretrained(folder)
+
+
+def write_random_qwen(folder: Path, layers: int) -> None:
+    from suite_cases import QWEN_WIDTH
+
+    from kandinsky5.tiny import write_qwen
+
+    write_qwen(folder, seed=0, language={**QWEN_WIDTH, "num_hidden_layers": layers}, dtype=torch.bfloat16)
+
+
+def dit_shapes(args: argparse.Namespace) -> dict[str, Counter]:
+    """The matmuls of each DiT case, counted from the shapes (benchmarks/roofline.py)."""
+    params = dict(get_task(args.task).dit_params)
+    visual = args.frames * (args.side // 2) ** 2
+    forward = forward_shapes(params, visual, args.text_tokens)
+    return {
+        "DiT forward": forward,
+        "DiT forward+backward": forward + backward_shapes(forward),
+        "sampling step (CFG)": forward_shapes(params, visual, args.text_tokens, batch=2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="k5-lite-t2v-5s-sd", help="preset whose DiT dimensions to use")
+    parser.add_argument("--frames", type=int, default=2, help="latent frames of the DiT cases")
+    parser.add_argument("--side", type=int, default=16, help="latent height and width of the DiT cases")
+    parser.add_argument("--text_tokens", type=int, default=32)
+    parser.add_argument("--vae_frames", type=int, default=9, help="pixel frames of the VAE case (4k+1)")
+    parser.add_argument("--vae_side", type=int, default=128, help="pixel height and width of the VAE case")
+    parser.add_argument("--qwen_layers", type=int, default=2, help="language-model layers of the Qwen case (28 in 7B)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; the best is reported")
+    parser.add_argument("--compile", action="store_true", help="our DiT blocks torch.compile'd (as --compile)")
+    parser.add_argument("--only", action="append", choices=list(CASES), help="run only these cases")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--side_name", help=argparse.SUPPRESS)
+    parser.add_argument("--vae_folder", help=argparse.SUPPRESS)
+    parser.add_argument("--qwen_folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        child(args)
+        return
+
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {args.device}")
+    import diffusers
+    import peft
+
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}")
+    print(
+        f"{args.task} dims, bf16; DiT cases: {args.frames} latent frames of {args.side}x{args.side} "
+        f"+ {args.text_tokens} text tokens; VAE: {args.vae_frames} frames of {args.vae_side}x{args.vae_side}; "
+        f"Qwen: 7B width, {args.qwen_layers} layers, {len(PROMPTS)} prompts"
+    )
+    cases = args.only or list(CASES)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if "VAE encode" in cases:
+            write_random_vae(Path(tmp) / "vae")
+        if PROMPT_CASE in cases:
+            write_random_qwen(Path(tmp) / "qwen", args.qwen_layers)
+        for case in cases:
+            result = {}
+            for side in ("ours", "peer"):
+                options = {name: getattr(args, name) for name in SIZES}
+                folders = {"vae_folder": Path(tmp) / "vae", "qwen_folder": Path(tmp) / "qwen"}
+                command = child_command(__file__, case=case, side_name=side, **folders, **options)
+                result[side] = child_result(command)
+            rows.append((case, result))
+            print_row(case, result)
+    print_table(rows)
+
+
+def print_row(case: str, result: dict) -> None:
+    ours, peer = result["ours"]["best"], result["peer"]["best"]
+    print(f"  {case}: ours {ours:.3f} s, diffusers {peer:.3f} s", flush=True)
+
+
+def print_table(rows) -> None:
+    print()
+    print(
+        "| case | ours (s) | diffusers (s) | ours/diffusers | ours peak (GiB) | diffusers peak (GiB) "
+        "| GFLOP | roofline (s) | ours / diffusers of roofline |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for case, result in rows:
+        ours, peer = result["ours"], result["peer"]
+        line = (
+            f"| {case} | {ours['best']:.3f} | {peer['best']:.3f} | {ours['best'] / peer['best']:.3f} "
+            f"| {ours['peak_bytes'] / GIB:.2f} | {peer['peak_bytes'] / GIB:.2f} |"
+        )
+        if "roof_best" in ours:  # each side against the roofline measured beside it
+            roof = min(ours["roof_best"], peer["roof_best"])
+            line += (
+                f" {ours['flops'] / 1e9:.0f} | {roof:.3f} | {ours['roof_best'] / ours['best']:.0%} / "
+                f"{peer['roof_best'] / peer['best']:.0%} |"
+            )
+        else:
+            line += " | | |"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
