@@ -7,9 +7,10 @@ block map keeps, for every query block, the key blocks holding a fraction P of i
 >= 1 - P), plus a local window (STA: within wT frames and wH x wW tiles) when add_sta. Attention then
 runs over the kept blocks only.
 
-Where the sparsity is real: a compiled flex_attention kernel on CUDA. Elsewhere the same result is
-computed exactly by masking dense attention with the block map expanded to tokens, which needs
-dense memory, fine for tests and small sizes only.
+On CUDA the kept blocks run in a compiled flex_attention kernel. Elsewhere (PyTorch's CPU compiler
+cannot build flex_attention here) the query blocks are taken a chunk at a time, against the key
+blocks the chunk keeps, gathered, with the block map as mask: the same result, with work and memory
+that grow with the kept blocks too.
 """
 
 from __future__ import annotations
@@ -79,10 +80,37 @@ def block_map(q: torch.Tensor, k: torch.Tensor, sta: torch.Tensor, config: Nabla
 
 
 def dense_masked_attention(q, k, v, blocks: torch.Tensor) -> torch.Tensor:
-    """Exactly what the block-sparse kernel computes, as dense attention with a token mask."""
+    """Exactly what the block-sparse kernels compute, as dense attention with a token mask (the
+    definition the tests hold the kernels to; dense memory)."""
     tokens = blocks.repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=tokens)
     return out.transpose(1, 2)
+
+
+GATHER_CHUNK_BYTES = 64 * 2**20  # the token mask of one chunk of query blocks
+
+
+def gathered_block_attention(q, k, v, blocks: torch.Tensor) -> torch.Tensor:
+    """Block-sparse attention without a compiled kernel (any device). The query blocks are taken a
+    chunk at a time; the chunk attends to the key blocks that any of its query blocks keeps (for
+    the tiles of neighbouring frame regions, mostly the same ones), gathered into one key sequence,
+    with the block map as mask. Work and memory grow with the kept blocks, not with tokens squared."""
+    b, s, heads, d = q.shape
+    n = s // BLOCK
+    step = max(1, GATHER_CHUNK_BYTES // (b * heads * BLOCK * BLOCK * n))
+    offsets = torch.arange(BLOCK, device=q.device)
+    out = torch.empty_like(q)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        kept = blocks[:, :, rows]  # (B, H, C, N)
+        union = kept.any(dim=2).any(dim=1).any(dim=0).nonzero()[:, 0]  # key blocks the chunk needs
+        tokens = (union[:, None] * BLOCK + offsets).flatten()
+        mask = kept[..., union].repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)
+        queries = q[:, start * BLOCK : rows.stop * BLOCK].transpose(1, 2)
+        keys, values = k[:, tokens].transpose(1, 2), v[:, tokens].transpose(1, 2)
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+        out[:, start * BLOCK : rows.stop * BLOCK] = attended.transpose(1, 2)
+    return out
 
 
 @cache
@@ -117,4 +145,4 @@ def nabla_attention(q, k, v, grid: tuple[int, int, int], config: NablaParams) ->
     blocks = block_map(q, k, sta, config)
     if q.device.type == "cuda":
         return flex_block_attention(q, k, v, blocks)
-    return dense_masked_attention(q, k, v, blocks)
+    return gathered_block_attention(q, k, v, blocks)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
+from kandinsky5 import nabla
 from kandinsky5.nabla import (
     BLOCK,
     block_map,
@@ -66,6 +67,17 @@ def test_the_block_sparse_kernel_equals_dense_attention_with_the_expanded_mask()
     mask = flex_block_mask(blocks, mask_mod=lambda b, h, qi, ki: blocks[b, h, qi // BLOCK, ki // BLOCK])
     sparse = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask).transpose(1, 2)
     assert torch.allclose(sparse, dense_masked_attention(q, k, v, blocks), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2**28])  # one query block at a time, or all at once
+def test_gathered_block_attention_equals_dense_attention_with_the_expanded_mask(monkeypatch, chunk_bytes):
+    monkeypatch.setattr(nabla, "GATHER_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 6 * BLOCK, 3, 16, generator=g) for _ in range(3))
+    blocks = torch.rand(2, 3, 6, 6, generator=g) < 0.4  # kept counts differ between query blocks
+    blocks[..., torch.arange(6), torch.arange(6)] = True
+    expected = dense_masked_attention(q, k, v, blocks)
+    torch.testing.assert_close(nabla.gathered_block_attention(q, k, v, blocks), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_nabla_with_everything_kept_equals_dense_attention_and_sparse_differs():
