@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kandinsky5.dit import DiffusionTransformer3D, keeps_fp32  # noqa: E402
 from kandinsky5.tasks import get_task  # noqa: E402
+from modules.memory import release_freed_memory  # noqa: E402
 
 
 def rss_kib(field: str) -> int:
@@ -82,6 +83,7 @@ def build(which: str, task_name: str, device: str) -> torch.nn.Module:
             module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
         else:  # a packed projection: filled in place
             module._parameters[leaf].data.copy_(value)
+    release_freed_memory()  # the random draws' leftovers are no part of either model's footprint
     return model.eval()
 
 
