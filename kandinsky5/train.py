@@ -84,7 +84,7 @@ def training_loss(
         batch["text"].to(device),
         batch["pooled"].to(device),
         t * 1000.0,
-        text_mask=batch["text_mask"].to(device) if batch["text_padded"] else None,
+        text_mask=batch["text_mask"].to(device) if batch.get("text_padded", True) else None,
         rope_scale=task.rope_scale,
         nabla=nabla_params(args, task),
     )
