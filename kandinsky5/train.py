@@ -26,7 +26,7 @@ from tqdm import tqdm
 from dataset.config import load_dataset_config
 from dataset.training_data import EpochBatches, EpochOrder, find_samples, load_batch, samples_fingerprint
 from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
-from modules.prefetch import prefetch_to
+from modules.prefetch import host_to_device, prefetch_to
 from networks.lora_kandinsky import LoRANetwork, create_network
 
 from .checkpoint import load_dit
@@ -68,7 +68,8 @@ def training_loss(
         logit_std=args.logit_std,
         min_timestep=args.min_timestep,
         max_timestep=args.max_timestep,
-    ).to(device)
+    )
+    t = host_to_device(t, device)
     x_t = noisy_latents(x0, noise, t)
     shape, frame_weight, channels = tuple(x0.shape[:4]), None, None
     if task.kind == "i2v" and "first_frame" in batch and x0.shape[1] > 1:

@@ -7,6 +7,14 @@ from collections.abc import Iterable, Iterator
 import torch
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small CPU tensor on ``device`` without waiting for the work already queued there: on CUDA a
+    copy from pageable memory makes the host wait for the stream, one from pinned memory does not."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {
         key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
