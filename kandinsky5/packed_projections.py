@@ -36,8 +36,10 @@ def _share(layers: tuple[nn.Module, ...], name: str, buffer: torch.Tensor) -> No
 
 
 def packed_outputs(layers: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """Every layer applied to ``x``, from one matmul; None unless the layers' parameters lie side by side."""
-    if not _plain(layers):
+    """Every layer applied to ``x``, from one matmul; None unless the layers' parameters lie side by side.
+    Under torch.compile it is always None: the address checks cannot be traced (they would split the
+    compiled graph), and the compiler schedules the separate matmuls itself."""
+    if torch.compiler.is_compiling() or not _plain(layers):
         return None
     weight = _side_by_side([layer.weight for layer in layers])
     bias = _side_by_side([layer.bias for layer in layers])
