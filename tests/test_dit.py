@@ -130,3 +130,19 @@ def test_compiled_blocks_give_the_eager_output_and_gradients():
     assert all(block._compiled_call_impl is not None for block in model.visual_transformer_blocks)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(x.grad, eager_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_each_block_traces_as_one_graph_for_compile(tmp_path):
+    from kandinsky5.checkpoint import load_dit, save_dit
+    from kandinsky5.tasks import get_task
+
+    save_dit(random_dit("tiny-t2v"), tmp_path / "dit.safetensors")
+    model = load_dit(tmp_path / "dit.safetensors", get_task("tiny-t2v"), dtype=torch.float32)  # packed q/k/v
+    calls = {}
+    for block in (model.text_transformer_blocks[0], model.visual_transformer_blocks[0]):
+        block.register_forward_hook(lambda module, args, out: calls.setdefault(module, args) and None)
+    with torch.no_grad():
+        model(*random_inputs(model, 1, 2, 4, 6, 5))
+    for block, args in calls.items():
+        explanation = torch._dynamo.explain(block)(*args)
+        assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
