@@ -4,10 +4,10 @@
 layer's parameter a view of its rows, for the checkpoint loader to fill in place; the module tree,
 the state-dict keys and every single layer stay as they were. ``packed_outputs`` then computes all
 the layers' outputs with one ``F.linear`` over the whole buffer (no copy) and splits the result.
-Whenever the weights are no
-longer side by side (moved or cast one by one, swapped to another device) or a layer's forward has
-been replaced (a LoRA branch, an fp8 layer), it returns None and the caller runs the layers one by
-one, so packing can only change speed, never which computation runs.
+Whenever the weights are no longer side by side (moved or cast one by one, swapped to another
+device) or a layer's forward has been replaced (a LoRA branch, an fp8 layer), it returns None and
+the caller runs the layers one by one, so packing can only change speed, never which computation
+runs.
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ class _ShortAttention(torch.autograd.Function):
         q, k, v, out, lse, key_mask = ctx.saved_tensors
         probs = (_scores(q, k, key_mask) - lse).exp_()
         grad_v = torch.matmul(probs.to(v.dtype).transpose(-1, -2), grad_out)
-        grad_probs = torch.matmul(_wide(grad_out), _wide(v).transpose(-1, -2))
-        row = (_wide(grad_out) * _wide(out)).sum(dim=-1, keepdim=True)
+        grad_out_wide = _wide(grad_out)
+        grad_probs = torch.matmul(grad_out_wide, _wide(v).transpose(-1, -2))
+        row = (grad_out_wide * _wide(out)).sum(dim=-1, keepdim=True)
         grad_scores = probs.mul_(grad_probs.sub_(row)).mul_(q.shape[-1] ** -0.5)
         grad_q = torch.matmul(grad_scores, _wide(k)).to(q.dtype)
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), _wide(q)).to(k.dtype)
