@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from modules.wide_matmul import wide_cpu_matmuls
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -91,8 +93,12 @@ def roofline_pass(shapes: Counter, dtype: torch.dtype, device: str) -> Callable[
     through copies enough to overflow the last-level cache)."""
     g = torch.Generator().manual_seed(0)
     work = []
+    # On a CPU without native bf16 kernels the fastest plain matmul of bf16 operands is the fp32 GEMM
+    # (modules/wide_matmul.py): the roofline runs those shapes in fp32, over fp32 weights that need no
+    # widening, so it stays a bound no model with bf16 weights can beat.
+    reduced = torch.float32 if device == "cpu" and wide_cpu_matmuls(dtype) else dtype
     for shape, count in shapes.items():
-        kind = torch.float32 if shape.fp32 else dtype
+        kind = torch.float32 if shape.fp32 else reduced
         if shape.heads:
             a = torch.randn(shape.heads, shape.m, shape.k, generator=g).to(device, kind)
             b = torch.randn(shape.heads, shape.k, shape.n, generator=g).to(device, kind)

@@ -197,6 +197,8 @@ def prompt_encoding(side: str, a):
         return lambda: encoder.encode(PROMPTS, template, 256)
     from diffusers import Kandinsky5T2VPipeline
 
+    for module in encoder.model.modules():  # the peer keeps PyTorch's own bf16 kernels (no fp32 path)
+        vars(module).pop("forward", None)
     pipe = Kandinsky5T2VPipeline.__new__(Kandinsky5T2VPipeline)  # only its Qwen encoding is used
     tokenizer = encoder.tokenizer
     pipe.tokenizer = lambda text, images=None, videos=None, **options: tokenizer(text, **options)

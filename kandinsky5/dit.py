@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modules.activation_offload import checkpoint_with_offload
 from modules.block_swap import BlockSwap, swap_plan
+from modules.wide_matmul import run_linear
 
 from .attention import AUTO, DEFAULT_BACKEND, attention, auto_backend, check_backend
 from .nabla import check_grid, fractal_order, nabla_attention, raster_order
@@ -91,7 +92,7 @@ class TextEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        projected = self.in_layer(text.to(self.in_layer.weight.dtype))
+        projected = run_linear(self.in_layer, text.to(self.in_layer.weight.dtype))
         norm = self.norm
         weight, bias = norm.weight.float(), norm.bias.float()
         normed = F.layer_norm(projected.float(), norm.normalized_shape, weight, bias, eps=norm.eps)
@@ -110,7 +111,8 @@ class VisualEmbeddings(nn.Module):
         b, t, h, w, c = x.shape
         pt, ph, pw = self.patch_size
         patches = x.view(b, t // pt, pt, h // ph, ph, w // pw, pw, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
-        return self.in_layer(patches.reshape(b, t // pt, h // ph, w // pw, -1).to(self.in_layer.weight.dtype))
+        patches = patches.reshape(b, t // pt, h // ph, w // pw, -1)
+        return run_linear(self.in_layer, patches.to(self.in_layer.weight.dtype))
 
 
 class Modulation(nn.Module):
@@ -141,7 +143,9 @@ class Attention(nn.Module):
         if x is context and (qkv := packed_outputs((self.to_query, self.to_key, self.to_value), x)) is not None:
             return qkv
         kv = packed_outputs((self.to_key, self.to_value), context)
-        return self.to_query(x), *(kv if kv is not None else (self.to_key(context), self.to_value(context)))
+        if kv is None:
+            kv = run_linear(self.to_key, context), run_linear(self.to_value, context)
+        return run_linear(self.to_query, x), *kv
 
     def forward(
         self,
@@ -161,7 +165,7 @@ class Attention(nn.Module):
             out = nabla_attention(q.to(v.dtype), k.to(v.dtype), v, *sparse)
         else:
             out = attention(q.to(v.dtype), k.to(v.dtype), v, key_mask, backend)
-        return self.out_layer(out.flatten(-2))
+        return run_linear(self.out_layer, out.flatten(-2))
 
 
 class FeedForward(nn.Module):
@@ -171,7 +175,7 @@ class FeedForward(nn.Module):
         self.out_layer = nn.Linear(ff_dim, model_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_layer(F.gelu(self.in_layer(x)))
+        return run_linear(self.out_layer, F.gelu(run_linear(self.in_layer, x)))
 
 
 class TextBlock(nn.Module):
@@ -224,7 +228,7 @@ class OutLayer(nn.Module):
 
     def forward(self, visual: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(time_embed).chunk(2, dim=-1)
-        return self.out_layer(modulate(visual, shift, scale).to(visual.dtype))
+        return run_linear(self.out_layer, modulate(visual, shift, scale).to(visual.dtype))
 
 
 class DiffusionTransformer3D(nn.Module):

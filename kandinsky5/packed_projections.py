@@ -13,8 +13,9 @@ runs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from modules.wide_matmul import linear
 
 
 def allocate_packed(layers: tuple[nn.Module, ...], dtype: torch.dtype, device: torch.device | str) -> None:
@@ -45,7 +46,7 @@ def packed_outputs(layers: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torc
     bias = _side_by_side([layer.bias for layer in layers])
     if weight is None or bias is None:
         return None
-    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+    return linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
 
 def _plain(layers) -> bool:

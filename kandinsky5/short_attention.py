@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from modules.wide_matmul import matmul
+
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in fp32, or in its own dtype when that is wider."""
@@ -30,7 +32,7 @@ class _ShortAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, key_mask):
         scores = _scores(q, k, key_mask)
         lse = scores.logsumexp(dim=-1, keepdim=True)
-        out = torch.matmul((scores - lse).exp_().to(v.dtype), v)
+        out = matmul((scores - lse).exp_().to(v.dtype), v)
         ctx.save_for_backward(q, k, v, out, lse, key_mask)
         return out
 
@@ -38,7 +40,7 @@ class _ShortAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_mask = ctx.saved_tensors
         probs = (_scores(q, k, key_mask) - lse).exp_()
-        grad_v = torch.matmul(probs.to(v.dtype).transpose(-1, -2), grad_out)
+        grad_v = matmul(probs.to(v.dtype).transpose(-1, -2), grad_out)
         grad_out_wide = _wide(grad_out)
         grad_probs = torch.matmul(grad_out_wide, _wide(v).transpose(-1, -2))
         row = (grad_out_wide * _wide(out)).sum(dim=-1, keepdim=True)

@@ -1,0 +1,157 @@
+"""bf16 matmuls computed in fp32 on CPUs without native bf16 kernels (modules/wide_matmul.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from modules import wide_matmul
+from modules.fp8 import quantize_linears
+from modules.wide_matmul import linear, matmul, set_wide_cpu_matmuls, wide_cpu_matmuls, widen_linears
+from networks.lora_kandinsky import create_network
+
+from .dit_helpers import random_dit, random_inputs
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def wide():
+    set_wide_cpu_matmuls(True)
+    yield
+    set_wide_cpu_matmuls(None)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Blocks of 16 weight rows for 64 input features, so a 100-row weight is widened in 7 blocks."""
+    monkeypatch.setattr(wide_matmul, "CHUNK_BYTES", 4 * 64 * 16)
+
+
+def bf16_operands(seed=0, rows=100, features=64, tokens=(3, 5)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*tokens, features, generator=g).to(BF16)
+    weight = (torch.randn(rows, features, generator=g) * 0.1).to(BF16)
+    bias = torch.randn(rows, generator=g).to(BF16)
+    return x, weight, bias
+
+
+def test_wide_linear_is_the_fp32_product_rounded_once(wide, small_chunks):
+    x, weight, bias = bf16_operands()
+    out = linear(x, weight, bias)
+    expected = F.linear(x.float(), weight.float(), bias.float())
+    assert out.dtype == BF16 and out.shape == (3, 5, 100)
+    # exact fp32 sums of exact bf16 products, rounded to bf16 once: at most half a bf16 step off
+    assert ((out.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-6).all()
+    assert torch.equal(linear(x, weight), F.linear(x.float(), weight.float()).to(BF16))
+    native = F.linear(x, weight, bias)  # PyTorch's own bf16 kernel, fp32 accumulation too
+    torch.testing.assert_close(out, native, rtol=2**-7, atol=1e-2)
+
+
+def test_wide_linear_gradients_match_fp32_math(wide, small_chunks):
+    x, weight, bias = bf16_operands(seed=1)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+    out = linear(*leaves)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(BF16)
+    out.backward(grad)
+    g = grad.float().reshape(-1, 100)
+    expected = {
+        "x": (g @ weight.float()).view(x.shape),
+        "weight": g.t() @ x.float().reshape(-1, 64),
+        "bias": g.sum(0),
+    }
+    for name, leaf in zip(expected, leaves, strict=True):
+        assert leaf.grad.dtype == BF16, name
+        torch.testing.assert_close(leaf.grad.float(), expected[name], rtol=2**-7, atol=1e-3, msg=name)
+
+
+def test_frozen_weight_gets_no_gradient_and_the_input_does(wide, small_chunks):
+    x, weight, bias = bf16_operands(seed=3)
+    x.requires_grad_(True)
+    linear(x, weight, bias).float().sum().backward()
+    assert weight.grad is None and bias.grad is None
+    torch.testing.assert_close(x.grad.float(), weight.float().sum(0).expand(x.shape), rtol=2**-7, atol=1e-3)
+
+
+def test_wide_matmul_rounds_once_and_fp32_is_untouched(wide):
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 7, 9, generator=g).to(BF16), torch.randn(2, 9, 4, generator=g).to(BF16)
+    assert torch.equal(matmul(a, b), torch.matmul(a.float(), b.float()).to(BF16))
+    a32, b32 = a.float(), b.float()
+    assert torch.equal(matmul(a32, b32), torch.matmul(a32, b32))
+    assert not wide_cpu_matmuls(torch.float32)
+
+
+def test_the_choice_follows_the_override_variable(monkeypatch):
+    set_wide_cpu_matmuls(None)
+    monkeypatch.setenv(wide_matmul.ENV_OVERRIDE, "fp32")
+    assert wide_cpu_matmuls(BF16)
+    monkeypatch.setenv(wide_matmul.ENV_OVERRIDE, "native")
+    assert not wide_cpu_matmuls(BF16)
+    monkeypatch.setenv(wide_matmul.ENV_OVERRIDE, "auto")
+    assert wide_cpu_matmuls(BF16) == (not wide_matmul._native_kernel(BF16))
+    monkeypatch.setenv(wide_matmul.ENV_OVERRIDE, "fast")
+    with pytest.raises(ValueError, match="KANDINSKY5_CPU_MATMUL='fast'"):
+        wide_cpu_matmuls(BF16)
+
+
+class ReducedMatmuls(TorchFunctionMode):
+    """Records each matrix product whose operands are bf16 (the kernels this machine may lack)."""
+
+    PRODUCTS = {F.linear, torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.Tensor.matmul, torch.Tensor.__matmul__}
+
+    def __init__(self):
+        super().__init__()
+        self.reduced = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.PRODUCTS and any(isinstance(a, torch.Tensor) and a.dtype == BF16 for a in args):
+            self.reduced.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def bf16_dit(kind: str):
+    model = random_dit("tiny-t2v").set_compute_dtype(BF16)
+    if kind == "lora":
+        network = create_network(model, 4, 4)
+        for lora in network.loras.values():
+            torch.nn.init.normal_(lora.lora_up.weight, std=0.1)
+        network.apply_to(model)
+    elif kind == "fp8":
+        quantize_linears(model, lambda name: "modulation" not in name and "embeddings" not in name)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "fp8"])
+def test_a_bf16_dit_on_the_fp32_path_runs_no_bf16_product_and_keeps_its_output(kind):
+    model = bf16_dit(kind)
+    inputs = random_inputs(model, 2, 2, 4, 4, 6)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    results = {}
+    try:
+        for wide_path in (False, True):
+            set_wide_cpu_matmuls(wide_path)
+            with ReducedMatmuls() as seen:
+                out = model(*inputs, text_mask=mask)
+                out.float().square().mean().backward()
+            results[wide_path] = out.detach().float(), seen.reduced
+    finally:
+        set_wide_cpu_matmuls(None)
+    (native, native_seen), (widened, wide_seen) = results[False], results[True]
+    assert native_seen  # the check can see bf16 products: the native path has them
+    assert wide_seen == []
+    error = (widened - native).norm() / native.norm()
+    assert error < 0.02  # both are bf16 models; they differ only in the order of the fp32 sums
+
+
+def test_widen_linears_routes_a_foreign_model_and_keeps_its_output(wide):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).to(BF16)
+    x = torch.randn(3, 8).to(BF16)
+    with torch.no_grad():
+        expected = model(x)
+        assert widen_linears(model) == 2
+        with ReducedMatmuls() as seen:
+            out = model(x)
+    assert seen.reduced == []
+    torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-2)
