@@ -155,3 +155,13 @@ def test_widen_linears_routes_a_foreign_model_and_keeps_its_output(wide):
             out = model(x)
     assert seen.reduced == []
     torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-2)
+
+
+def test_a_bf16_block_on_the_fp32_path_traces_as_one_graph_for_compile(wide):
+    model = bf16_dit("plain")
+    block, calls = model.visual_transformer_blocks[0], {}
+    block.register_forward_hook(lambda module, args, out: calls.setdefault("args", args) and None)
+    with torch.no_grad():
+        model(*random_inputs(model, 1, 2, 4, 6, 5))
+    explanation = torch._dynamo.explain(block)(*calls["args"])
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
