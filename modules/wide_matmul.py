@@ -35,11 +35,12 @@ _forced: list[bool | None] = [None]
 @functools.cache
 def _native_kernel(dtype: torch.dtype) -> bool:
     """Whether this CPU has oneDNN kernels for ``dtype`` matmuls (AVX-512 / AVX-NE-CONVERT / AMX or Arm)."""
-    check = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else None
-    if dtype == torch.float16:
-        check = torch.ops.mkldnn._is_mkldnn_fp16_supported
     try:
-        return bool(check())
+        check = {
+            torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+            torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+        }
+        return bool(check[dtype]())
     except (AttributeError, RuntimeError):  # a torch built without oneDNN has no fast kernel either
         return False
 
@@ -78,6 +79,13 @@ def _rows_per_chunk(in_features: int) -> int:
     return max(16, CHUNK_BYTES // (4 * in_features))
 
 
+def _row_blocks(weight: torch.Tensor):
+    """(start, end) of each block of ``weight``'s rows that is widened at once."""
+    rows = _rows_per_chunk(weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        yield start, min(start + rows, weight.shape[0])
+
+
 _scratch = threading.local()
 
 
@@ -95,13 +103,11 @@ def _widened(rows: torch.Tensor) -> torch.Tensor:
 
 def _wide_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias with fp32 arithmetic, weight widened a block of rows at a time; x's dtype out."""
-    rows = _rows_per_chunk(weight.shape[1])
     x32 = x.float()
-    if weight.shape[0] <= rows:
+    if weight.shape[0] <= _rows_per_chunk(weight.shape[1]):
         return F.linear(x32, _widened(weight), None if bias is None else bias.float()).to(x.dtype)
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
-    for start in range(0, weight.shape[0], rows):
-        end = min(start + rows, weight.shape[0])
+    for start, end in _row_blocks(weight):
         part_bias = None if bias is None else bias[start:end].float()
         out[..., start:end] = F.linear(x32, _widened(weight[start:end]), part_bias)
     return out
@@ -120,10 +126,8 @@ class _WideLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         grad32 = grad_out.float().reshape(-1, weight.shape[0])
         if ctx.needs_input_grad[0]:
-            rows = _rows_per_chunk(weight.shape[1])
             grad_x = torch.zeros(grad32.shape[0], weight.shape[1], dtype=torch.float32, device=x.device)
-            for start in range(0, weight.shape[0], rows):  # the sum over output features, a block at a time
-                end = min(start + rows, weight.shape[0])
+            for start, end in _row_blocks(weight):  # the sum over output features, a block at a time
                 grad_x.addmm_(grad32[:, start:end], _widened(weight[start:end]))
             grad_x = grad_x.to(x.dtype).view(x.shape)
         if ctx.needs_input_grad[1]:
@@ -152,9 +156,14 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.float(), b.float()).to(a.dtype)
 
 
+def _untouched_linear(layer: nn.Module) -> bool:
+    """A plain nn.Linear whose forward nobody replaced (a LoRA or :func:`widen_linears` sets ``forward``)."""
+    return type(layer) is nn.Linear and "forward" not in vars(layer)
+
+
 def run_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``; a plain nn.Linear whose forward nobody replaced goes through :func:`linear`."""
-    if type(layer) is nn.Linear and "forward" not in vars(layer):
+    if _untouched_linear(layer):
         return linear(x, layer.weight, layer.bias)
     return layer(x)
 
@@ -171,7 +180,7 @@ def widen_linears(model: nn.Module) -> int:
     :func:`linear`; returns how many. Harmless where the fp32 path does not apply (it then calls F.linear)."""
     count = 0
     for module in model.modules():
-        if type(module) is nn.Linear and "forward" not in vars(module):
+        if _untouched_linear(module):
             module.forward = linear_forward(module)
             count += 1
     return count
