@@ -80,10 +80,17 @@ def _rows_per_chunk(in_features: int) -> int:
 
 
 def _row_blocks(weight: torch.Tensor):
-    """(start, end) of each block of ``weight``'s rows that is widened at once."""
-    rows = _rows_per_chunk(weight.shape[1])
-    for start in range(0, weight.shape[0], rows):
-        yield start, min(start + rows, weight.shape[0])
+    """(start, end) of each block of ``weight``'s rows that is widened at once: as few blocks as
+    CHUNK_BYTES allows, their sizes at most one row apart (a short last block would be a GEMM too
+    thin to run fast)."""
+    total = weight.shape[0]
+    count = -(-total // _rows_per_chunk(weight.shape[1]))
+    size, longer = divmod(total, count)
+    start = 0
+    for index in range(count):
+        end = start + size + (index < longer)
+        yield start, end
+        start = end
 
 
 _scratch = threading.local()
@@ -126,9 +133,12 @@ class _WideLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         grad32 = grad_out.float().reshape(-1, weight.shape[0])
         if ctx.needs_input_grad[0]:
-            grad_x = torch.zeros(grad32.shape[0], weight.shape[1], dtype=torch.float32, device=x.device)
             for start, end in _row_blocks(weight):  # the sum over output features, a block at a time
-                grad_x.addmm_(grad32[:, start:end], _widened(weight[start:end]))
+                part = grad32[:, start:end]
+                if start == 0:
+                    grad_x = part @ _widened(weight[start:end])
+                else:
+                    grad_x.addmm_(part, _widened(weight[start:end]))
             grad_x = grad_x.to(x.dtype).view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_weight = (grad32.t() @ x.float().reshape(-1, weight.shape[1])).to(weight.dtype)

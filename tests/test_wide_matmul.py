@@ -48,6 +48,14 @@ def test_wide_linear_is_the_fp32_product_rounded_once(wide, small_chunks):
     torch.testing.assert_close(out, native, rtol=2**-7, atol=1e-2)
 
 
+def test_weight_rows_are_widened_in_the_fewest_blocks_of_near_equal_size(small_chunks):
+    blocks = list(wide_matmul._row_blocks(torch.empty(100, 64, dtype=BF16)))
+    assert [start for start, _ in blocks] == [0] + [end for _, end in blocks[:-1]] and blocks[-1][1] == 100
+    sizes = [end - start for start, end in blocks]
+    assert len(sizes) == 7 and max(sizes) <= 16 and max(sizes) - min(sizes) <= 1  # not 6 of 16 and one of 4
+    assert list(wide_matmul._row_blocks(torch.empty(16, 64, dtype=BF16))) == [(0, 16)]
+
+
 def test_wide_linear_gradients_match_fp32_math(wide, small_chunks):
     x, weight, bias = bf16_operands(seed=1)
     leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
