@@ -55,6 +55,11 @@ def child_result(command: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _draw(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Seeded bf16 weights of ``shape``: N(0, 1) draws scaled by 0.02 (as torch.randn(...) * 0.02)."""
+    return torch.empty(shape, dtype=torch.bfloat16).normal_(generator=generator).mul_(0.02)
+
+
 def build(which: str, task_name: str, device: str) -> torch.nn.Module:
     """The model on ``device`` with seeded random bf16 weights, fp32 where that model keeps fp32."""
     params = dict(get_task(task_name).dit_params)
@@ -76,13 +81,18 @@ def build(which: str, task_name: str, device: str) -> torch.nn.Module:
     for name in sorted(dict(model.named_parameters())):
         module_path, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_path)
-        shape = module._parameters[leaf].shape
-        value = torch.randn(shape, generator=generator, dtype=torch.bfloat16) * 0.02
-        value = value.to(device=device, dtype=torch.float32 if fp32(name) else torch.bfloat16)
-        if module._parameters[leaf].is_meta:
-            module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-        else:  # a packed projection: filled in place
-            module._parameters[leaf].data.copy_(value)
+        slot = module._parameters[leaf]
+        dtype = torch.float32 if fp32(name) else torch.bfloat16
+        if slot.is_meta and dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+            target = _draw(slot.shape, generator)
+        else:  # fp32, another device, or a packed projection filled in place
+            # the weight's memory comes before its draw's, so freeing the draw leaves no hole in the
+            # heap below it (as a checkpoint load leaves none; activations would fill such holes
+            # later and count in either side's peak memory)
+            target = torch.empty(slot.shape, dtype=dtype, device=device) if slot.is_meta else slot.data
+            target.copy_(_draw(slot.shape, generator))
+        if slot.is_meta:
+            module._parameters[leaf] = torch.nn.Parameter(target, requires_grad=False)
     release_freed_memory()  # the random draws' leftovers are no part of either model's footprint
     return model.eval()
 

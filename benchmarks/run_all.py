@@ -13,6 +13,10 @@ measured in each child between its own runs, the best of both children shown), a
 of its own roofline each side reaches.
 
     python benchmarks/run_all.py [--device cpu|cuda] [--runs 5] [--compile] [--only "DiT forward"]
+                                 [--sides ours]
+
+--sides ours times our side alone (diffusers' columns stay empty): a quick check of a change, not
+a comparison.
 """
 
 from __future__ import annotations
@@ -113,6 +117,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; the best is reported")
     parser.add_argument("--compile", action="store_true", help="our DiT blocks torch.compile'd (as --compile)")
     parser.add_argument("--only", action="append", choices=list(CASES), help="run only these cases")
+    parser.add_argument(
+        "--sides",
+        choices=("both", "ours", "peer"),
+        default="both",
+        help="which implementations to run (default both; 'ours' alone takes minutes instead of diffusers' hour)",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--side_name", help=argparse.SUPPRESS)
     parser.add_argument("--vae_folder", help=argparse.SUPPRESS)
@@ -141,7 +151,7 @@ def main() -> None:
             write_random_qwen(Path(tmp) / "qwen", args.qwen_layers)
         for case in cases:
             result = {}
-            for side in ("ours", "peer"):
+            for side in ("ours", "peer") if args.sides == "both" else (args.sides,):
                 options = {name: getattr(args, name) for name in SIZES}
                 folders = {"vae_folder": Path(tmp) / "vae", "qwen_folder": Path(tmp) / "qwen"}
                 command = child_command(__file__, case=case, side_name=side, **folders, **options)
@@ -151,9 +161,16 @@ def main() -> None:
     print_table(rows)
 
 
+def seconds(result: dict, side: str) -> str:
+    return f"{result[side]['best']:.3f}" if side in result else "-"
+
+
+def gib(result: dict, side: str) -> str:
+    return f"{result[side]['peak_bytes'] / GIB:.2f}" if side in result else "-"
+
+
 def print_row(case: str, result: dict) -> None:
-    ours, peer = result["ours"]["best"], result["peer"]["best"]
-    print(f"  {case}: ours {ours:.3f} s, diffusers {peer:.3f} s", flush=True)
+    print(f"  {case}: ours {seconds(result, 'ours')} s, diffusers {seconds(result, 'peer')} s", flush=True)
 
 
 def print_table(rows) -> None:
@@ -164,17 +181,20 @@ def print_table(rows) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for case, result in rows:
-        ours, peer = result["ours"], result["peer"]
+        ratio = f"{result['ours']['best'] / result['peer']['best']:.3f}" if len(result) == 2 else "-"
         line = (
-            f"| {case} | {ours['best']:.3f} | {peer['best']:.3f} | {ours['best'] / peer['best']:.3f} "
-            f"| {ours['peak_bytes'] / GIB:.2f} | {peer['peak_bytes'] / GIB:.2f} |"
+            f"| {case} | {seconds(result, 'ours')} | {seconds(result, 'peer')} | {ratio} "
+            f"| {gib(result, 'ours')} | {gib(result, 'peer')} |"
         )
-        if "roof_best" in ours:  # each side against the roofline measured beside it
-            roof = min(ours["roof_best"], peer["roof_best"])
-            line += (
-                f" {ours['flops'] / 1e9:.0f} | {roof:.3f} | {ours['roof_best'] / ours['best']:.0%} / "
-                f"{peer['roof_best'] / peer['best']:.0%} |"
-            )
+        measured = [side for side in ("ours", "peer") if "roof_best" in result.get(side, {})]
+        if measured:  # each side against the roofline measured beside it
+            roof = min(result[side]["roof_best"] for side in measured)
+            fractions = [
+                f"{result[side]['roof_best'] / result[side]['best']:.0%}" if side in measured else "-"
+                for side in ("ours", "peer")
+            ]
+            flops = result[measured[0]]["flops"]
+            line += f" {flops / 1e9:.0f} | {roof:.3f} | {fractions[0]} / {fractions[1]} |"
         else:
             line += " | | |"
         print(line)

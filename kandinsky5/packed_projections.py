@@ -7,7 +7,8 @@ the layers' outputs with one ``F.linear`` over the whole buffer (no copy) and sp
 Whenever the weights are no longer side by side (moved or cast one by one, swapped to another
 device) or a layer's forward has been replaced (a LoRA branch, an fp8 layer), it returns None and
 the caller runs the layers one by one, so packing can only change speed, never which computation
-runs.
+runs. When the outputs take part in a backward, each is copied into a tensor of its own: a view of
+the packed result that a later operation saves (attention saves v) would keep all of it alive.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ def packed_outputs(layers: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torc
     bias = _side_by_side([layer.bias for layer in layers])
     if weight is None or bias is None:
         return None
-    return linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+    outputs = linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+    if torch.is_grad_enabled():  # each its own tensor: one saved for a backward (attention keeps v)
+        return tuple(output.contiguous() for output in outputs)  # must not keep the others alive
+    return outputs
 
 
 def _plain(layers) -> bool:

@@ -9,7 +9,10 @@ the input's dtype once, as a native kernel does: the same numbers up to the orde
 
 A Linear weight is widened a block of rows at a time (about CHUNK_BYTES of fp32, which stays in the
 cache while the GEMM reads it), so the fp32 copy of a weight never exists whole in memory: the
-model's weights stay bf16, and the memory traffic is that of reading them once.
+model's weights stay bf16, and the memory traffic is that of reading them once. The fp32 input,
+each block's product and the output gradient go into buffers reused from call to call (each at
+most SCRATCH_LIMIT; larger ones are allocated afresh), so the only allocation a product makes is
+its result; and a frozen weight keeps no copy of the input for the backward.
 
 ``wide_cpu_matmuls()`` tells whether this applies here (no native kernel for the dtype, or the
 KANDINSKY5_CPU_MATMUL=fp32 override); KANDINSKY5_CPU_MATMUL=native turns it off. Everything else
@@ -94,36 +97,58 @@ def _row_blocks(weight: torch.Tensor):
 
 
 _scratch = threading.local()
+SCRATCH_LIMIT = 32 * 2**20  # bytes: larger temporaries are allocated afresh (glibc maps and unmaps them whole)
+
+
+def _scratch_like(name: str, shape, source: torch.Tensor | None = None) -> torch.Tensor:
+    """An fp32 tensor of ``shape`` (holding ``source`` widened, if given) in the reused buffer ``name``
+    of this thread. Eager mode only, and only up to SCRATCH_LIMIT: short-lived fp32 temporaries
+    allocated afresh for every Linear cost time (a fresh block costs about 3x its conversion) and
+    fragment the heap between the activations a backward keeps, which raises peak memory. The
+    result is valid until the next use of ``name`` in the same thread."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if torch.compiler.is_compiling() or 4 * numel > SCRATCH_LIMIT:
+        return torch.empty(shape, dtype=torch.float32) if source is None else source.float().reshape(shape)
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=torch.float32)
+        setattr(_scratch, name, buffer)
+    view = buffer[:numel].view(shape)
+    return view if source is None else view.copy_(source.reshape(shape))
 
 
 def _widened(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` in fp32. In eager mode the copy goes into one reused buffer per thread: a fresh
-    allocation for every block costs about 3x the conversion itself. The result is valid until the
-    next call in the same thread."""
-    if torch.compiler.is_compiling():
-        return rows.float()
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < rows.numel():
-        buffer = _scratch.buffer = torch.empty(rows.numel(), dtype=torch.float32)
-    return buffer[: rows.numel()].view(rows.shape).copy_(rows)
+    """A block of weight ``rows`` in fp32 (in the reused buffer "weight", see :func:`_scratch_like`)."""
+    return _scratch_like("weight", rows.shape, rows)
 
 
 def _wide_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias with fp32 arithmetic, weight widened a block of rows at a time; x's dtype out."""
-    x32 = x.float()
-    if weight.shape[0] <= _rows_per_chunk(weight.shape[1]):
-        return F.linear(x32, _widened(weight), None if bias is None else bias.float()).to(x.dtype)
-    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    """x @ weight.T + bias with fp32 arithmetic, weight widened a block of rows at a time; x's dtype out.
+    The fp32 input and each block's fp32 product live in reused buffers; only the result is allocated."""
+    rows = x.numel() // x.shape[-1]
+    x32 = _scratch_like("input", (rows, x.shape[-1]), x)
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)  # not a view: may be
+    columns = out.view(rows, weight.shape[0])  # added to in place (a LoRA's update)
     for start, end in _row_blocks(weight):
-        part_bias = None if bias is None else bias[start:end].float()
-        out[..., start:end] = F.linear(x32, _widened(weight[start:end]), part_bias)
+        product = _scratch_like("product", (rows, end - start))
+        w32 = _widened(weight[start:end]).t()
+        if bias is None:
+            torch.mm(x32, w32, out=product)
+        else:
+            torch.addmm(bias[start:end].float(), x32, w32, out=product)
+        columns[:, start:end] = product
     return out
 
 
 class _WideLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # The input is needed only for the weight's gradient: a frozen weight (a LoRA's base layer, a
+        # forward+backward for the input's gradient) keeps no activation, as PyTorch's own linear.
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        ctx.input_shape, ctx.input_dtype = x.shape, x.dtype
         ctx.has_bias = bias is not None
         return _wide_linear_forward(x, weight, bias)
 
@@ -131,17 +156,24 @@ class _WideLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
-        grad32 = grad_out.float().reshape(-1, weight.shape[0])
+        out_features, in_features = weight.shape
+        rows = grad_out.numel() // out_features
+        grad32 = _scratch_like("grad", (rows, out_features), grad_out)
         if ctx.needs_input_grad[0]:
+            grad_x32 = _scratch_like("product", (rows, in_features))
             for start, end in _row_blocks(weight):  # the sum over output features, a block at a time
-                part = grad32[:, start:end]
                 if start == 0:
-                    grad_x = part @ _widened(weight[start:end])
+                    torch.mm(grad32[:, start:end], _widened(weight[start:end]), out=grad_x32)
                 else:
-                    grad_x.addmm_(part, _widened(weight[start:end]))
-            grad_x = grad_x.to(x.dtype).view(x.shape)
+                    grad_x32.addmm_(grad32[:, start:end], _widened(weight[start:end]))
+            grad_x = grad_x32.to(ctx.input_dtype).view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad32.t() @ x.float().reshape(-1, weight.shape[1])).to(weight.dtype)
+            x32 = _scratch_like("input", (rows, in_features), x)
+            grad_weight = torch.empty_like(weight)
+            for start, end in _row_blocks(weight):  # fp32 a block of rows at a time, not the whole weight
+                product = _scratch_like("weight", (end - start, in_features))
+                torch.mm(grad32[:, start:end].t(), x32, out=product)
+                grad_weight[start:end] = product
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad32.sum(0).to(weight.dtype)
         return grad_x, grad_weight, grad_bias

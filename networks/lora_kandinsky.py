@@ -44,6 +44,35 @@ NETWORK_ARGS = {
 }
 
 
+class _DownProjection(torch.autograd.Function):
+    """F.linear(x.to(weight.dtype), weight) that keeps ``x`` in its own dtype for the backward and
+    widens it again there. The fp32 copy autograd would keep is twice the size of a bf16 input, and
+    one is kept per layer, where the q, k and v LoRAs of an attention share one input."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.to(weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        return grad_x, grad_weight
+
+
+def down_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A LoRA's down projection of ``x`` in the dtype of its ``weight`` (normally fp32 over a bf16
+    input). Under autocast, which chooses the dtype itself, a plain F.linear."""
+    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return F.linear(x.to(weight.dtype), weight)
+    return _DownProjection.apply(x, weight)
+
+
 class LoRAModule(nn.Module):
     """The low-rank update of one Linear layer."""
 
@@ -75,14 +104,16 @@ class LoRAModule(nn.Module):
         out = self.base_forward(x)
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out
-        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        hidden = down_projection(x, self.lora_down.weight)
         scale = self.scale
         if self.training and self.dropout:
             hidden = F.dropout(hidden, p=self.dropout)
         if self.training and self.rank_dropout:
             keep = torch.rand(hidden.shape[:-1] + (self.rank,), device=hidden.device) > self.rank_dropout
             hidden, scale = hidden * keep.to(hidden.dtype), scale / (1.0 - self.rank_dropout)
-        return out + (self.lora_up(hidden) * scale).to(out.dtype)
+        # in place (neither product keeps its output for the backward): the layer's result is the
+        # base output allocated first, and the fp32 update, freed right away, leaves no hole below it
+        return out.add_(self.lora_up(hidden).mul_(scale).to(out.dtype))
 
 
 def parse_network_args(values: list[str] | None) -> dict:

@@ -76,3 +76,21 @@ def test_a_lora_or_a_moved_weight_runs_the_layers_one_by_one(tmp_path):
     _, calls = forward_counting(fresh, inputs)
     _, packed_calls = forward_counting(saved_and_loaded(tmp_path)[1], inputs)
     assert calls == packed_calls + 2  # that block's q, k, v run apart (its cross-attention stays packed)
+
+
+def test_under_autograd_each_packed_output_is_a_tensor_of_its_own(tmp_path):
+    # attention keeps v for its backward: as a view of the packed result it would keep q and k too
+    from kandinsky5.packed_projections import packed_outputs
+
+    _, loaded = saved_and_loaded(tmp_path)
+    attention = loaded.visual_transformer_blocks[0].self_attention
+    layers = (attention.to_query, attention.to_key, attention.to_value)
+    x = torch.randn(1, 5, layers[0].in_features)
+    with torch.no_grad():
+        views = packed_outputs(layers, x)
+    assert len({t.untyped_storage().data_ptr() for t in views}) == 1  # inference: one result, split
+    separate = packed_outputs(layers, x.requires_grad_(True))
+    assert len({t.untyped_storage().data_ptr() for t in separate}) == 3
+    for view, own in zip(views, separate, strict=True):
+        assert torch.equal(view, own) and own.requires_grad
+        assert own.untyped_storage().nbytes() == own.numel() * own.element_size()

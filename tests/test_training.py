@@ -332,3 +332,24 @@ def test_training_with_block_swap_gives_the_same_lora(tiny_tree, cached_dataset,
         )
     plain, swapped = (load_file(str(tmp_path / n / "lora.safetensors")) for n in ("plain", "swapped"))
     assert all(torch.equal(plain[k], swapped[k]) for k in plain)
+
+
+def test_the_lora_down_projection_keeps_the_bf16_input_not_an_fp32_copy():
+    # q, k and v LoRAs share one bf16 input; autograd's fp32 copy per layer was twice its size each
+    from networks.lora_kandinsky import down_projection
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 5, 24, generator=g).to(torch.bfloat16).requires_grad_(True)
+    weight = torch.randn(4, 24, generator=g).requires_grad_(True)
+    grad = torch.randn(2, 5, 4, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = down_projection(x, weight)
+    assert out.dtype == torch.float32 and not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
+    out.backward(grad)
+    x_ref, weight_ref = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    reference = torch.nn.functional.linear(x_ref.float(), weight_ref)
+    reference.backward(grad)
+    assert torch.equal(out, reference)
+    assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(weight.grad, weight_ref.grad)
