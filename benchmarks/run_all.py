@@ -181,7 +181,8 @@ def print_table(rows) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for case, result in rows:
-        ratio = f"{result['ours']['best'] / result['peer']['best']:.3f}" if len(result) == 2 else "-"
+        both = "ours" in result and "peer" in result
+        ratio = f"{result['ours']['best'] / result['peer']['best']:.3f}" if both else "-"
         line = (
             f"| {case} | {seconds(result, 'ours')} | {seconds(result, 'peer')} | {ratio} "
             f"| {gib(result, 'ours')} | {gib(result, 'peer')} |"

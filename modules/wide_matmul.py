@@ -22,6 +22,7 @@ KANDINSKY5_CPU_MATMUL=fp32 override); KANDINSKY5_CPU_MATMUL=native turns it off.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 
@@ -106,9 +107,7 @@ def _scratch_like(name: str, shape, source: torch.Tensor | None = None) -> torch
     allocated afresh for every Linear cost time (a fresh block costs about 3x its conversion) and
     fragment the heap between the activations a backward keeps, which raises peak memory. The
     result is valid until the next use of ``name`` in the same thread."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     if torch.compiler.is_compiling() or 4 * numel > SCRATCH_LIMIT:
         return torch.empty(shape, dtype=torch.float32) if source is None else source.float().reshape(shape)
     buffer = getattr(_scratch, name, None)
@@ -129,8 +128,9 @@ def _wide_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     The fp32 input and each block's fp32 product live in reused buffers; only the result is allocated."""
     rows = x.numel() // x.shape[-1]
     x32 = _scratch_like("input", (rows, x.shape[-1]), x)
-    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)  # not a view: may be
-    columns = out.view(rows, weight.shape[0])  # added to in place (a LoRA's update)
+    # the result is allocated in its final shape, not returned as a view: a LoRA adds to it in place
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    columns = out.view(rows, weight.shape[0])
     for start, end in _row_blocks(weight):
         product = _scratch_like("product", (rows, end - start))
         w32 = _widened(weight[start:end]).t()
