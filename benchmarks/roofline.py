@@ -8,9 +8,10 @@ in the same process, its runs alternating with the model's, so that a busy machi
 a model's fraction of the roofline is that time over its own. A model reads each
 layer's weight once, from memory; so does the roofline: a shape that occurs n times runs n times
 over distinct weights (cycling through enough copies to overflow the last-level cache), since one
-weight run again and again would stay in the cache and give a roofline no model can reach. The backward of a
-frozen-weight (LoRA-style) pass adds, per Linear, the input gradient (m x n times n x k) and, per
-attention, four products the size of the forward's two.
+weight run again and again would stay in the cache and give a roofline no model can reach. The
+backward of a frozen-weight (LoRA-style) pass adds the input gradients on the latents' path
+(:func:`backward_parts`). The shapes come in parts (outside the blocks, one text block, one visual
+block), so that benchmarks/interleaved.py can run each block's share right after that block.
 """
 
 from __future__ import annotations
@@ -38,46 +39,77 @@ class Shape:
         return 2 * self.m * self.k * self.n * max(self.heads, 1)
 
 
-def forward_shapes(params: dict, visual_tokens: int, text_tokens: int, batch: int = 1) -> Counter:
-    """The matmuls of one forward, with how often each occurs."""
-    d, ff, time_dim = params["model_dim"], params["ff_dim"], params["time_dim"]
-    heads, head_dim = d // sum(params["axes_dims"]), sum(params["axes_dims"])
+def _params(params: dict, batch: int) -> tuple:
+    d, heads = params["model_dim"], params["model_dim"] // sum(params["axes_dims"])
+    return d, params["ff_dim"], params["time_dim"], heads, sum(params["axes_dims"]), batch * heads
+
+
+def forward_parts(params: dict, visual_tokens: int, text_tokens: int, batch: int = 1) -> dict[str, Counter]:
+    """The matmuls of one forward with how often each occurs, in three parts: "outside the blocks"
+    (embeddings, output layer), "text block" and "visual block" (each one block's)."""
+    d, ff, time_dim, heads, head_dim, batch_heads = _params(params, batch)
     channels = 2 * params["in_visual_dim"] + 1 if params["visual_cond"] or params["instruct_type"] else 16
     v, t = batch * visual_tokens, batch * text_tokens
-    shapes: Counter = Counter()
-    shapes[Shape(batch, d, time_dim, fp32=True)] += 1  # time embedding
-    shapes[Shape(batch, time_dim, time_dim, fp32=True)] += 1
-    shapes[Shape(batch, params["in_text_dim2"], time_dim)] += 1  # pooled text
-    shapes[Shape(t, params["in_text_dim"], d)] += 1  # text embedding
-    shapes[Shape(v, 4 * channels, d)] += 1  # patch embedding (patch 1x2x2)
+    outer, text, visual = Counter(), Counter(), Counter()
+    outer[Shape(batch, d, time_dim, fp32=True)] += 1  # time embedding
+    outer[Shape(batch, time_dim, time_dim, fp32=True)] += 1
+    outer[Shape(batch, params["in_text_dim2"], time_dim)] += 1  # pooled text
+    outer[Shape(t, params["in_text_dim"], d)] += 1  # text embedding
+    outer[Shape(v, 4 * channels, d)] += 1  # patch embedding (patch 1x2x2)
+    outer[Shape(batch, time_dim, 2 * d, fp32=True)] += 1
+    outer[Shape(v, d, 4 * params["out_visual_dim"])] += 1
+    text[Shape(batch, time_dim, 6 * d, fp32=True)] += 1
+    text[Shape(t, d, d)] += 4
+    text[Shape(t, d, ff)] += 1
+    text[Shape(t, ff, d)] += 1
+    text[Shape(text_tokens, head_dim, text_tokens, heads=batch_heads)] += 2
+    visual[Shape(batch, time_dim, 9 * d, fp32=True)] += 1
+    visual[Shape(v, d, d)] += 6  # self q, k, v, out; cross q, out
+    visual[Shape(t, d, d)] += 2  # cross k, v
+    visual[Shape(v, d, ff)] += 1
+    visual[Shape(v, ff, d)] += 1
+    visual[Shape(visual_tokens, head_dim, visual_tokens, heads=batch_heads)] += 2
+    visual[Shape(visual_tokens, head_dim, text_tokens, heads=batch_heads)] += 2
+    return {"outside the blocks": outer, "text block": text, "visual block": visual}
+
+
+def backward_parts(params: dict, visual_tokens: int, text_tokens: int, batch: int = 1) -> dict[str, Counter]:
+    """The matmuls of the backward of a forward with frozen weights in which only the latents need a
+    gradient (the base model's work in a LoRA step): the input gradient of every Linear on the path
+    from the latents to the output (not the text's, nor the time embedding's) and of the attention
+    products on it (self-attention's four, cross-attention's two for the queries alone)."""
+    d, ff, _, heads, head_dim, batch_heads = _params(params, batch)
+    channels = 2 * params["in_visual_dim"] + 1 if params["visual_cond"] or params["instruct_type"] else 16
+    v = batch * visual_tokens
+    outer, visual = Counter(), Counter()
+    outer[Shape(v, d, 4 * channels)] += 1  # patch embedding
+    outer[Shape(v, 4 * params["out_visual_dim"], d)] += 1
+    visual[Shape(v, d, d)] += 6  # self q, k, v, out; cross q, out
+    visual[Shape(v, ff, d)] += 1
+    visual[Shape(v, d, ff)] += 1
+    visual[Shape(visual_tokens, head_dim, visual_tokens, heads=batch_heads)] += 4
+    visual[Shape(visual_tokens, head_dim, text_tokens, heads=batch_heads)] += 2
+    return {"outside the blocks": outer, "text block": Counter(), "visual block": visual}
+
+
+def whole(parts: dict[str, Counter], params: dict) -> Counter:
+    """The matmuls of all of a pass: the part outside the blocks once, each block's once per block."""
+    shapes = Counter(parts["outside the blocks"])
     for _ in range(params["num_text_blocks"]):
-        shapes[Shape(batch, time_dim, 6 * d, fp32=True)] += 1
-        shapes[Shape(t, d, d)] += 4
-        shapes[Shape(t, d, ff)] += 1
-        shapes[Shape(t, ff, d)] += 1
-        shapes[Shape(text_tokens, head_dim, text_tokens, heads=batch * heads)] += 2
+        shapes.update(parts["text block"])
     for _ in range(params["num_visual_blocks"]):
-        shapes[Shape(batch, time_dim, 9 * d, fp32=True)] += 1
-        shapes[Shape(v, d, d)] += 6  # self q, k, v, out; cross q, out
-        shapes[Shape(t, d, d)] += 2  # cross k, v
-        shapes[Shape(v, d, ff)] += 1
-        shapes[Shape(v, ff, d)] += 1
-        shapes[Shape(visual_tokens, head_dim, visual_tokens, heads=batch * heads)] += 2
-        shapes[Shape(visual_tokens, head_dim, text_tokens, heads=batch * heads)] += 2
-    shapes[Shape(batch, time_dim, 2 * d, fp32=True)] += 1
-    shapes[Shape(v, d, 4 * params["out_visual_dim"])] += 1
+        shapes.update(parts["visual block"])
     return shapes
 
 
-def backward_shapes(forward: Counter) -> Counter:
-    """Input gradients with frozen weights: each Linear once more transposed, each attention product twice."""
-    shapes: Counter = Counter()
-    for shape, count in forward.items():
-        if shape.heads:
-            shapes[shape] += 2 * count
-        elif not shape.fp32:  # the fp32 layers see only the time embedding, which needs no gradient
-            shapes[Shape(shape.m, shape.n, shape.k)] += count
-    return shapes
+def forward_shapes(params: dict, visual_tokens: int, text_tokens: int, batch: int = 1) -> Counter:
+    """The matmuls of one forward, with how often each occurs."""
+    return whole(forward_parts(params, visual_tokens, text_tokens, batch), params)
+
+
+def backward_shapes(params: dict, visual_tokens: int, text_tokens: int, batch: int = 1) -> Counter:
+    """The matmuls of the backward of :func:`backward_parts`, with how often each occurs."""
+    return whole(backward_parts(params, visual_tokens, text_tokens, batch), params)
 
 
 def total_flops(shapes: Counter) -> int:

@@ -8,9 +8,11 @@ peak allocated GPU memory) is its own. Times are the best of
 --runs after that first run, with the sampler stopped.
 
 For the DiT rows the table also gives the matmul work counted from the shapes (benchmarks/
-roofline.py), the time the same matmuls take as plain matmuls on this device (the roofline,
-measured in each child between its own runs, the best of both children shown), and the fraction
-of its own roofline each side reaches.
+roofline.py), the time the same matmuls take as plain matmuls on this device (the roofline, the
+best of both children shown), and the fraction of its own roofline each side reaches. Each child
+measures that fraction in --runs more runs with the roofline's share of each block run right after
+the block (benchmarks/interleaved.py), so that a machine whose speed drifts slows both alike: the
+sum of the roofline's times over the sum of the model's.
 
     python benchmarks/run_all.py [--device cpu|cuda] [--runs 5] [--compile] [--only "DiT forward"]
                                  [--sides ours]
@@ -27,7 +29,6 @@ import platform
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -36,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_forward import child_command, child_result  # noqa: E402
+from interleaved import Interleaved  # noqa: E402
 from memory import PeakSampler  # noqa: E402
-from roofline import backward_shapes, forward_shapes, roofline_pass, total_flops  # noqa: E402
+from roofline import backward_parts, forward_parts, total_flops, whole  # noqa: E402
 from suite_cases import CASES, PROMPTS  # noqa: E402
 
 from kandinsky5.tasks import get_task  # noqa: E402
@@ -57,16 +59,13 @@ def child(args: argparse.Namespace) -> None:
     run()  # warm-up (and compilation), with the memory sampler on
     sync()
     peak = torch.cuda.max_memory_allocated() if cuda else sampler.stop()  # the sampler thread would slow the timing
-    shapes = dit_shapes(args).get(args.case)
-    roof = roofline_pass(shapes, torch.bfloat16, args.device) if shapes else None
-    times, roof_times = [], []
-    for _ in range(args.runs):
-        times.append(timed(run, sync))
-        if roof is not None:
-            roof_times.append(timed(roof, sync))
+    times = [timed(run, sync) for _ in range(args.runs)]
     result = {"best": min(times), "times": times, "peak_bytes": peak}
-    if roof is not None:
-        result.update(roof_best=min(roof_times), flops=total_flops(shapes))
+    if args.case in DIT_CASES:  # then as many runs again, each block followed by its share of the roofline
+        forward, backward, flops = dit_work(args)[args.case]
+        interleaved = Interleaved(run.model, forward, backward, args.device, sync)
+        model_seconds, roof_seconds = zip(*(interleaved.measure(run) for _ in range(args.runs)), strict=True)
+        result.update(interleaved=model_seconds, roof_times=roof_seconds, roof_best=min(roof_seconds), flops=flops)
     print(json.dumps(result))
 
 
@@ -92,15 +91,26 @@ def write_random_qwen(folder: Path, layers: int) -> None:
     write_qwen(folder, seed=0, language={**QWEN_WIDTH, "num_hidden_layers": layers}, dtype=torch.bfloat16)
 
 
-def dit_shapes(args: argparse.Namespace) -> dict[str, Counter]:
-    """The matmuls of each DiT case, counted from the shapes (benchmarks/roofline.py)."""
+DIT_CASES = ("DiT forward", "DiT forward+backward", "sampling step (CFG)")
+
+
+def dit_work(args: argparse.Namespace) -> dict[str, tuple]:
+    """Per DiT case: the roofline's parts of a forward and of a backward for a batch size
+    (benchmarks/roofline.py), and the matmul FLOPs of one unit of work."""
     params = dict(get_task(args.task).dit_params)
     visual = args.frames * (args.side // 2) ** 2
-    forward = forward_shapes(params, visual, args.text_tokens)
+
+    def forward(batch: int) -> dict:
+        return forward_parts(params, visual, args.text_tokens, batch)
+
+    def backward(batch: int) -> dict:
+        return backward_parts(params, visual, args.text_tokens, batch)
+
+    one = total_flops(whole(forward(1), params))
     return {
-        "DiT forward": forward,
-        "DiT forward+backward": forward + backward_shapes(forward),
-        "sampling step (CFG)": forward_shapes(params, visual, args.text_tokens, batch=2),
+        "DiT forward": (forward, backward, one),
+        "DiT forward+backward": (forward, backward, one + total_flops(whole(backward(1), params))),
+        "sampling step (CFG)": (forward, backward, total_flops(whole(forward(2), params))),
     }
 
 
@@ -169,6 +179,11 @@ def gib(result: dict, side: str) -> str:
     return f"{result[side]['peak_bytes'] / GIB:.2f}" if side in result else "-"
 
 
+def fraction(measured: dict) -> float:
+    """The roofline's seconds over the model's, summed over the runs interleaved block by block."""
+    return sum(measured["roof_times"]) / sum(measured["interleaved"])
+
+
 def print_row(case: str, result: dict) -> None:
     print(f"  {case}: ours {seconds(result, 'ours')} s, diffusers {seconds(result, 'peer')} s", flush=True)
 
@@ -190,10 +205,7 @@ def print_table(rows) -> None:
         measured = [side for side in ("ours", "peer") if "roof_best" in result.get(side, {})]
         if measured:  # each side against the roofline measured beside it
             roof = min(result[side]["roof_best"] for side in measured)
-            fractions = [
-                f"{result[side]['roof_best'] / result[side]['best']:.0%}" if side in measured else "-"
-                for side in ("ours", "peer")
-            ]
+            fractions = [f"{fraction(result[side]):.0%}" if side in measured else "-" for side in ("ours", "peer")]
             flops = result[measured[0]]["flops"]
             line += f" {flops / 1e9:.0f} | {roof:.3f} | {fractions[0]} / {fractions[1]} |"
         else:

@@ -31,6 +31,12 @@ def dit(side: str, a):
     return model
 
 
+def with_model(run, model):
+    """``run`` carrying the DiT it runs (benchmarks/interleaved.py hooks its blocks)."""
+    run.model = model
+    return run
+
+
 def dit_call(side: str, model, task_name: str, frames: int, latent_side: int, text_tokens: int, device: str):
     """model(x, text, pooled, time) with each side's calling convention."""
     rope = get_task(task_name).rope_scale
@@ -49,7 +55,7 @@ def forward(side: str, a):
         with torch.no_grad():
             call(x, text, pooled, time_)
 
-    return run
+    return with_model(run, model)
 
 
 def forward_backward(side: str, a):
@@ -63,7 +69,7 @@ def forward_backward(side: str, a):
         call(x, text, pooled, time_).float().square().mean().backward()
         x.grad = None
 
-    return run
+    return with_model(run, model)
 
 
 def sampling_step(side: str, a):
@@ -84,7 +90,7 @@ def sampling_step(side: str, a):
             with torch.no_grad():
                 return latent + (-0.02) * denoiser(latent, torch.tensor(0.9, device=a.device))
 
-        return run
+        return with_model(run, model)
     call = dit_call(side, model, a.task, a.frames, a.side, a.text_tokens, a.device)
     extra = torch.zeros(*latent.shape[:4], 17, device=a.device)
 
@@ -95,7 +101,7 @@ def sampling_step(side: str, a):
             v_uncond = call(model_in, uncond_text, pooled, time_).float()
             return latent + (-0.02) * (v_uncond + GUIDANCE * (v_cond - v_uncond))
 
-    return run
+    return with_model(run, model)
 
 
 def training_step(side: str, a):

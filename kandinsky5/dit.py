@@ -152,7 +152,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor,
         key_mask: torch.Tensor | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: torch.Tensor | None,
         backend: str,
         sparse: tuple | None = None,
     ) -> torch.Tensor:

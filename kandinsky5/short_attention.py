@@ -21,32 +21,46 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 def _scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     """(B, H, L, S) fp32 scores of (B, H, L, D) queries and (B, H, S, D) keys; masked keys at -inf."""
-    scores = torch.matmul(_wide(q), _wide(k).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = torch.matmul(_wide(q), _wide(k).transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
     if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        scores.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
     return scores
+
+
+def _softmax_and_lse(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax of ``scores`` over keys, computed in place, and the row log-sum-exp (kept for the
+    backward): one pass for the maximum, one for exp, one for the sum, one to divide."""
+    peak = scores.amax(dim=-1, keepdim=True)
+    probs = scores.sub_(peak).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    return probs.div_(total), total.log_().add_(peak)
 
 
 class _ShortAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask):
-        scores = _scores(q, k, key_mask)
-        lse = scores.logsumexp(dim=-1, keepdim=True)
-        out = matmul((scores - lse).exp_().to(v.dtype), v)
+        probs, lse = _softmax_and_lse(_scores(q, k, key_mask))
+        out = matmul(probs.to(v.dtype), v)
         ctx.save_for_backward(q, k, v, out, lse, key_mask)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_mask = ctx.saved_tensors
-        probs = (_scores(q, k, key_mask) - lse).exp_()
-        grad_v = matmul(probs.to(v.dtype).transpose(-1, -2), grad_out)
-        grad_out_wide = _wide(grad_out)
-        grad_probs = torch.matmul(grad_out_wide, _wide(v).transpose(-1, -2))
-        row = (grad_out_wide * _wide(out)).sum(dim=-1, keepdim=True)
-        grad_scores = probs.mul_(grad_probs.sub_(row)).mul_(q.shape[-1] ** -0.5)
-        grad_q = torch.matmul(grad_scores, _wide(k)).to(q.dtype)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), _wide(q)).to(k.dtype)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]  # cross-attention's keys and values often need none
+        grad_q = grad_k = grad_v = None
+        probs = _scores(q, k, key_mask).sub_(lse).exp_()
+        if need_v:
+            grad_v = matmul(probs.to(v.dtype).transpose(-1, -2), grad_out)
+        if need_q or need_k:
+            grad_out_wide = _wide(grad_out)
+            grad_probs = torch.matmul(grad_out_wide, _wide(v).transpose(-1, -2))
+            row = (grad_out_wide * _wide(out)).sum(dim=-1, keepdim=True)
+            grad_scores = probs.mul_(grad_probs.sub_(row)).mul_(q.shape[-1] ** -0.5)
+            if need_q:
+                grad_q = torch.matmul(grad_scores, _wide(k)).to(q.dtype)
+            if need_k:
+                grad_k = torch.matmul(grad_scores.transpose(-1, -2), _wide(q)).to(k.dtype)
         return grad_q, grad_k, grad_v, None
 
 

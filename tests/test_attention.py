@@ -86,3 +86,19 @@ def test_short_cpu_attention_and_its_backward_match_sdpa_with_a_padding_mask():
     # bf16 inputs: scores and softmax in fp32, within bf16 rounding of the fp64 result
     low = [t.detach().bfloat16() for t in (q, k, v)]
     torch.testing.assert_close(short_attention(*low, mask).double(), expected.detach(), rtol=0.02, atol=0.02)
+
+
+def test_short_cpu_attention_computes_only_the_gradients_asked_for():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (6, 4, 4))
+    grad = torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64)
+    every = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    short_attention(*every).backward(grad)
+    query = q.clone().requires_grad_(True)  # cross-attention: the text's keys and values need no gradient
+    keys, values = k.clone(), v.clone()
+    short_attention(query, keys, values).backward(grad)
+    torch.testing.assert_close(query.grad, every[0].grad)
+    assert keys.grad is None and values.grad is None
+    value = v.clone().requires_grad_(True)
+    short_attention(q, k, value).backward(grad)
+    torch.testing.assert_close(value.grad, every[2].grad)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 RUN_ALL = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
 
 
@@ -32,3 +34,72 @@ def test_run_all_times_our_side_alone():
     _, ours, peer, ratio, ours_peak, peer_peak, _, _, fractions = cells(row)
     assert float(ours) > 0 and float(ours_peak) > 0
     assert peer == ratio == peer_peak == "-" and fractions.endswith("/ -")
+
+
+def test_the_counted_matmul_work_is_what_the_model_runs():
+    """forward_shapes / backward_shapes against the FLOPs PyTorch counts in a real pass of a tiny DiT
+    (visual conditioning, masked-free text); the backward also recomputes each attention's scores,
+    work the minimal count leaves out."""
+    sys.path.insert(0, str(RUN_ALL.parent))
+    from dit_forward import build, inputs
+    from roofline import Shape, backward_shapes, forward_shapes, total_flops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kandinsky5.tasks import get_task
+
+    task, frames, side, text_tokens = "tiny-t2v", 2, 8, 5
+    params, visual = get_task(task).dit_params, frames * (side // 2) ** 2
+    model = build("ours", task, "cpu")
+    x, text, pooled, time_ = inputs(task, "cpu", frames, side, text_tokens)
+    with torch.no_grad(), FlopCounterMode(display=False) as counted:
+        model(x, text, pooled, time_)
+    assert counted.get_total_flops() == total_flops(forward_shapes(params, visual, text_tokens))
+
+    out = model(x.requires_grad_(True), text, pooled, time_)
+    with FlopCounterMode(display=False) as counted:
+        out.float().square().mean().backward()
+    heads, head_dim = params["model_dim"] // sum(params["axes_dims"]), sum(params["axes_dims"])
+    recomputed = params["num_visual_blocks"] * (
+        Shape(visual, head_dim, visual, heads=heads).flops + Shape(visual, head_dim, text_tokens, heads=heads).flops
+    )
+    assert counted.get_total_flops() == total_flops(backward_shapes(params, visual, text_tokens)) + recomputed
+
+
+def test_the_interleaved_roofline_runs_each_blocks_share_after_that_block_once():
+    sys.path.insert(0, str(RUN_ALL.parent))
+    from dit_forward import build, inputs
+    from interleaved import Interleaved
+    from roofline import backward_parts, forward_parts
+
+    from kandinsky5.tasks import get_task
+
+    task, frames, side, text_tokens = "tiny-t2v", 1, 4, 3
+    params, visual = get_task(task).dit_params, frames * (side // 2) ** 2
+    model = build("ours", task, "cpu")
+    x, text, pooled, time_ = inputs(task, "cpu", frames, side, text_tokens)
+    x.requires_grad_(True)  # a leaf used by every run, as in the forward+backward case
+
+    def forward_backward():
+        model(x, text, pooled, time_).float().square().mean().backward()
+
+    interleaved = Interleaved(
+        model,
+        lambda batch: forward_parts(params, visual, text_tokens, batch),
+        lambda batch: backward_parts(params, visual, text_tokens, batch),
+        "cpu",
+        lambda: None,
+    )
+    blocks = {"text block": params["num_text_blocks"], "visual block": params["num_visual_blocks"]}
+    expected = {("forward", part, 1): count for part, count in blocks.items()}
+    expected |= {("forward", "outside the blocks", 1): 1, ("backward", "outside the blocks", 1): 1}
+    expected[("backward", "visual block", 1)] = blocks["visual block"]  # the text needs no gradient
+    for _ in range(2):  # the second run meets no hook left over from the first
+        model_seconds, roof_seconds = interleaved.measure(forward_backward)
+        assert dict(interleaved.shares_run) == expected
+        assert model_seconds > 0 and roof_seconds > 0
+    pair = [t.expand(2, *t.shape[1:]) for t in (x.detach(), text, pooled)]  # a batch of two (as CFG)
+    with torch.no_grad():
+        interleaved.measure(lambda: model(*pair, time_))
+    once = {**blocks, "outside the blocks": 1}
+    assert dict(interleaved.shares_run) == {("forward", part, 2): count for part, count in once.items()}
+    assert not model._forward_hooks and not any(block._forward_hooks for block in model.visual_transformer_blocks)

@@ -24,8 +24,8 @@ def wide():
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Blocks of 16 weight rows for 64 input features, so a 100-row weight is widened in 7 blocks."""
-    monkeypatch.setattr(wide_matmul, "CHUNK_BYTES", 4 * 64 * 16)
+    """Blocks of 16 weight rows, so a 100-row weight is widened in 7 blocks (the last of 4 rows)."""
+    monkeypatch.setattr(wide_matmul, "BLOCK_ROWS", 16)
 
 
 def bf16_operands(seed=0, rows=100, features=64, tokens=(3, 5)):
@@ -48,12 +48,25 @@ def test_wide_linear_is_the_fp32_product_rounded_once(wide, small_chunks):
     torch.testing.assert_close(out, native, rtol=2**-7, atol=1e-2)
 
 
-def test_weight_rows_are_widened_in_the_fewest_blocks_of_near_equal_size(small_chunks):
-    blocks = list(wide_matmul._row_blocks(torch.empty(100, 64, dtype=BF16)))
-    assert [start for start, _ in blocks] == [0] + [end for _, end in blocks[:-1]] and blocks[-1][1] == 100
-    sizes = [end - start for start, end in blocks]
-    assert len(sizes) == 7 and max(sizes) <= 16 and max(sizes) - min(sizes) <= 1  # not 6 of 16 and one of 4
-    assert list(wide_matmul._row_blocks(torch.empty(16, 64, dtype=BF16))) == [(0, 16)]
+def _block_sizes(rows: int, features: int = 64) -> list[int]:
+    blocks = list(wide_matmul._row_blocks(torch.empty(rows, features, dtype=BF16)))
+    assert blocks[0][0] == 0 and blocks[-1][1] == rows
+    assert [start for start, _ in blocks[1:]] == [end for _, end in blocks[:-1]]  # no gap, no overlap
+    return [end - start for start, end in blocks]
+
+
+def test_weight_rows_are_widened_in_blocks_of_block_rows_a_short_remainder_joining_the_last(small_chunks):
+    assert _block_sizes(100) == [16] * 6 + [4]
+    assert _block_sizes(99) == [16] * 5 + [19]  # 3 rows alone would be a GEMM too thin to run fast
+    assert _block_sizes(16) == [16] and _block_sizes(5) == [5]
+
+
+def test_blocks_have_fewer_rows_where_block_rows_of_fp32_would_pass_the_scratch_limit(monkeypatch):
+    monkeypatch.setattr(wide_matmul, "SCRATCH_LIMIT", 4 * 1000 * 200)  # 200 rows of 1000 features
+    assert wide_matmul._rows_per_block(1000) == 192  # a multiple of 64 that fits
+    assert wide_matmul._rows_per_block(10) == wide_matmul.BLOCK_ROWS
+    assert wide_matmul._rows_per_block(10**6) == 64  # never fewer
+    assert _block_sizes(1010, 1000) == [192] * 5 + [50] and _block_sizes(1000, 1000) == [192] * 4 + [232]
 
 
 def test_wide_linear_gradients_match_fp32_math(wide, small_chunks):
