@@ -4,8 +4,9 @@ Every Linear layer and both attention products of every block are listed as matm
 (m x k times k x n), each with the dtype the official numerics give it: the time embedding and the
 modulations run in fp32, everything else in the compute dtype. The roofline is the time the same
 shapes take as plain matmuls (torch.nn.functional.linear / torch.matmul) on this device, measured
-in the same process, its runs alternating with the model's, so that a busy machine slows both alike;
-a model's fraction of the roofline is that time over its own. A model reads each
+in the same process as the model, each block's share right after that block (benchmarks/
+interleaved.py), so that a busy machine slows both alike; a model's fraction of the roofline is
+that time over its own. A model reads each
 layer's weight once, from memory; so does the roofline: a shape that occurs n times runs n times
 over distinct weights (cycling through enough copies to overflow the last-level cache), since one
 weight run again and again would stay in the cache and give a roofline no model can reach. The
