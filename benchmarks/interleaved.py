@@ -42,12 +42,12 @@ class Interleaved:
 
     def measure(self, run: Callable[[], object]) -> tuple[float, float]:
         """(the model's seconds, the roofline's seconds) of one ``run``."""
-        self._handles = [self.model.register_forward_hook(self._after_model)]
+        self._handles = [self.model.register_forward_hook(self._after("outside the blocks"))]
         for part, blocks in (
             ("text block", self.model.text_transformer_blocks),
             ("visual block", self.model.visual_transformer_blocks),
         ):
-            self._handles += [block.register_forward_hook(self._after_block(part)) for block in blocks]
+            self._handles += [block.register_forward_hook(self._after(part)) for block in blocks]
         self._hook_seconds = self._roof_seconds = 0.0
         self.shares_run.clear()
         try:
@@ -86,15 +86,12 @@ class Interleaved:
         if torch.is_grad_enabled() and hidden.requires_grad:
             self._handles.append(hidden.register_hook(lambda grad: self._run_share("backward", part, batch)))
 
-    def _after_block(self, part: str):
+    def _after(self, part: str):
+        """A forward hook for a block (or the model) of ``part``: its first argument is the hidden state."""
+
         def hook(module, args, output):
             batch = args[0].shape[0]
             self._run_share("forward", part, batch)
             self._on_backward(args[0], part, batch)
 
         return hook
-
-    def _after_model(self, module, args, output) -> None:
-        batch = args[0].shape[0]
-        self._run_share("forward", "outside the blocks", batch)
-        self._on_backward(args[0], "outside the blocks", batch)

@@ -6,13 +6,13 @@ modulations run in fp32, everything else in the compute dtype. The roofline is t
 shapes take as plain matmuls (torch.nn.functional.linear / torch.matmul) on this device, measured
 in the same process as the model, each block's share right after that block (benchmarks/
 interleaved.py), so that a busy machine slows both alike; a model's fraction of the roofline is
-that time over its own. A model reads each
-layer's weight once, from memory; so does the roofline: a shape that occurs n times runs n times
-over distinct weights (cycling through enough copies to overflow the last-level cache), since one
-weight run again and again would stay in the cache and give a roofline no model can reach. The
-backward of a frozen-weight (LoRA-style) pass adds the input gradients on the latents' path
-(:func:`backward_parts`). The shapes come in parts (outside the blocks, one text block, one visual
-block), so that benchmarks/interleaved.py can run each block's share right after that block.
+that time over its own. A model reads each layer's weight once, from memory; so does the roofline:
+a shape that occurs n times runs n times over distinct weights (cycling through enough copies to
+overflow the last-level cache), since one weight run again and again would stay in the cache and
+give a roofline no model can reach. The backward of a frozen-weight (LoRA-style) pass adds the
+input gradients on the latents' path (:func:`backward_parts`). The shapes come in parts (outside
+the blocks, one text block, one visual block), so that benchmarks/interleaved.py can run each
+block's share right after that block.
 """
 
 from __future__ import annotations
@@ -40,16 +40,17 @@ class Shape:
         return 2 * self.m * self.k * self.n * max(self.heads, 1)
 
 
-def _params(params: dict, batch: int) -> tuple:
-    d, heads = params["model_dim"], params["model_dim"] // sum(params["axes_dims"])
-    return d, params["ff_dim"], params["time_dim"], heads, sum(params["axes_dims"]), batch * heads
+def _dims(params: dict, batch: int) -> tuple[int, int, int, int, int, int]:
+    """model_dim, ff_dim, time_dim, head_dim, batch x heads, and the latent channels the DiT takes."""
+    d, head_dim = params["model_dim"], sum(params["axes_dims"])
+    channels = 2 * params["in_visual_dim"] + 1 if params["visual_cond"] or params["instruct_type"] else 16
+    return d, params["ff_dim"], params["time_dim"], head_dim, batch * (d // head_dim), channels
 
 
 def forward_parts(params: dict, visual_tokens: int, text_tokens: int, batch: int = 1) -> dict[str, Counter]:
     """The matmuls of one forward with how often each occurs, in three parts: "outside the blocks"
     (embeddings, output layer), "text block" and "visual block" (each one block's)."""
-    d, ff, time_dim, heads, head_dim, batch_heads = _params(params, batch)
-    channels = 2 * params["in_visual_dim"] + 1 if params["visual_cond"] or params["instruct_type"] else 16
+    d, ff, time_dim, head_dim, batch_heads, channels = _dims(params, batch)
     v, t = batch * visual_tokens, batch * text_tokens
     outer, text, visual = Counter(), Counter(), Counter()
     outer[Shape(batch, d, time_dim, fp32=True)] += 1  # time embedding
@@ -79,8 +80,7 @@ def backward_parts(params: dict, visual_tokens: int, text_tokens: int, batch: in
     gradient (the base model's work in a LoRA step): the input gradient of every Linear on the path
     from the latents to the output (not the text's, nor the time embedding's) and of the attention
     products on it (self-attention's four, cross-attention's two for the queries alone)."""
-    d, ff, _, heads, head_dim, batch_heads = _params(params, batch)
-    channels = 2 * params["in_visual_dim"] + 1 if params["visual_cond"] or params["instruct_type"] else 16
+    d, ff, _, head_dim, batch_heads, channels = _dims(params, batch)
     v = batch * visual_tokens
     outer, visual = Counter(), Counter()
     outer[Shape(v, d, 4 * channels)] += 1  # patch embedding

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dit_forward import child_command, child_result  # noqa: E402
 from interleaved import Interleaved  # noqa: E402
 from memory import PeakSampler  # noqa: E402
-from roofline import backward_parts, forward_parts, total_flops, whole  # noqa: E402
+from roofline import backward_parts, backward_shapes, forward_parts, forward_shapes, total_flops  # noqa: E402
 from suite_cases import CASES, PROMPTS  # noqa: E402
 
 from kandinsky5.tasks import get_task  # noqa: E402
@@ -106,11 +106,15 @@ def dit_work(args: argparse.Namespace) -> dict[str, tuple]:
     def backward(batch: int) -> dict:
         return backward_parts(params, visual, args.text_tokens, batch)
 
-    one = total_flops(whole(forward(1), params))
+    one = total_flops(forward_shapes(params, visual, args.text_tokens))
     return {
         "DiT forward": (forward, backward, one),
-        "DiT forward+backward": (forward, backward, one + total_flops(whole(backward(1), params))),
-        "sampling step (CFG)": (forward, backward, total_flops(whole(forward(2), params))),
+        "DiT forward+backward": (
+            forward,
+            backward,
+            one + total_flops(backward_shapes(params, visual, args.text_tokens)),
+        ),
+        "sampling step (CFG)": (forward, backward, total_flops(forward_shapes(params, visual, args.text_tokens, 2))),
     }
 
 

@@ -9,10 +9,10 @@ the input's dtype once, as a native kernel does: the same numbers up to the orde
 
 A Linear weight is widened a block of BLOCK_ROWS rows at a time, so the fp32 copy of a weight never
 exists whole in memory: the model's weights stay bf16, and the memory traffic is that of reading
-them once. The fp32 input,
-each block's product and the output gradient go into buffers reused from call to call (each at
-most SCRATCH_LIMIT; larger ones are allocated afresh), so the only allocation a product makes is
-its result; and a frozen weight keeps no copy of the input for the backward.
+them once. The fp32 input, each block's product and the output gradient go into buffers reused
+from call to call (each at most SCRATCH_LIMIT; larger ones are allocated afresh), so the only
+allocation a product makes is its result; and a frozen weight keeps no copy of the input for the
+backward.
 
 ``wide_cpu_matmuls()`` tells whether this applies here (no native kernel for the dtype, or the
 KANDINSKY5_CPU_MATMUL=fp32 override); KANDINSKY5_CPU_MATMUL=native turns it off. Everything else
