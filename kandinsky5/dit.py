@@ -64,8 +64,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def gated_add(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """x + gate * update in fp32, returned in x's dtype."""
-    return torch.addcmul(x.float(), gate, update.float()).to(x.dtype)
+    """x + gate * update in fp32 (the fp32 gate promotes the sum; x and update are widened as they are
+    read, not copied), returned in x's dtype."""
+    return torch.addcmul(x, gate.float(), update).to(x.dtype)
 
 
 class TimeEmbeddings(nn.Module):

@@ -1,18 +1,23 @@
-"""bf16 and fp16 matmuls on CPUs that have no native kernel for them, computed as fp32 matmuls.
+"""bf16 and fp16 matmuls on CPUs that have no native kernel for them, computed with fp32 arithmetic.
 
 A CPU without AVX-512 (most AMD Zen 2/3 and older Intel parts) has no oneDNN kernel for bf16 or fp16
 matrix products: PyTorch then falls back to a generic loop that runs about 5x slower than its fp32
 GEMM on the same cores. A product of bf16 operands accumulated in fp32 is exactly what an fp32 GEMM
 computes on the operands widened to fp32 (bf16 and fp16 values are exact in fp32), so on such a CPU
-each reduced-precision matmul here widens its operands and runs in fp32, then rounds the result to
-the input's dtype once, as a native kernel does: the same numbers up to the order of the sums.
+each reduced-precision Linear here runs with fp32 arithmetic and rounds the result to the input's
+dtype once, as a native kernel does: the same numbers up to the order of the sums. Two kernels do it:
 
-A Linear weight is widened a block of BLOCK_ROWS rows at a time, so the fp32 copy of a weight never
-exists whole in memory: the model's weights stay bf16, and the memory traffic is that of reading
-them once. The fp32 input, each block's product and the output gradient go into buffers reused
-from call to call (each at most SCRATCH_LIMIT; larger ones are allocated afresh), so the only
-allocation a product makes is its result; and a frozen weight keeps no copy of the input for the
-backward.
+- bf16, eager mode, where PyTorch carries MKL (its x86-64 wheels): MKL's own bf16 x bf16 -> fp32
+  GEMM (modules/mkl_bf16.py), which widens the operands inside its packing and so needs no fp32
+  copy of the weight at all;
+- otherwise (fp16, torch.compile, a PyTorch without MKL): PyTorch's fp32 GEMM on operands widened
+  here, a Linear weight a block of BLOCK_ROWS rows at a time, so that its fp32 copy never exists
+  whole in memory.
+
+Either way the model's weights stay in their dtype and the fp32 temporaries (the input, each
+block's product, the output gradient) go into buffers reused from call to call (each at most
+SCRATCH_LIMIT; larger ones are allocated afresh), so the only allocation a product makes is its
+result; and a frozen weight keeps no copy of the input for the backward.
 
 ``wide_cpu_matmuls()`` tells whether this applies here (no native kernel for the dtype, or the
 KANDINSKY5_CPU_MATMUL=fp32 override); KANDINSKY5_CPU_MATMUL=native turns it off. Everything else
@@ -30,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import mkl_bf16
+
 # Weight rows widened at once. MKL's fp32 GEMM of 128-256 tokens runs fastest on 512 output features
 # at a time (measured on a 2-core Zen CPU over the Lite DiT's shapes, against blocks of 4 MB: 77% ->
 # 102% of the plain fp32 product for the 7168-wide feed-forward output, 88% -> 91% for 1792 x 1792).
@@ -38,6 +45,7 @@ SCRATCH_LIMIT = 32 * 2**20  # bytes: larger temporaries are allocated afresh (gl
 ENV_OVERRIDE = "KANDINSKY5_CPU_MATMUL"  # "fp32", "native" or unset (decided by the CPU)
 REDUCED = (torch.bfloat16, torch.float16)
 _forced: list[bool | None] = [None]
+_mkl_allowed = [True]
 
 
 @functools.cache
@@ -128,9 +136,44 @@ def _widened(rows: torch.Tensor) -> torch.Tensor:
     return _scratch_like("weight", rows.shape, rows)
 
 
-def _wide_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias with fp32 arithmetic, weight widened a block of rows at a time; x's dtype out.
-    The fp32 input and each block's fp32 product live in reused buffers; only the result is allocated."""
+def use_mkl_bf16(enabled: bool) -> None:
+    """Whether bf16 products may use MKL's bf16 GEMM where it exists (True, the default) or must widen
+    their operands for PyTorch's fp32 GEMM (False: the other kernel, for comparisons and tests)."""
+    _mkl_allowed[0] = enabled
+
+
+def _mkl(dtype: torch.dtype) -> bool:
+    """Whether products in ``dtype`` run on MKL's bf16 GEMM (eager mode only: torch.compile traces the
+    widening kernel, which it can see into)."""
+    return dtype == torch.bfloat16 and not torch.compiler.is_compiling() and _mkl_allowed[0] and mkl_bf16.available()
+
+
+def _token_blocks(rows: int, features: int):
+    """(start, end) of blocks of ``rows`` whose fp32 products of ``features`` columns each fit in
+    SCRATCH_LIMIT (all rows at once for the few hundred tokens of a small video)."""
+    size = max(1, SCRATCH_LIMIT // (4 * features))
+    for start in range(0, rows, size):
+        yield start, min(rows, start + size)
+
+
+def _mkl_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias by MKL's bf16 GEMM (fp32 sums, the bias added in fp32); x's dtype out."""
+    rows, features = x.numel() // x.shape[-1], weight.shape[0]
+    inputs = x.reshape(rows, x.shape[-1])
+    out = torch.empty(*x.shape[:-1], features, dtype=x.dtype, device=x.device)
+    flat = out.view(rows, features)
+    for start, end in _token_blocks(rows, features):
+        product = mkl_bf16.mm(inputs[start:end], weight.t(), _scratch_like("product", (end - start, features)))
+        if bias is None:
+            flat[start:end] = product
+        else:  # the bias added in fp32 in the pass that rounds the result
+            torch.add(product, bias, out=flat[start:end])
+    return out
+
+
+def _widening_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias by PyTorch's fp32 GEMM, weight widened a block of rows at a time; x's dtype
+    out. The fp32 input and each block's fp32 product live in reused buffers; only the result is allocated."""
     rows = x.numel() // x.shape[-1]
     x32 = _scratch_like("input", (rows, x.shape[-1]), x)
     # the result is allocated in its final shape, not returned as a view: a LoRA adds to it in place
@@ -145,6 +188,56 @@ def _wide_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             torch.addmm(bias[start:end].float(), x32, w32, out=product)
         columns[:, start:end] = product
     return out
+
+
+def _wide_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias with fp32 arithmetic, rounded once to x's dtype."""
+    if _mkl(weight.dtype):
+        return _mkl_linear_forward(x, weight, bias)
+    return _widening_linear_forward(x, weight, bias)
+
+
+def _mkl_input_grad(grads: torch.Tensor, weight: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """grads @ weight (the input's gradient) by MKL's bf16 GEMM, in ``dtype`` and ``shape``."""
+    rows, features = grads.shape[0], weight.shape[1]
+    grad_x = torch.empty(shape, dtype=dtype)
+    flat = grad_x.view(rows, features)
+    for start, end in _token_blocks(rows, features):
+        product = _scratch_like("product", (end - start, features))
+        flat[start:end] = mkl_bf16.mm(grads[start:end], weight, product)
+    return grad_x
+
+
+def _mkl_weight_grad(grads: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grads.T @ inputs (the weight's gradient) by MKL's bf16 GEMM, fp32 a block of rows at a time."""
+    grad_weight = torch.empty_like(weight)
+    for start, end in _row_blocks(weight):
+        product = _scratch_like("weight", (end - start, weight.shape[1]))
+        grad_weight[start:end] = mkl_bf16.mm(grads[:, start:end].t(), inputs, product)
+    return grad_weight
+
+
+def _widening_input_grad(grad32: torch.Tensor, weight: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """grad32 @ weight (the input's gradient) by PyTorch's fp32 GEMM, the sum over output features a
+    block of widened weight rows at a time; in ``dtype`` and ``shape``."""
+    grad_x32 = _scratch_like("product", (grad32.shape[0], weight.shape[1]))
+    for start, end in _row_blocks(weight):
+        if start == 0:
+            torch.mm(grad32[:, start:end], _widened(weight[start:end]), out=grad_x32)
+        else:
+            grad_x32.addmm_(grad32[:, start:end], _widened(weight[start:end]))
+    return grad_x32.to(dtype).view(shape)
+
+
+def _widening_weight_grad(grad32: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad32.T @ x (the weight's gradient) by PyTorch's fp32 GEMM, fp32 a block of rows at a time."""
+    x32 = _scratch_like("input", (grad32.shape[0], weight.shape[1]), x)
+    grad_weight = torch.empty_like(weight)
+    for start, end in _row_blocks(weight):  # fp32 a block of rows at a time, not the whole weight
+        product = _scratch_like("weight", (end - start, weight.shape[1]))
+        torch.mm(grad32[:, start:end].t(), x32, out=product)
+        grad_weight[start:end] = product
+    return grad_weight
 
 
 class _WideLinear(torch.autograd.Function):
@@ -163,24 +256,20 @@ class _WideLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         out_features, in_features = weight.shape
         rows = grad_out.numel() // out_features
-        grad32 = _scratch_like("grad", (rows, out_features), grad_out)
-        if ctx.needs_input_grad[0]:
-            grad_x32 = _scratch_like("product", (rows, in_features))
-            for start, end in _row_blocks(weight):  # the sum over output features, a block at a time
-                if start == 0:
-                    torch.mm(grad32[:, start:end], _widened(weight[start:end]), out=grad_x32)
-                else:
-                    grad_x32.addmm_(grad32[:, start:end], _widened(weight[start:end]))
-            grad_x = grad_x32.to(ctx.input_dtype).view(ctx.input_shape)
-        if ctx.needs_input_grad[1]:
-            x32 = _scratch_like("input", (rows, in_features), x)
-            grad_weight = torch.empty_like(weight)
-            for start, end in _row_blocks(weight):  # fp32 a block of rows at a time, not the whole weight
-                product = _scratch_like("weight", (end - start, in_features))
-                torch.mm(grad32[:, start:end].t(), x32, out=product)
-                grad_weight[start:end] = product
+        if _mkl(weight.dtype):
+            grads = grad_out.reshape(rows, out_features)
+            if ctx.needs_input_grad[0]:
+                grad_x = _mkl_input_grad(grads, weight, ctx.input_shape, ctx.input_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = _mkl_weight_grad(grads, x.reshape(rows, in_features), weight)
+        else:
+            grads = _scratch_like("grad", (rows, out_features), grad_out)
+            if ctx.needs_input_grad[0]:
+                grad_x = _widening_input_grad(grads, weight, ctx.input_shape, ctx.input_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = _widening_weight_grad(grads, x, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad32.sum(0).to(weight.dtype)
+            grad_bias = grads.sum(0, dtype=torch.float32).to(weight.dtype)
         return grad_x, grad_weight, grad_bias
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kandinsky5.dit import keeps_fp32
+from kandinsky5.dit import gated_add, keeps_fp32
 
 from .dit_helpers import diffusers_dit, random_dit, random_inputs, run_diffusers
 
@@ -146,3 +146,12 @@ def test_each_block_traces_as_one_graph_for_compile(tmp_path):
     for block, args in calls.items():
         explanation = torch._dynamo.explain(block)(*args)
         assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+
+
+def test_gated_add_widens_its_operands_as_it_reads_them_with_the_same_sums():
+    g = torch.Generator().manual_seed(11)
+    x, update = (torch.randn(2, 9, 48, generator=g).to(torch.bfloat16) for _ in range(2))
+    gate = torch.randn(2, 1, 48, generator=g)
+    expected = torch.addcmul(x.float(), gate, update.float()).to(torch.bfloat16)  # written out in fp32
+    out = gated_add(x, gate, update)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)

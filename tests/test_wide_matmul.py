@@ -1,11 +1,13 @@
 """bf16 matmuls computed in fp32 on CPUs without native bf16 kernels (modules/wide_matmul.py)."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from modules import wide_matmul
+from modules import mkl_bf16, wide_matmul
 from modules.fp8 import quantize_linears
 from modules.wide_matmul import linear, matmul, set_wide_cpu_matmuls, wide_cpu_matmuls, widen_linears
 from networks.lora_kandinsky import create_network
@@ -15,11 +17,23 @@ from .dit_helpers import random_dit, random_inputs
 BF16 = torch.bfloat16
 
 
-@pytest.fixture
-def wide():
+KERNELS = ["mkl", "widening"]
+
+
+def use_kernel(kernel: str) -> None:
+    """Take the fp32 path with one of its two kernels (see modules/wide_matmul.py)."""
+    if kernel == "mkl" and not mkl_bf16.available():
+        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
     set_wide_cpu_matmuls(True)
-    yield
+    wide_matmul.use_mkl_bf16(kernel == "mkl")
+
+
+@pytest.fixture(params=KERNELS)
+def wide(request):
+    use_kernel(request.param)
+    yield request.param
     set_wide_cpu_matmuls(None)
+    wide_matmul.use_mkl_bf16(True)
 
 
 @pytest.fixture
@@ -176,8 +190,9 @@ def bf16_dit(kind: str):
     return model
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("kind", ["plain", "lora", "fp8"])
-def test_a_bf16_dit_on_the_fp32_path_runs_no_bf16_product_and_keeps_its_output(kind):
+def test_a_bf16_dit_on_the_fp32_path_runs_no_bf16_product_and_keeps_its_output(kind, kernel):
     model = bf16_dit(kind)
     inputs = random_inputs(model, 2, 2, 4, 4, 6)
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -185,13 +200,17 @@ def test_a_bf16_dit_on_the_fp32_path_runs_no_bf16_product_and_keeps_its_output(k
     results = {}
     try:
         for wide_path in (False, True):
-            set_wide_cpu_matmuls(wide_path)
+            if wide_path:
+                use_kernel(kernel)
+            else:
+                set_wide_cpu_matmuls(False)
             with ReducedMatmuls() as seen:
                 out = model(*inputs, text_mask=mask)
                 out.float().square().mean().backward()
             results[wide_path] = out.detach().float(), seen.reduced
     finally:
         set_wide_cpu_matmuls(None)
+        wide_matmul.use_mkl_bf16(True)
     (native, native_seen), (widened, wide_seen) = results[False], results[True]
     assert native_seen  # the check can see bf16 products: the native path has them
     assert wide_seen == []
@@ -219,3 +238,88 @@ def test_a_bf16_block_on_the_fp32_path_traces_as_one_graph_for_compile(wide):
         model(*random_inputs(model, 1, 2, 4, 6, 5))
     explanation = torch._dynamo.explain(block)(*calls["args"])
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+
+
+def test_the_two_kernels_give_the_same_products_and_gradients(monkeypatch):
+    # MKL's bf16 GEMM and the widened fp32 GEMM compute the same fp32 sums of the same exact products
+    if not mkl_bf16.available():
+        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
+    x, weight, bias = bf16_operands(seed=6, rows=300, features=96, tokens=(4, 50))
+    results = []
+    for kernel in KERNELS:
+        use_kernel(kernel)
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        out = linear(*leaves)
+        out.float().square().sum().backward()
+        results.append([out.float()] + [leaf.grad.float() for leaf in leaves])
+    set_wide_cpu_matmuls(None)
+    wide_matmul.use_mkl_bf16(True)
+    for name, mkl, widened in zip(["out", "x", "weight", "bias"], *results, strict=True):
+        torch.testing.assert_close(mkl, widened, rtol=2**-7, atol=1e-3, msg=name)
+
+
+def test_many_tokens_are_multiplied_a_block_of_rows_at_a_time(wide, monkeypatch):
+    monkeypatch.setattr(wide_matmul, "SCRATCH_LIMIT", 4 * 100 * 7)  # 7 tokens of 100 fp32 features
+    assert list(wide_matmul._token_blocks(20, 100)) == [(0, 7), (7, 14), (14, 20)]
+    x, weight, bias = bf16_operands(seed=7, tokens=(4, 5))
+    x.requires_grad_(True)
+    out = linear(x, weight, bias)
+    expected = F.linear(x.float(), weight.float(), bias.float())
+    torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=1e-3)
+    out.float().sum().backward()
+    torch.testing.assert_close(x.grad.float(), weight.float().sum(0).expand(x.shape), rtol=2**-7, atol=1e-3)
+
+
+def widened_weights_in_a_fresh_thread(kernel: str) -> bool:
+    """Whether a bf16 forward+backward in a new thread (fresh scratch buffers) widened any weight rows."""
+    seen = {}
+
+    def work():
+        use_kernel(kernel)
+        x, weight, bias = bf16_operands(seed=8)
+        linear(x.requires_grad_(True), weight, bias).float().sum().backward()
+        seen["widened"] = getattr(wide_matmul._scratch, "weight", None) is not None
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    set_wide_cpu_matmuls(None)
+    wide_matmul.use_mkl_bf16(True)
+    return seen["widened"]
+
+
+def test_mkl_kernel_makes_no_fp32_copy_of_a_weight():
+    if not mkl_bf16.available():
+        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
+    assert widened_weights_in_a_fresh_thread("widening")  # the check sees the widening kernel's copies
+    assert not widened_weights_in_a_fresh_thread("mkl")
+
+
+@pytest.mark.parametrize("layout", ["row-major", "transposed", "row slice", "column slice", "strided"])
+def test_mkl_mm_takes_each_layout_and_accumulates(layout):
+    if not mkl_bf16.available():
+        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
+    g = torch.Generator().manual_seed(9)
+    big_a, big_b = torch.randn(12, 20, generator=g).to(BF16), torch.randn(20, 16, generator=g).to(BF16)
+    a, b = {
+        "row-major": (big_a[:, :10], big_b[:10, :6].contiguous()),
+        "transposed": (big_a.t().contiguous().t(), big_b),
+        "row slice": (big_a[3:9], big_b[:, 2:9]),
+        "column slice": (big_a[:, 4:14], big_b.t().contiguous()[5:11, 4:14].t()),  # b: a transposed view
+        "strided": (big_a[::2, ::3], big_b[::3][:, ::2][: big_a[::2, ::3].shape[1]]),
+    }[layout]
+    out = torch.full((a.shape[0], b.shape[1]), 2.0)
+    expected = a.float() @ b.float()
+    torch.testing.assert_close(mkl_bf16.mm(a, b, out), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mkl_bf16.mm(a, b, out, accumulate=True), 2 * expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mkl_mm_names_what_it_cannot_take():
+    if not mkl_bf16.available():
+        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
+    a, b = torch.ones(3, 4, dtype=BF16), torch.ones(4, 5, dtype=BF16)
+    with pytest.raises(ValueError, match="bf16 CPU matrices, got torch.float32"):
+        mkl_bf16.mm(a.float(), b, torch.empty(3, 5))
+    with pytest.raises(ValueError, match=r"\(3, 4\) @ \(4, 5\) into torch.float32 \(3, 4\)"):
+        mkl_bf16.mm(a, b, torch.empty(3, 4))
+    assert torch.equal(mkl_bf16.mm(a[:, :0], b[:0], torch.ones(3, 5)), torch.zeros(3, 5))
