@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from modules import mkl_bf16
-from modules.wide_matmul import wide_cpu_matmuls
+from modules.wide_matmul import MKL_MAX_ROWS, wide_cpu_matmuls
 
 
 @dataclass(frozen=True)
@@ -128,17 +128,18 @@ def roofline_pass(shapes: Counter, dtype: torch.dtype, device: str) -> Callable[
     g = torch.Generator().manual_seed(0)
     work = []
     # On a CPU without native bf16 kernels PyTorch's own bf16 matmul is a slow generic loop; the
-    # fastest plain matmuls of bf16 operands there are MKL's bf16 GEMM, where this PyTorch carries it
-    # (modules/mkl_bf16.py: bf16 weights, fp32 results into a buffer allocated once), else the fp32
-    # GEMM over fp32 weights that need no widening (modules/wide_matmul.py). Either stays a bound
-    # that no model with bf16 weights can beat by its matmuls.
+    # fastest plain matmuls of bf16 operands there are MKL's bf16 GEMM up to MKL_MAX_ROWS tokens,
+    # where this PyTorch carries it (modules/mkl_bf16.py: bf16 weights, fp32 results into a buffer
+    # allocated once), else the fp32 GEMM over fp32 weights that need no widening
+    # (modules/wide_matmul.py). Either stays a bound that no model with bf16 weights can beat by its
+    # matmuls.
     wide = device == "cpu" and wide_cpu_matmuls(dtype)
-    mkl = wide and dtype == torch.bfloat16 and mkl_bf16.available()
-    reduced = torch.float32 if wide and not mkl else dtype
     for shape, count in shapes.items():
-        kind = torch.float32 if shape.fp32 else reduced
+        # MKL's bf16 GEMM is the faster kernel up to MKL_MAX_ROWS tokens, the fp32 GEMM beyond
+        mkl = wide and dtype == torch.bfloat16 and shape.m <= MKL_MAX_ROWS and mkl_bf16.available()
+        kind = torch.float32 if shape.fp32 or (wide and not mkl) else dtype
         if shape.heads:  # the attention products of bf16 operands on such a CPU: fp32 matmuls
-            kind = torch.float32 if wide else kind
+            kind = torch.float32 if wide else dtype
             a = torch.randn(shape.heads, shape.m, shape.k, generator=g).to(device, kind)
             b = torch.randn(shape.heads, shape.k, shape.n, generator=g).to(device, kind)
             work += [(torch.matmul, a, [b], count)]

@@ -61,7 +61,8 @@ def _operand(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
     """``out`` = a @ b (``accumulate``: ``out`` += a @ b) for bf16 CPU matrices a (m, k) and b (k, n)
-    and a contiguous fp32 ``out`` (m, n); returns ``out``."""
+    and an fp32 ``out`` (m, n) with contiguous rows (a block of columns of a wider matrix will do);
+    returns ``out``."""
     function = _gemm()
     if function is None:
         raise RuntimeError("MKL's cblas_gemm_bf16bf16f32 is not in this PyTorch (see modules/mkl_bf16.available)")
@@ -69,9 +70,12 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = F
     if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.device.type != "cpu" or b.device.type != "cpu":
         got = f"{a.dtype} on {a.device} and {b.dtype} on {b.device}"
         raise ValueError(f"mkl_bf16.mm takes bf16 CPU matrices, got {got}")
-    if k != k_b or out.shape != (m, n) or out.dtype != torch.float32 or not out.is_contiguous():
+    if k != k_b or out.shape != (m, n) or out.dtype != torch.float32:
         raise ValueError(f"mkl_bf16.mm: {tuple(a.shape)} @ {tuple(b.shape)} into {out.dtype} {tuple(out.shape)}")
-    if max(m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1)) > _INT_MAX:
+    ldc = out.stride(0) if m > 1 else max(1, n)  # how far apart out's rows lie
+    if (n > 1 and out.stride(1) != 1) or ldc < n:
+        raise ValueError(f"mkl_bf16.mm: the rows of out must be contiguous, got strides {out.stride()}")
+    if max(m, n, k, *a.stride(), *b.stride(), *out.stride()) > _INT_MAX:
         raise ValueError(f"mkl_bf16.mm: sizes over 2**31 ({tuple(a.shape)} @ {tuple(b.shape)})")
     if m == 0 or n == 0:
         return out
@@ -80,5 +84,6 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = F
     a, trans_a, lda = _operand(a)
     b, trans_b, ldb = _operand(b)
     beta = 1.0 if accumulate else 0.0
-    function(_ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, a.data_ptr(), lda, b.data_ptr(), ldb, beta, out.data_ptr(), n)
+    a_ptr, b_ptr, out_ptr = a.data_ptr(), b.data_ptr(), out.data_ptr()
+    function(_ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, a_ptr, lda, b_ptr, ldb, beta, out_ptr, max(1, ldc))
     return out

@@ -7,10 +7,10 @@ computes on the operands widened to fp32 (bf16 and fp16 values are exact in fp32
 each reduced-precision Linear here runs with fp32 arithmetic and rounds the result to the input's
 dtype once, as a native kernel does: the same numbers up to the order of the sums. Two kernels do it:
 
-- bf16, eager mode, where PyTorch carries MKL (its x86-64 wheels): MKL's own bf16 x bf16 -> fp32
-  GEMM (modules/mkl_bf16.py), which widens the operands inside its packing and so needs no fp32
-  copy of the weight at all;
-- otherwise (fp16, torch.compile, a PyTorch without MKL): PyTorch's fp32 GEMM on operands widened
+- bf16 products of up to MKL_MAX_ROWS tokens in eager mode, where PyTorch carries MKL (its x86-64
+  wheels): MKL's own bf16 x bf16 -> fp32 GEMM (modules/mkl_bf16.py), which widens the operands
+  inside its packing and so needs no fp32 copy of the weight at all;
+- otherwise (more tokens, fp16, torch.compile, a PyTorch without MKL): PyTorch's fp32 GEMM on operands widened
   here, a Linear weight a block of BLOCK_ROWS rows at a time, so that its fp32 copy never exists
   whole in memory.
 
@@ -41,6 +41,11 @@ from . import mkl_bf16
 # at a time (measured on a 2-core Zen CPU over the Lite DiT's shapes, against blocks of 4 MB: 77% ->
 # 102% of the plain fp32 product for the 7168-wide feed-forward output, 88% -> 91% for 1792 x 1792).
 BLOCK_ROWS = 512
+# Up to this many tokens a bf16 product runs on MKL's bf16 GEMM, beyond it on the widened weight. MKL's
+# bf16 kernel tops out near 120 GFLOP/s on 2 Zen cores while the fp32 GEMM reaches 130-145 from 384
+# tokens on, where widening the weight costs little per token (measured on the Lite and Qwen-7B shapes:
+# MKL ahead at 128-256 tokens, the widened weight ahead by 5-20% at 384-1024).
+MKL_MAX_ROWS = 320
 SCRATCH_LIMIT = 32 * 2**20  # bytes: larger temporaries are allocated afresh (glibc maps and unmaps them whole)
 ENV_OVERRIDE = "KANDINSKY5_CPU_MATMUL"  # "fp32", "native" or unset (decided by the CPU)
 REDUCED = (torch.bfloat16, torch.float16)
@@ -142,10 +147,12 @@ def use_mkl_bf16(enabled: bool) -> None:
     _mkl_allowed[0] = enabled
 
 
-def _mkl(dtype: torch.dtype) -> bool:
-    """Whether products in ``dtype`` run on MKL's bf16 GEMM (eager mode only: torch.compile traces the
-    widening kernel, which it can see into)."""
-    return dtype == torch.bfloat16 and not torch.compiler.is_compiling() and _mkl_allowed[0] and mkl_bf16.available()
+def _mkl(dtype: torch.dtype, rows: int) -> bool:
+    """Whether a product of ``rows`` tokens in ``dtype`` runs on MKL's bf16 GEMM: bf16, up to
+    MKL_MAX_ROWS tokens, eager mode (torch.compile traces the widening kernel, which it can see into)."""
+    if dtype != torch.bfloat16 or rows > MKL_MAX_ROWS or torch.compiler.is_compiling():
+        return False
+    return _mkl_allowed[0] and mkl_bf16.available()
 
 
 def _token_blocks(rows: int, features: int):
@@ -163,7 +170,11 @@ def _mkl_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     out = torch.empty(*x.shape[:-1], features, dtype=x.dtype, device=x.device)
     flat = out.view(rows, features)
     for start, end in _token_blocks(rows, features):
-        product = mkl_bf16.mm(inputs[start:end], weight.t(), _scratch_like("product", (end - start, features)))
+        product = _scratch_like("product", (end - start, features))
+        # a block of weight rows at a time: one call over a weight of 18944 rows (Qwen's feed-forward)
+        # runs at half the speed, and MKL's packing buffers grow with the rows it is given
+        for first, last in _row_blocks(weight):
+            mkl_bf16.mm(inputs[start:end], weight[first:last].t(), product[:, first:last])
         if bias is None:
             flat[start:end] = product
         else:  # the bias added in fp32 in the pass that rounds the result
@@ -192,7 +203,7 @@ def _widening_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 def _wide_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias with fp32 arithmetic, rounded once to x's dtype."""
-    if _mkl(weight.dtype):
+    if _mkl(weight.dtype, x.numel() // max(1, x.shape[-1])):
         return _mkl_linear_forward(x, weight, bias)
     return _widening_linear_forward(x, weight, bias)
 
@@ -256,7 +267,7 @@ class _WideLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         out_features, in_features = weight.shape
         rows = grad_out.numel() // out_features
-        if _mkl(weight.dtype):
+        if _mkl(weight.dtype, rows):
             grads = grad_out.reshape(rows, out_features)
             if ctx.needs_input_grad[0]:
                 grad_x = _mkl_input_grad(grads, weight, ctx.input_shape, ctx.input_dtype)

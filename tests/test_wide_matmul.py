@@ -270,13 +270,13 @@ def test_many_tokens_are_multiplied_a_block_of_rows_at_a_time(wide, monkeypatch)
     torch.testing.assert_close(x.grad.float(), weight.float().sum(0).expand(x.shape), rtol=2**-7, atol=1e-3)
 
 
-def widened_weights_in_a_fresh_thread(kernel: str) -> bool:
+def widened_weights_in_a_fresh_thread(kernel: str, tokens=(3, 5)) -> bool:
     """Whether a bf16 forward+backward in a new thread (fresh scratch buffers) widened any weight rows."""
     seen = {}
 
     def work():
         use_kernel(kernel)
-        x, weight, bias = bf16_operands(seed=8)
+        x, weight, bias = bf16_operands(seed=8, tokens=tokens)
         linear(x.requires_grad_(True), weight, bias).float().sum().backward()
         seen["widened"] = getattr(wide_matmul._scratch, "weight", None) is not None
 
@@ -293,6 +293,15 @@ def test_mkl_kernel_makes_no_fp32_copy_of_a_weight():
         pytest.skip("this PyTorch carries no MKL bf16 GEMM")
     assert widened_weights_in_a_fresh_thread("widening")  # the check sees the widening kernel's copies
     assert not widened_weights_in_a_fresh_thread("mkl")
+
+
+def test_products_of_many_tokens_take_the_widened_weight(monkeypatch):
+    # beyond MKL_MAX_ROWS tokens PyTorch's fp32 GEMM is the faster kernel
+    if not mkl_bf16.available():
+        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
+    monkeypatch.setattr(wide_matmul, "MKL_MAX_ROWS", 15)
+    assert not widened_weights_in_a_fresh_thread("mkl", tokens=(3, 5))
+    assert widened_weights_in_a_fresh_thread("mkl", tokens=(4, 4))
 
 
 @pytest.mark.parametrize("layout", ["row-major", "transposed", "row slice", "column slice", "strided"])
@@ -322,4 +331,17 @@ def test_mkl_mm_names_what_it_cannot_take():
         mkl_bf16.mm(a.float(), b, torch.empty(3, 5))
     with pytest.raises(ValueError, match=r"\(3, 4\) @ \(4, 5\) into torch.float32 \(3, 4\)"):
         mkl_bf16.mm(a, b, torch.empty(3, 4))
+    with pytest.raises(ValueError, match=r"rows of out must be contiguous, got strides \(1, 3\)"):
+        mkl_bf16.mm(a, b, torch.empty(5, 3).t())
     assert torch.equal(mkl_bf16.mm(a[:, :0], b[:0], torch.ones(3, 5)), torch.zeros(3, 5))
+
+
+def test_mkl_mm_writes_a_block_of_columns_of_a_wider_result():
+    if not mkl_bf16.available():
+        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
+    g = torch.Generator().manual_seed(10)
+    a, b = torch.randn(6, 8, generator=g).to(BF16), torch.randn(8, 4, generator=g).to(BF16)
+    wide = torch.full((6, 10), 7.0)
+    mkl_bf16.mm(a, b, wide[:, 3:7])
+    torch.testing.assert_close(wide[:, 3:7], a.float() @ b.float(), rtol=1e-5, atol=1e-5)
+    assert (wide[:, :3] == 7).all() and (wide[:, 7:] == 7).all()  # the other columns untouched
