@@ -41,10 +41,10 @@ from . import mkl_bf16
 # at a time (measured on a 2-core Zen CPU over the Lite DiT's shapes, against blocks of 4 MB: 77% ->
 # 102% of the plain fp32 product for the 7168-wide feed-forward output, 88% -> 91% for 1792 x 1792).
 BLOCK_ROWS = 512
-# Up to this many tokens a bf16 product runs on MKL's bf16 GEMM, beyond it on the widened weight. MKL's
-# bf16 kernel tops out near 120 GFLOP/s on 2 Zen cores while the fp32 GEMM reaches 130-145 from 384
-# tokens on, where widening the weight costs little per token (measured on the Lite and Qwen-7B shapes:
-# MKL ahead at 128-256 tokens, the widened weight ahead by 5-20% at 384-1024).
+# Up to this many tokens a bf16 product runs on MKL's bf16 GEMM, beyond it on the widened weight, where
+# widening costs little per token and PyTorch's fp32 GEMM runs faster (measured on 2 Zen cores over the
+# Lite and Qwen-7B shapes: MKL ahead at 128-256 tokens; the widened weight ahead in 3 of 4 shapes by
+# 2-8% at 384 tokens and in all by 3-20% at 512-1024, 126-145 GFLOP/s against 114-127).
 MKL_MAX_ROWS = 320
 SCRATCH_LIMIT = 32 * 2**20  # bytes: larger temporaries are allocated afresh (glibc maps and unmaps them whole)
 ENV_OVERRIDE = "KANDINSKY5_CPU_MATMUL"  # "fp32", "native" or unset (decided by the CPU)
