@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from modules import mkl_bf16
-from modules.wide_matmul import MKL_MAX_ROWS, wide_cpu_matmuls
+from modules.wide_matmul import on_mkl_gemm, wide_cpu_matmuls
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,8 @@ def roofline_pass(shapes: Counter, dtype: torch.dtype, device: str) -> Callable[
     # matmuls.
     wide = device == "cpu" and wide_cpu_matmuls(dtype)
     for shape, count in shapes.items():
-        # MKL's bf16 GEMM is the faster kernel up to MKL_MAX_ROWS tokens, the fp32 GEMM beyond
-        mkl = wide and dtype == torch.bfloat16 and shape.m <= MKL_MAX_ROWS and mkl_bf16.available()
+        # the kernel the model's bf16 layers of this many tokens take (modules/wide_matmul.py)
+        mkl = wide and not shape.fp32 and on_mkl_gemm(dtype, shape.m)
         kind = torch.float32 if shape.fp32 or (wide and not mkl) else dtype
         if shape.heads:  # the attention products of bf16 operands on such a CPU: fp32 matmuls
             kind = torch.float32 if wide else dtype
@@ -147,7 +147,7 @@ def roofline_pass(shapes: Counter, dtype: torch.dtype, device: str) -> Callable[
         a = torch.randn(shape.m, shape.k, generator=g).to(device, kind)
         copies = min(count, -(-CACHE_BYTES // (shape.n * shape.k * torch.finfo(kind).bits // 8)))
         weights = [torch.randn(shape.n, shape.k, generator=g).to(device, kind) for _ in range(copies)]
-        if mkl and kind == torch.bfloat16:
+        if mkl:
             out = torch.empty(shape.m, shape.n)
             work += [(lambda a, weight, out=out: mkl_bf16.mm(a, weight.t(), out), a, weights, count)]
         else:

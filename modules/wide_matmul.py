@@ -10,9 +10,9 @@ dtype once, as a native kernel does: the same numbers up to the order of the sum
 - bf16 products of up to MKL_MAX_ROWS tokens in eager mode, where PyTorch carries MKL (its x86-64
   wheels): MKL's own bf16 x bf16 -> fp32 GEMM (modules/mkl_bf16.py), which widens the operands
   inside its packing and so needs no fp32 copy of the weight at all;
-- otherwise (more tokens, fp16, torch.compile, a PyTorch without MKL): PyTorch's fp32 GEMM on operands widened
-  here, a Linear weight a block of BLOCK_ROWS rows at a time, so that its fp32 copy never exists
-  whole in memory.
+- otherwise (more tokens, fp16, torch.compile, a PyTorch without MKL): PyTorch's fp32 GEMM on
+  operands widened here, a Linear weight a block of BLOCK_ROWS rows at a time, so that its fp32
+  copy never exists whole in memory.
 
 Either way the model's weights stay in their dtype and the fp32 temporaries (the input, each
 block's product, the output gradient) go into buffers reused from call to call (each at most
@@ -103,9 +103,9 @@ def _rows_per_block(in_features: int) -> int:
 
 
 def _row_blocks(weight: torch.Tensor):
-    """(start, end) of each block of ``weight``'s rows that is widened at once: blocks of
-    :func:`_rows_per_block` rows, a remainder under a quarter of that joined to the block before it
-    (a GEMM over a few rows runs slowly)."""
+    """(start, end) of each block of ``weight``'s rows that one GEMM takes at a time (widened first,
+    on the widening kernel): blocks of :func:`_rows_per_block` rows, a remainder under a quarter of
+    that joined to the block before it (a GEMM over a few rows runs slowly)."""
     total, size = weight.shape[0], _rows_per_block(weight.shape[1])
     ends = list(range(size, total, size)) + [total]
     if len(ends) > 1 and total - ends[-2] < size / 4:
@@ -147,9 +147,10 @@ def use_mkl_bf16(enabled: bool) -> None:
     _mkl_allowed[0] = enabled
 
 
-def _mkl(dtype: torch.dtype, rows: int) -> bool:
-    """Whether a product of ``rows`` tokens in ``dtype`` runs on MKL's bf16 GEMM: bf16, up to
-    MKL_MAX_ROWS tokens, eager mode (torch.compile traces the widening kernel, which it can see into)."""
+def on_mkl_gemm(dtype: torch.dtype, rows: int) -> bool:
+    """Whether a product of ``rows`` tokens in ``dtype`` on the fp32 path runs on MKL's bf16 GEMM: bf16,
+    up to MKL_MAX_ROWS tokens, eager mode (torch.compile traces the widening kernel, which it can see
+    into)."""
     if dtype != torch.bfloat16 or rows > MKL_MAX_ROWS or torch.compiler.is_compiling():
         return False
     return _mkl_allowed[0] and mkl_bf16.available()
@@ -203,7 +204,7 @@ def _widening_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 def _wide_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias with fp32 arithmetic, rounded once to x's dtype."""
-    if _mkl(weight.dtype, x.numel() // max(1, x.shape[-1])):
+    if on_mkl_gemm(weight.dtype, x.numel() // max(1, x.shape[-1])):
         return _mkl_linear_forward(x, weight, bias)
     return _widening_linear_forward(x, weight, bias)
 
@@ -267,7 +268,7 @@ class _WideLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         out_features, in_features = weight.shape
         rows = grad_out.numel() // out_features
-        if _mkl(weight.dtype, rows):
+        if on_mkl_gemm(weight.dtype, rows):
             grads = grad_out.reshape(rows, out_features)
             if ctx.needs_input_grad[0]:
                 grad_x = _mkl_input_grad(grads, weight, ctx.input_shape, ctx.input_dtype)

@@ -18,12 +18,22 @@ BF16 = torch.bfloat16
 
 
 KERNELS = ["mkl", "widening"]
+NO_MKL = "this PyTorch carries no MKL bf16 GEMM"
+needs_mkl = pytest.mark.skipif(not mkl_bf16.available(), reason=NO_MKL)
+
+
+@pytest.fixture(autouse=True)
+def default_kernels():
+    """Every test leaves the choice of path and kernel as it found it: decided by the CPU, MKL allowed."""
+    yield
+    set_wide_cpu_matmuls(None)
+    wide_matmul.use_mkl_bf16(True)
 
 
 def use_kernel(kernel: str) -> None:
     """Take the fp32 path with one of its two kernels (see modules/wide_matmul.py)."""
     if kernel == "mkl" and not mkl_bf16.available():
-        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
+        pytest.skip(NO_MKL)
     set_wide_cpu_matmuls(True)
     wide_matmul.use_mkl_bf16(kernel == "mkl")
 
@@ -31,9 +41,7 @@ def use_kernel(kernel: str) -> None:
 @pytest.fixture(params=KERNELS)
 def wide(request):
     use_kernel(request.param)
-    yield request.param
-    set_wide_cpu_matmuls(None)
-    wide_matmul.use_mkl_bf16(True)
+    return request.param
 
 
 @pytest.fixture
@@ -198,19 +206,15 @@ def test_a_bf16_dit_on_the_fp32_path_runs_no_bf16_product_and_keeps_its_output(k
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False
     results = {}
-    try:
-        for wide_path in (False, True):
-            if wide_path:
-                use_kernel(kernel)
-            else:
-                set_wide_cpu_matmuls(False)
-            with ReducedMatmuls() as seen:
-                out = model(*inputs, text_mask=mask)
-                out.float().square().mean().backward()
-            results[wide_path] = out.detach().float(), seen.reduced
-    finally:
-        set_wide_cpu_matmuls(None)
-        wide_matmul.use_mkl_bf16(True)
+    for wide_path in (False, True):
+        if wide_path:
+            use_kernel(kernel)
+        else:
+            set_wide_cpu_matmuls(False)
+        with ReducedMatmuls() as seen:
+            out = model(*inputs, text_mask=mask)
+            out.float().square().mean().backward()
+        results[wide_path] = out.detach().float(), seen.reduced
     (native, native_seen), (widened, wide_seen) = results[False], results[True]
     assert native_seen  # the check can see bf16 products: the native path has them
     assert wide_seen == []
@@ -240,10 +244,9 @@ def test_a_bf16_block_on_the_fp32_path_traces_as_one_graph_for_compile(wide):
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
 
 
-def test_the_two_kernels_give_the_same_products_and_gradients(monkeypatch):
+@needs_mkl
+def test_the_two_kernels_give_the_same_products_and_gradients():
     # MKL's bf16 GEMM and the widened fp32 GEMM compute the same fp32 sums of the same exact products
-    if not mkl_bf16.available():
-        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
     x, weight, bias = bf16_operands(seed=6, rows=300, features=96, tokens=(4, 50))
     results = []
     for kernel in KERNELS:
@@ -252,8 +255,6 @@ def test_the_two_kernels_give_the_same_products_and_gradients(monkeypatch):
         out = linear(*leaves)
         out.float().square().sum().backward()
         results.append([out.float()] + [leaf.grad.float() for leaf in leaves])
-    set_wide_cpu_matmuls(None)
-    wide_matmul.use_mkl_bf16(True)
     for name, mkl, widened in zip(["out", "x", "weight", "bias"], *results, strict=True):
         torch.testing.assert_close(mkl, widened, rtol=2**-7, atol=1e-3, msg=name)
 
@@ -283,31 +284,26 @@ def widened_weights_in_a_fresh_thread(kernel: str, tokens=(3, 5)) -> bool:
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
-    set_wide_cpu_matmuls(None)
-    wide_matmul.use_mkl_bf16(True)
     return seen["widened"]
 
 
+@needs_mkl
 def test_mkl_kernel_makes_no_fp32_copy_of_a_weight():
-    if not mkl_bf16.available():
-        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
     assert widened_weights_in_a_fresh_thread("widening")  # the check sees the widening kernel's copies
     assert not widened_weights_in_a_fresh_thread("mkl")
 
 
+@needs_mkl
 def test_products_of_many_tokens_take_the_widened_weight(monkeypatch):
     # beyond MKL_MAX_ROWS tokens PyTorch's fp32 GEMM is the faster kernel
-    if not mkl_bf16.available():
-        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
     monkeypatch.setattr(wide_matmul, "MKL_MAX_ROWS", 15)
     assert not widened_weights_in_a_fresh_thread("mkl", tokens=(3, 5))
     assert widened_weights_in_a_fresh_thread("mkl", tokens=(4, 4))
 
 
+@needs_mkl
 @pytest.mark.parametrize("layout", ["row-major", "transposed", "row slice", "column slice", "strided"])
 def test_mkl_mm_takes_each_layout_and_accumulates(layout):
-    if not mkl_bf16.available():
-        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
     g = torch.Generator().manual_seed(9)
     big_a, big_b = torch.randn(12, 20, generator=g).to(BF16), torch.randn(20, 16, generator=g).to(BF16)
     a, b = {
@@ -323,9 +319,8 @@ def test_mkl_mm_takes_each_layout_and_accumulates(layout):
     torch.testing.assert_close(mkl_bf16.mm(a, b, out, accumulate=True), 2 * expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_mkl
 def test_mkl_mm_names_what_it_cannot_take():
-    if not mkl_bf16.available():
-        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
     a, b = torch.ones(3, 4, dtype=BF16), torch.ones(4, 5, dtype=BF16)
     with pytest.raises(ValueError, match="bf16 CPU matrices, got torch.float32"):
         mkl_bf16.mm(a.float(), b, torch.empty(3, 5))
@@ -336,9 +331,8 @@ def test_mkl_mm_names_what_it_cannot_take():
     assert torch.equal(mkl_bf16.mm(a[:, :0], b[:0], torch.ones(3, 5)), torch.zeros(3, 5))
 
 
+@needs_mkl
 def test_mkl_mm_writes_a_block_of_columns_of_a_wider_result():
-    if not mkl_bf16.available():
-        pytest.skip("this PyTorch carries no MKL bf16 GEMM")
     g = torch.Generator().manual_seed(10)
     a, b = torch.randn(6, 8, generator=g).to(BF16), torch.randn(8, 4, generator=g).to(BF16)
     wide = torch.full((6, 10), 7.0)
