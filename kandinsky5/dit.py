@@ -31,9 +31,10 @@ from modules.block_swap import BlockSwap, swap_plan
 from modules.wide_matmul import run_linear
 
 from .attention import AUTO, DEFAULT_BACKEND, attention, auto_backend, check_backend
+from .fp32_steps import gated_add, modulate, rms_norm_rotate
 from .nabla import check_grid, fractal_order, nabla_attention, raster_order
 from .packed_projections import allocate_packed, packed_outputs
-from .rope import RopeCache, apply_rotation, frequencies, text_angles, visual_angles
+from .rope import RopeCache, frequencies, text_angles, visual_angles
 from .tasks import NablaParams
 
 # Parameters whose names contain one of these stay fp32 whatever the compute dtype.
@@ -52,21 +53,6 @@ def fp32_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer(x.float())
     bias = None if layer.bias is None else layer.bias.float()
     return F.linear(x.float(), layer.weight.float(), bias)
-
-
-def rms_norm_fp32(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """LayerNorm (no affine) then scale and shift, in fp32; returns fp32."""
-    return torch.addcmul(shift, F.layer_norm(x.float(), x.shape[-1:], eps=LAYER_NORM_EPS), 1.0 + scale)
-
-
-def gated_add(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """x + gate * update in fp32 (the fp32 gate promotes the sum; x and update are widened as they are
-    read, not copied), returned in x's dtype."""
-    return torch.addcmul(x, gate.float(), update).to(x.dtype)
 
 
 class TimeEmbeddings(nn.Module):
@@ -159,13 +145,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``sparse``: (token grid, NABLA parameters) for block-sparse visual self-attention."""
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in self._project(x, context))
-        q, k = rms_norm_fp32(self.query_norm, q), rms_norm_fp32(self.key_norm, k)
-        if rope is not None:
-            q, k = apply_rotation(q, rope), apply_rotation(k, rope)
+        q, k = rms_norm_rotate(self.query_norm, q, rope, v.dtype), rms_norm_rotate(self.key_norm, k, rope, v.dtype)
         if sparse is not None:
-            out = nabla_attention(q.to(v.dtype), k.to(v.dtype), v, *sparse)
+            out = nabla_attention(q, k, v, *sparse)
         else:
-            out = attention(q.to(v.dtype), k.to(v.dtype), v, key_mask, backend)
+            out = attention(q, k, v, key_mask, backend)
         return run_linear(self.out_layer, out.flatten(-2))
 
 
@@ -190,9 +174,9 @@ class TextBlock(nn.Module):
 
     def forward(self, text, time_embed, rope, text_mask, backend: str) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.text_modulation(time_embed).chunk(6, dim=-1)
-        out = modulate(text, shift_a, scale_a).to(text.dtype)
+        out = modulate(text, shift_a, scale_a, LAYER_NORM_EPS)
         text = gated_add(text, gate_a, self.self_attention(out, out, text_mask, rope, backend))
-        out = modulate(text, shift_f, scale_f).to(text.dtype)
+        out = modulate(text, shift_f, scale_f, LAYER_NORM_EPS)
         return gated_add(text, gate_f, self.feed_forward(out))
 
 
@@ -209,13 +193,13 @@ class VisualBlock(nn.Module):
     def forward(self, visual, text, time_embed, rope, text_mask, backend: str, sparse=None) -> torch.Tensor:
         params = self.visual_modulation(time_embed).chunk(9, dim=-1)
         shift, scale, gate = params[0:3]
-        out = modulate(visual, shift, scale).to(visual.dtype)
+        out = modulate(visual, shift, scale, LAYER_NORM_EPS)
         visual = gated_add(visual, gate, self.self_attention(out, out, None, rope, backend, sparse))
         shift, scale, gate = params[3:6]
-        out = modulate(visual, shift, scale).to(visual.dtype)
+        out = modulate(visual, shift, scale, LAYER_NORM_EPS)
         visual = gated_add(visual, gate, self.cross_attention(out, text, text_mask, None, backend))
         shift, scale, gate = params[6:9]
-        out = modulate(visual, shift, scale).to(visual.dtype)
+        out = modulate(visual, shift, scale, LAYER_NORM_EPS)
         return gated_add(visual, gate, self.feed_forward(out))
 
 
@@ -229,7 +213,7 @@ class OutLayer(nn.Module):
 
     def forward(self, visual: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(time_embed).chunk(2, dim=-1)
-        return run_linear(self.out_layer, modulate(visual, shift, scale).to(visual.dtype))
+        return run_linear(self.out_layer, modulate(visual, shift, scale, LAYER_NORM_EPS))
 
 
 class DiffusionTransformer3D(nn.Module):

@@ -52,16 +52,6 @@ def rotation(angles: torch.Tensor) -> torch.Tensor:
     return torch.complex(torch.cos(angles), torch.sin(angles))[:, None]
 
 
-def apply_rotation(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2j, 2j+1) of ``x`` (B, S, H, D) by the angles of ``rope``; fp32 in, fp32 out.
-
-    Each pair is one complex number and the rotation one complex product, (x0 + i x1)(cos + i sin) =
-    (cos x0 - sin x1) + i (sin x0 + cos x1): the same four products and two sums as written out with
-    real tensors, in one pass over ``x`` instead of seven."""
-    pairs = torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rope).flatten(-2)
-
-
 class RopeCache:
     """Rotation tables per (kind, shape, scale, device), recomputed only when one of those changes."""
 

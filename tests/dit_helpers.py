@@ -41,9 +41,12 @@ def random_inputs(
     return x, text, pooled, time
 
 
-def run_diffusers(model: Kandinsky5Transformer3DModel, x, text, pooled, time, rope_scale) -> torch.Tensor:
+def call_diffusers(model: Kandinsky5Transformer3DModel, x, text, pooled, time, rope_scale) -> torch.Tensor:
     _, t, h, w, _ = x.shape
     positions = [torch.arange(t), torch.arange(h // 2), torch.arange(w // 2)]
+    return model(x, text, time, pooled, positions, torch.arange(text.shape[1]), scale_factor=rope_scale).sample
+
+
+def run_diffusers(model: Kandinsky5Transformer3DModel, x, text, pooled, time, rope_scale) -> torch.Tensor:
     with torch.no_grad():
-        out = model(x, text, time, pooled, positions, torch.arange(text.shape[1]), scale_factor=rope_scale)
-    return out.sample
+        return call_diffusers(model, x, text, pooled, time, rope_scale)
