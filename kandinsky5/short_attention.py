@@ -19,9 +19,10 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, H, L, S) fp32 scores of (B, H, L, D) queries and (B, H, S, D) keys; masked keys at -inf."""
-    scores = torch.matmul(_wide(q), _wide(k).transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+def _scores(q32: torch.Tensor, k32: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, L, S) fp32 scores of (B, H, L, D) queries and (B, H, S, D) keys, both already wide;
+    masked keys at -inf."""
+    scores = torch.matmul(q32, k32.transpose(-1, -2)).mul_(q32.shape[-1] ** -0.5)
     if key_mask is not None:
         scores.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
     return scores
@@ -39,7 +40,7 @@ def _softmax_and_lse(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _ShortAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask):
-        probs, lse = _softmax_and_lse(_scores(q, k, key_mask))
+        probs, lse = _softmax_and_lse(_scores(_wide(q), _wide(k), key_mask))
         out = matmul(probs.to(v.dtype), v)
         ctx.save_for_backward(q, k, v, out, lse, key_mask)
         return out
@@ -49,18 +50,19 @@ class _ShortAttention(torch.autograd.Function):
         q, k, v, out, lse, key_mask = ctx.saved_tensors
         need_q, need_k, need_v = ctx.needs_input_grad[:3]  # cross-attention's keys and values often need none
         grad_q = grad_k = grad_v = None
-        probs = _scores(q, k, key_mask).sub_(lse).exp_()
+        q32, k32 = _wide(q), _wide(k)  # each widened once, for the scores and for the other's gradient
+        probs = _scores(q32, k32, key_mask).sub_(lse).exp_()
         if need_v:
             grad_v = matmul(probs.to(v.dtype).transpose(-1, -2), grad_out)
         if need_q or need_k:
-            grad_out_wide = _wide(grad_out)
-            grad_probs = torch.matmul(grad_out_wide, _wide(v).transpose(-1, -2))
-            row = (grad_out_wide * _wide(out)).sum(dim=-1, keepdim=True)
+            grad_out32 = _wide(grad_out)
+            grad_probs = torch.matmul(grad_out32, _wide(v).transpose(-1, -2))
+            row = torch.mul(grad_out32, out).sum(dim=-1, keepdim=True)  # out widened as it is read
             grad_scores = probs.mul_(grad_probs.sub_(row)).mul_(q.shape[-1] ** -0.5)
             if need_q:
-                grad_q = torch.matmul(grad_scores, _wide(k)).to(q.dtype)
+                grad_q = torch.matmul(grad_scores, k32).to(q.dtype)
             if need_k:
-                grad_k = torch.matmul(grad_scores.transpose(-1, -2), _wide(q)).to(k.dtype)
+                grad_k = torch.matmul(grad_scores.transpose(-1, -2), q32).to(k.dtype)
         return grad_q, grad_k, grad_v, None
 
 
