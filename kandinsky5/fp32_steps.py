@@ -37,18 +37,29 @@ def _reduce_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.sum_to_size(like.shape).to(like.dtype)
 
 
+def _tracked(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an operation on ``tensors`` (else a step runs its forward alone)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _norm_rotate(x, weight, eps, rope, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rounded result and the per-row 1 / rms."""
+    y = _fp32_copy(x)
+    rstd = y.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+    y.mul_(rstd)
+    if weight is not None:
+        y.mul_(weight)
+    if rope is not None:  # (x0 + i x1)(cos + i sin): the four products and two sums in one pass
+        _pairs(y).mul_(rope)
+    return y.to(dtype), rstd
+
+
 class _NormRotate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, rope, dtype):
-        y = _fp32_copy(x)
-        rstd = y.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
-        y.mul_(rstd)
-        if weight is not None:
-            y.mul_(weight)
-        if rope is not None:  # (x0 + i x1)(cos + i sin): the four products and two sums in one pass
-            _pairs(y).mul_(rope)
+        out, rstd = _norm_rotate(x, weight, eps, rope, dtype)
         ctx.save_for_backward(x, rstd, weight, rope)
-        return y.to(dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -78,16 +89,24 @@ def rms_norm_rotate(
     rounded to ``dtype``."""
     eps = torch.finfo(torch.float32).eps if norm.eps is None else norm.eps
     weight = None if norm.weight is None else norm.weight.float()
-    return _NormRotate.apply(x, weight, eps, rope, dtype)
+    if _tracked(x, weight):
+        return _NormRotate.apply(x, weight, eps, rope, dtype)
+    return _norm_rotate(x, weight, eps, rope, dtype)[0]
+
+
+def _modulate(x, shift, scale, eps) -> tuple[torch.Tensor, ...]:
+    """The rounded result, the per-row mean and 1 / standard deviation, and 1 + scale."""
+    normed, mean, rstd = torch.native_layer_norm(x.float(), x.shape[-1:], None, None, eps)
+    factor = 1.0 + scale
+    return torch.addcmul(shift, normed, factor).to(x.dtype), mean, rstd, factor
 
 
 class _Modulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps):
-        normed, mean, rstd = torch.native_layer_norm(x.float(), x.shape[-1:], None, None, eps)
-        factor = 1.0 + scale
+        out, mean, rstd, factor = _modulate(x, shift, scale, eps)
         ctx.save_for_backward(x, mean, rstd, shift, scale, factor)
-        return torch.addcmul(shift, normed, factor).to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -112,7 +131,9 @@ class _Modulate(torch.autograd.Function):
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm of ``x`` (no affine, fp32) times 1 + ``scale`` plus ``shift`` (fp32, broadcast over
     the tokens), rounded to x's dtype."""
-    return _Modulate.apply(x, shift, scale, eps)
+    if _tracked(x, shift, scale):
+        return _Modulate.apply(x, shift, scale, eps)
+    return _modulate(x, shift, scale, eps)[0]
 
 
 class _GatedAdd(torch.autograd.Function):
@@ -136,4 +157,7 @@ class _GatedAdd(torch.autograd.Function):
 def gated_add(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """x + gate * update in fp32 (the fp32 gate promotes the sum; x and update are widened as they are
     read, not copied), returned in x's dtype."""
-    return _GatedAdd.apply(x, gate.float(), update)
+    gate = gate.float()
+    if _tracked(x, gate, update):
+        return _GatedAdd.apply(x, gate, update)
+    return torch.addcmul(x, gate, update).to(x.dtype)

@@ -33,10 +33,14 @@ def random(shape, dtype=torch.float32, seed=0):
 
 def run(step, inputs, grad):
     """``step``'s output and the gradients of every input that needs one, for output gradient ``grad``;
-    checks that neither the inputs nor ``grad`` were changed in place."""
+    checks that the output is the same without autograd and that neither the inputs nor ``grad``
+    were changed in place."""
     leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
     before = [t.detach().clone() for t in leaves] + [grad.clone()]
+    with torch.no_grad():
+        untracked = step(*leaves)
     out = step(*leaves)
+    assert torch.equal(out, untracked)
     out.backward(grad)
     for original, now in zip(before, [*leaves, grad], strict=True):
         assert torch.equal(original, now.detach()), "an input or the output gradient was changed in place"
