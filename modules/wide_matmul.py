@@ -7,10 +7,10 @@ computes on the operands widened to fp32 (bf16 and fp16 values are exact in fp32
 each reduced-precision Linear here runs with fp32 arithmetic and rounds the result to the input's
 dtype once, as a native kernel does: the same numbers up to the order of the sums. Two kernels do it:
 
-- bf16 products of up to MKL_MAX_ROWS tokens in eager mode, where PyTorch carries MKL (its x86-64
-  wheels): MKL's own bf16 x bf16 -> fp32 GEMM (modules/mkl_bf16.py), which widens the operands
-  inside its packing and so needs no fp32 copy of the weight at all;
-- otherwise (more tokens, fp16, torch.compile, a PyTorch without MKL): PyTorch's fp32 GEMM on
+- bf16 products of up to MKL_MAX_ROWS tokens, where PyTorch carries MKL (its x86-64 wheels): MKL's
+  own bf16 x bf16 -> fp32 GEMM (modules/mkl_bf16.py), which widens the operands inside its packing
+  and so needs no fp32 copy of the weight at all (under torch.compile it runs as custom operators);
+- otherwise (more tokens, fp16, a PyTorch without MKL): PyTorch's fp32 GEMM on
   operands widened here, a Linear weight a block of BLOCK_ROWS rows at a time, so that its fp32
   copy never exists whole in memory.
 
@@ -141,6 +141,10 @@ def _widened(rows: torch.Tensor) -> torch.Tensor:
     return _scratch_like("weight", rows.shape, rows)
 
 
+# torch.compile runs this once and keeps the answer instead of tracing into the library lookup
+_mkl_present = torch.compiler.assume_constant_result(mkl_bf16.available)
+
+
 def use_mkl_bf16(enabled: bool) -> None:
     """Whether bf16 products may use MKL's bf16 GEMM where it exists (True, the default) or must widen
     their operands for PyTorch's fp32 GEMM (False: the other kernel, for comparisons and tests)."""
@@ -149,11 +153,10 @@ def use_mkl_bf16(enabled: bool) -> None:
 
 def on_mkl_gemm(dtype: torch.dtype, rows: int) -> bool:
     """Whether a product of ``rows`` tokens in ``dtype`` on the fp32 path runs on MKL's bf16 GEMM: bf16,
-    up to MKL_MAX_ROWS tokens, eager mode (torch.compile traces the widening kernel, which it can see
-    into)."""
-    if dtype != torch.bfloat16 or rows > MKL_MAX_ROWS or torch.compiler.is_compiling():
+    up to MKL_MAX_ROWS tokens (under torch.compile too, as custom operators)."""
+    if dtype != torch.bfloat16 or rows > MKL_MAX_ROWS:
         return False
-    return _mkl_allowed[0] and mkl_bf16.available()
+    return _mkl_allowed[0] and _mkl_present()
 
 
 def _token_blocks(rows: int, features: int):
@@ -205,18 +208,17 @@ def _widening_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 def _wide_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias with fp32 arithmetic, rounded once to x's dtype."""
     if on_mkl_gemm(weight.dtype, x.numel() // max(1, x.shape[-1])):
-        return _mkl_linear_forward(x, weight, bias)
+        return _mkl_kernel(_mkl_linear_forward, _mkl_linear_op)(x, weight, bias)
     return _widening_linear_forward(x, weight, bias)
 
 
-def _mkl_input_grad(grads: torch.Tensor, weight: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
-    """grads @ weight (the input's gradient) by MKL's bf16 GEMM, in ``dtype`` and ``shape``."""
+def _mkl_input_grad(grads: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grads @ weight (the input's gradient, rows x in_features) by MKL's bf16 GEMM, in grads' dtype."""
     rows, features = grads.shape[0], weight.shape[1]
-    grad_x = torch.empty(shape, dtype=dtype)
-    flat = grad_x.view(rows, features)
+    grad_x = torch.empty(rows, features, dtype=grads.dtype)
     for start, end in _token_blocks(rows, features):
         product = _scratch_like("product", (end - start, features))
-        flat[start:end] = mkl_bf16.mm(grads[start:end], weight, product)
+        grad_x[start:end] = mkl_bf16.mm(grads[start:end], weight, product)
     return grad_x
 
 
@@ -227,6 +229,44 @@ def _mkl_weight_grad(grads: torch.Tensor, inputs: torch.Tensor, weight: torch.Te
         product = _scratch_like("weight", (end - start, weight.shape[1]))
         grad_weight[start:end] = mkl_bf16.mm(grads[:, start:end].t(), inputs, product)
     return grad_weight
+
+
+# The MKL kernels as custom operators, for torch.compile: it cannot trace a ctypes call, but it can
+# call an operator whose output shape it is told (the register_fake functions) without looking inside.
+@torch.library.custom_op("kandinsky5::mkl_bf16_linear", mutates_args=())
+def _mkl_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _mkl_linear_forward(x, weight, bias)
+
+
+@_mkl_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("kandinsky5::mkl_bf16_input_grad", mutates_args=())
+def _mkl_input_grad_op(grads: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _mkl_input_grad(grads, weight)
+
+
+@_mkl_input_grad_op.register_fake
+def _(grads, weight):
+    return grads.new_empty(grads.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("kandinsky5::mkl_bf16_weight_grad", mutates_args=())
+def _mkl_weight_grad_op(grads: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _mkl_weight_grad(grads, inputs, weight)
+
+
+@_mkl_weight_grad_op.register_fake
+def _(grads, inputs, weight):
+    return torch.empty_like(weight)
+
+
+def _mkl_kernel(eager, operator):
+    """``operator`` while torch.compile traces, else ``eager`` (the same function without the
+    dispatcher's overhead)."""
+    return operator if torch.compiler.is_compiling() else eager
 
 
 def _widening_input_grad(grad32: torch.Tensor, weight: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -270,10 +310,11 @@ class _WideLinear(torch.autograd.Function):
         rows = grad_out.numel() // out_features
         if on_mkl_gemm(weight.dtype, rows):
             grads = grad_out.reshape(rows, out_features)
-            if ctx.needs_input_grad[0]:
-                grad_x = _mkl_input_grad(grads, weight, ctx.input_shape, ctx.input_dtype)
+            if ctx.needs_input_grad[0]:  # grads, weight and input share one dtype on this path
+                grad_x = _mkl_kernel(_mkl_input_grad, _mkl_input_grad_op)(grads, weight).view(ctx.input_shape)
             if ctx.needs_input_grad[1]:
-                grad_weight = _mkl_weight_grad(grads, x.reshape(rows, in_features), weight)
+                inputs = x.reshape(rows, in_features)
+                grad_weight = _mkl_kernel(_mkl_weight_grad, _mkl_weight_grad_op)(grads, inputs, weight)
         else:
             grads = _scratch_like("grad", (rows, out_features), grad_out)
             if ctx.needs_input_grad[0]:
