@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modules.activation_offload import checkpoint_with_offload
 from modules.block_swap import BlockSwap, swap_plan
-from modules.wide_matmul import run_linear
+from modules.wide_matmul import register_compile_operators, run_linear
 
 from .attention import AUTO, DEFAULT_BACKEND, attention, auto_backend, check_backend
 from .fp32_steps import gated_add, modulate, rms_norm_rotate
@@ -309,6 +309,7 @@ class DiffusionTransformer3D(nn.Module):
 
     def compile_blocks(self, **options) -> None:
         """torch.compile every transformer block (the first forward compiles; a new shape recompiles)."""
+        register_compile_operators()
         for block in [*self.text_transformer_blocks, *self.visual_transformer_blocks]:
             block.compile(**options)
 

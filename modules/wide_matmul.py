@@ -141,8 +141,8 @@ def _widened(rows: torch.Tensor) -> torch.Tensor:
     return _scratch_like("weight", rows.shape, rows)
 
 
-# torch.compile runs this once and keeps the answer instead of tracing into the library lookup
-_mkl_present = torch.compiler.assume_constant_result(mkl_bf16.available)
+# looked up once here, so that torch.compile reads a constant instead of tracing into the lookup
+_MKL_PRESENT = mkl_bf16.available()
 
 
 def use_mkl_bf16(enabled: bool) -> None:
@@ -156,7 +156,7 @@ def on_mkl_gemm(dtype: torch.dtype, rows: int) -> bool:
     up to MKL_MAX_ROWS tokens (under torch.compile too, as custom operators)."""
     if dtype != torch.bfloat16 or rows > MKL_MAX_ROWS:
         return False
-    return _mkl_allowed[0] and _mkl_present()
+    return _mkl_allowed[0] and _MKL_PRESENT
 
 
 def _token_blocks(rows: int, features: int):
@@ -208,7 +208,7 @@ def _widening_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 def _wide_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias with fp32 arithmetic, rounded once to x's dtype."""
     if on_mkl_gemm(weight.dtype, x.numel() // max(1, x.shape[-1])):
-        return _mkl_kernel(_mkl_linear_forward, _mkl_linear_op)(x, weight, bias)
+        return _mkl_kernel(_mkl_linear_forward)(x, weight, bias)
     return _widening_linear_forward(x, weight, bias)
 
 
@@ -231,42 +231,42 @@ def _mkl_weight_grad(grads: torch.Tensor, inputs: torch.Tensor, weight: torch.Te
     return grad_weight
 
 
-# The MKL kernels as custom operators, for torch.compile: it cannot trace a ctypes call, but it can
-# call an operator whose output shape it is told (the register_fake functions) without looking inside.
-@torch.library.custom_op("kandinsky5::mkl_bf16_linear", mutates_args=())
-def _mkl_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _mkl_linear_forward(x, weight, bias)
+_OPERATORS: dict = {}
 
 
-@_mkl_linear_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def register_compile_operators() -> None:
+    """The MKL kernels as custom operators, for torch.compile: it cannot trace a ctypes call, but it
+    can call an operator whose output shapes it is told (the fake functions) without looking inside.
+    Call it before compiling (DiffusionTransformer3D.compile_blocks does): registered here, not at
+    import, since torch.library brings in torch._dynamo (about 70 MB) that eager runs do not need;
+    without it a compiled product runs eagerly, in a graph of its own."""
+    if _OPERATORS:
+        return
+    library = torch.library
+
+    @library.custom_op("kandinsky5::mkl_bf16_linear", mutates_args=())
+    def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _mkl_linear_forward(x, weight, bias)
+
+    @library.custom_op("kandinsky5::mkl_bf16_input_grad", mutates_args=())
+    def input_grad_op(grads: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _mkl_input_grad(grads, weight)
+
+    @library.custom_op("kandinsky5::mkl_bf16_weight_grad", mutates_args=())
+    def weight_grad_op(grads: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _mkl_weight_grad(grads, inputs, weight)
+
+    linear_op.register_fake(lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
+    input_grad_op.register_fake(lambda grads, weight: grads.new_empty(grads.shape[0], weight.shape[1]))
+    weight_grad_op.register_fake(lambda grads, inputs, weight: torch.empty_like(weight))
+    _OPERATORS.update({_mkl_linear_forward: linear_op, _mkl_input_grad: input_grad_op})
+    _OPERATORS[_mkl_weight_grad] = weight_grad_op
 
 
-@torch.library.custom_op("kandinsky5::mkl_bf16_input_grad", mutates_args=())
-def _mkl_input_grad_op(grads: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _mkl_input_grad(grads, weight)
-
-
-@_mkl_input_grad_op.register_fake
-def _(grads, weight):
-    return grads.new_empty(grads.shape[0], weight.shape[1])
-
-
-@torch.library.custom_op("kandinsky5::mkl_bf16_weight_grad", mutates_args=())
-def _mkl_weight_grad_op(grads: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _mkl_weight_grad(grads, inputs, weight)
-
-
-@_mkl_weight_grad_op.register_fake
-def _(grads, inputs, weight):
-    return torch.empty_like(weight)
-
-
-def _mkl_kernel(eager, operator):
-    """``operator`` while torch.compile traces, else ``eager`` (the same function without the
-    dispatcher's overhead)."""
-    return operator if torch.compiler.is_compiling() else eager
+def _mkl_kernel(eager):
+    """``eager``'s custom operator while torch.compile traces (once registered), else ``eager`` itself
+    (without the dispatcher's overhead)."""
+    return _OPERATORS.get(eager, eager) if torch.compiler.is_compiling() else eager
 
 
 def _widening_input_grad(grad32: torch.Tensor, weight: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -311,10 +311,10 @@ class _WideLinear(torch.autograd.Function):
         if on_mkl_gemm(weight.dtype, rows):
             grads = grad_out.reshape(rows, out_features)
             if ctx.needs_input_grad[0]:  # grads, weight and input share one dtype on this path
-                grad_x = _mkl_kernel(_mkl_input_grad, _mkl_input_grad_op)(grads, weight).view(ctx.input_shape)
+                grad_x = _mkl_kernel(_mkl_input_grad)(grads, weight).view(ctx.input_shape)
             if ctx.needs_input_grad[1]:
                 inputs = x.reshape(rows, in_features)
-                grad_weight = _mkl_kernel(_mkl_weight_grad, _mkl_weight_grad_op)(grads, inputs, weight)
+                grad_weight = _mkl_kernel(_mkl_weight_grad)(grads, inputs, weight)
         else:
             grads = _scratch_like("grad", (rows, out_features), grad_out)
             if ctx.needs_input_grad[0]:

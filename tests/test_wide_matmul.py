@@ -240,6 +240,7 @@ def test_a_bf16_block_on_the_fp32_path_traces_as_one_graph_for_compile(wide):
     block.register_forward_hook(lambda module, args, out: calls.setdefault("args", args) and None)
     with torch.no_grad():
         model(*random_inputs(model, 1, 2, 4, 6, 5))
+    wide_matmul.register_compile_operators()  # as compile_blocks does
     explanation = torch._dynamo.explain(block)(*calls["args"])
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
     # MKL's kernel as an opaque operator in the graph, or the widening kernel traced through
