@@ -239,28 +239,28 @@ def register_compile_operators() -> None:
     can call an operator whose output shapes it is told (the fake functions) without looking inside.
     Call it before compiling (DiffusionTransformer3D.compile_blocks does): registered here, not at
     import, since torch.library brings in torch._dynamo (about 70 MB) that eager runs do not need;
-    without it a compiled product runs eagerly, in a graph of its own."""
+    unregistered, the compiler meets the ctypes call and breaks the block's graph around it."""
     if _OPERATORS:
         return
-    library = torch.library
 
-    @library.custom_op("kandinsky5::mkl_bf16_linear", mutates_args=())
+    @torch.library.custom_op("kandinsky5::mkl_bf16_linear", mutates_args=())
     def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _mkl_linear_forward(x, weight, bias)
 
-    @library.custom_op("kandinsky5::mkl_bf16_input_grad", mutates_args=())
+    @torch.library.custom_op("kandinsky5::mkl_bf16_input_grad", mutates_args=())
     def input_grad_op(grads: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _mkl_input_grad(grads, weight)
 
-    @library.custom_op("kandinsky5::mkl_bf16_weight_grad", mutates_args=())
+    @torch.library.custom_op("kandinsky5::mkl_bf16_weight_grad", mutates_args=())
     def weight_grad_op(grads: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _mkl_weight_grad(grads, inputs, weight)
 
     linear_op.register_fake(lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
     input_grad_op.register_fake(lambda grads, weight: grads.new_empty(grads.shape[0], weight.shape[1]))
     weight_grad_op.register_fake(lambda grads, inputs, weight: torch.empty_like(weight))
-    _OPERATORS.update({_mkl_linear_forward: linear_op, _mkl_input_grad: input_grad_op})
-    _OPERATORS[_mkl_weight_grad] = weight_grad_op
+    _OPERATORS.update(
+        {_mkl_linear_forward: linear_op, _mkl_input_grad: input_grad_op, _mkl_weight_grad: weight_grad_op}
+    )
 
 
 def _mkl_kernel(eager):

@@ -1,5 +1,7 @@
 """bf16 matmuls computed in fp32 on CPUs without native bf16 kernels (modules/wide_matmul.py)."""
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -247,6 +249,14 @@ def test_a_bf16_block_on_the_fp32_path_traces_as_one_graph_for_compile(wide):
     code = [m.code for graph in explanation.graphs for m in graph.modules() if isinstance(m, torch.fx.GraphModule)]
     on_mkl = "kandinsky5.mkl_bf16_linear" in "".join(code)  # in the autograd.Function's forward graph
     assert on_mkl == (wide == "mkl")
+
+
+def test_importing_the_dit_leaves_torch_dynamo_unloaded():
+    """The custom operators wait for compile_blocks: torch.library would load torch._dynamo, about 70 MB
+    of anonymous memory in every eager run's peak."""
+    code = "import sys, kandinsky5.dit, modules.wide_matmul; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 @needs_mkl
