@@ -7,7 +7,9 @@ Precision follows the official model: the time embedding, every modulation, the
 norm-scale-shift, the gated residual sums, the q/k RMSNorm and the rotary embedding run in fp32;
 the other Linear layers and the attention kernel run in the compute dtype (the dtype of the
 Linear weights). Which parameters stay fp32 whatever the compute dtype is declared once, in
-``FP32_PARAMETER_PATTERNS``.
+``FP32_PARAMETER_PATTERNS``. The forward switches autocast off: under accelerate's mixed precision
+it would run the fp32 Linear layers in bf16 or fp16, so training would compute something other
+than generation. The compute dtype is the weights' dtype, which the loaders set.
 
 Shapes: visual input (B, T, H, W, C) with C = 16, or 33 when visual conditioning / instruct
 channels are present; text (B, L, in_text_dim) right-padded, with a key padding mask (B, L);
@@ -367,6 +369,10 @@ class DiffusionTransformer3D(nn.Module):
         ``visual_blocks_hook(visual, run_blocks)`` replaces the pass through the visual blocks:
         ``run_blocks(rows)`` runs them on a slice of the batch (MagCache uses it to skip them)."""
         self._check_input(x, text, pooled_text)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward(x, text, pooled_text, time, text_mask, rope_scale, nabla, visual_blocks_hook)
+
+    def _forward(self, x, text, pooled_text, time, text_mask, rope_scale, nabla, visual_blocks_hook) -> torch.Tensor:
         batch, device = x.shape[0], x.device
         if text_mask is not None and bool(text_mask.all()):
             text_mask = None  # nothing is padded: the unmasked kernels are faster

@@ -319,6 +319,8 @@ def train(args: argparse.Namespace) -> Path:
         args.optimizer_args,
         device,
     )
+    # fp16 on a GPU: accelerate's gradient scaler scales the loss and unscales before clipping and stepping
+    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     scheduler = create_scheduler(
         args.lr_scheduler,
         optimizer,
@@ -380,7 +382,7 @@ def train(args: argparse.Namespace) -> Path:
             for i, batch in enumerate(prefetch_to(loader, device), start=order.start):
                 with accelerator.autocast():
                     loss = training_loss(dit, batch, task, args, device)
-                (loss / accumulation).backward()
+                accelerator.backward(loss / accumulation)
                 # summed on the device: the step reads it once, after all its work is queued
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 micro_steps += 1
@@ -390,9 +392,10 @@ def train(args: argparse.Namespace) -> Path:
                     for p in parameters:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
                 if args.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+                    accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if not optimizer.step_was_skipped:  # the scaler skips steps with inf/NaN gradients
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 value = step_loss.item() / micro_steps  # the one host-device sync of the step
                 step_loss, micro_steps = None, 0

@@ -25,6 +25,13 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.stored = [_to_host(a, pin) if isinstance(a, torch.Tensor) else a for a in args]
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        # the recomputation runs in backward, where autocast may be set otherwise: it repeats this one
+        device_type = next((d.type for d in ctx.devices if d is not None), "cpu")
+        ctx.autocast = dict(
+            device_type=device_type,
+            enabled=torch.is_autocast_enabled(device_type),
+            dtype=torch.get_autocast_dtype(device_type),
+        )
         with torch.no_grad():
             return function(*args)
 
@@ -37,7 +44,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             else:
                 args.append(stored.to(device, non_blocking=True).detach().requires_grad_(needs))
         devices = list(range(torch.cuda.device_count())) if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(**ctx.autocast):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state_all(ctx.cuda_rng)

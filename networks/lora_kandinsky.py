@@ -67,8 +67,8 @@ class _DownProjection(torch.autograd.Function):
 
 def down_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A LoRA's down projection of ``x`` in the dtype of its ``weight`` (normally fp32 over a bf16
-    input). Under autocast, which chooses the dtype itself, a plain F.linear."""
-    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+    input). It runs inside the DiT, where autocast is off."""
+    if x.dtype == weight.dtype:
         return F.linear(x.to(weight.dtype), weight)
     return _DownProjection.apply(x, weight)
 

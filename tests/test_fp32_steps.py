@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from kandinsky5.fp32_steps import gated_add, modulate, rms_norm_rotate
 from kandinsky5.rope import rotation, visual_angles
 
-DTYPES = [torch.bfloat16, torch.float32]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# each step computes the same with accelerate's autocast around it (bf16 or fp16) as without
+AUTOCAST = [None, torch.bfloat16, torch.float16]
 EPS = 1e-5
 
 
@@ -31,15 +33,16 @@ def random(shape, dtype=torch.float32, seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def run(step, inputs, grad):
-    """``step``'s output and the gradients of every input that needs one, for output gradient ``grad``;
-    checks that the output is the same without autograd and that neither the inputs nor ``grad``
-    were changed in place."""
+def run(step, inputs, grad, autocast=None):
+    """``step``'s output and the gradients of every input that needs one, for output gradient ``grad``,
+    the forward under ``autocast`` (a dtype) when given; checks that the output is the same without
+    autograd and that neither the inputs nor ``grad`` were changed in place."""
     leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
     before = [t.detach().clone() for t in leaves] + [grad.clone()]
-    with torch.no_grad():
-        untracked = step(*leaves)
-    out = step(*leaves)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        with torch.no_grad():
+            untracked = step(*leaves)
+        out = step(*leaves)
     assert torch.equal(out, untracked)
     out.backward(grad)
     for original, now in zip(before, [*leaves, grad], strict=True):
@@ -57,10 +60,11 @@ def assert_same(expected, got, dtype):
         torch.testing.assert_close(b, a, **tolerance)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rotate", [True, False])
 @pytest.mark.parametrize("train_weight", [True, False])
-def test_rms_norm_rotate_equals_the_autograd_chain(dtype, rotate, train_weight):
+def test_rms_norm_rotate_equals_the_autograd_chain(dtype, rotate, train_weight, autocast):
     norm = torch.nn.RMSNorm(64, eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(random(64, seed=1) * 0.3 + 1)
@@ -69,36 +73,38 @@ def test_rms_norm_rotate_equals_the_autograd_chain(dtype, rotate, train_weight):
     packed = random((2, 24, 3 * 128), dtype).requires_grad_(True)  # q of a packed q/k/v: a strided view
     grad = random((2, 24, 2, 64), dtype, seed=2)
     results = []
-    for step in (chain_norm_rotate, rms_norm_rotate):
+    for step, under in ((chain_norm_rotate, None), (rms_norm_rotate, autocast)):
         norm.weight.grad = None
 
         def apply(packed, step=step):
             return step(norm, packed[..., :128].unflatten(-1, (2, 64)), rope, dtype)
 
-        out, grads = run(apply, [packed], grad)
+        out, grads = run(apply, [packed], grad, under)
         results.append((out, grads + ([norm.weight.grad] if train_weight else [])))
     assert_same(*results, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("train_modulation", [True, False])
-def test_modulate_equals_the_autograd_chain(dtype, train_modulation):
+def test_modulate_equals_the_autograd_chain(dtype, train_modulation, autocast):
     x = random((2, 20, 96), dtype).requires_grad_(True)
     shift, scale = (random((2, 1, 96), seed=s).requires_grad_(train_modulation) for s in (3, 4))
     grad = random((2, 20, 96), dtype, seed=5)
     chain = run(chain_modulate, [x, shift, scale], grad)
-    ours = run(lambda x, shift, scale: modulate(x, shift, scale, EPS), [x, shift, scale], grad)
+    ours = run(lambda x, shift, scale: modulate(x, shift, scale, EPS), [x, shift, scale], grad, autocast)
     assert_same(chain, ours, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("train_gate", [True, False])
-def test_gated_add_equals_the_autograd_chain_and_passes_the_residual_gradient_on(dtype, train_gate):
+def test_gated_add_equals_the_autograd_chain_and_passes_the_residual_gradient_on(dtype, train_gate, autocast):
     x, update = (random((2, 20, 96), dtype, seed=s).requires_grad_(True) for s in (6, 7))
     gate = random((2, 1, 96), seed=8).requires_grad_(train_gate)
     grad = random((2, 20, 96), dtype, seed=9)
     chain = run(chain_gated_add, [x, gate, update], grad)
-    ours = run(gated_add, [x, gate, update], grad)
+    ours = run(gated_add, [x, gate, update], grad, autocast)
     assert_same(chain, ours, dtype)
     assert torch.equal(ours[1][0], grad)  # the residual stream's gradient is the output's, exactly
 
