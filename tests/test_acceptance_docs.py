@@ -1,0 +1,129 @@
+"""Every fenced shell example of README.md and docs/*.md, run as a user copies it, on the tiny tree.
+
+The examples are read from the Markdown by this test, so an example is run the day it is written.
+Each file's commands run in order in one workspace laid out as the docs assume (``weights/``,
+``data/clips``, ``data/photos``, ``first.png``, ``photo.jpg``, ``prompts.txt``, a LoRA
+``my_lora.safetensors``), each TOML example written where the text says it goes. The few commands
+that cannot run here are listed in NOT_RUN with the reason; a listed command that no longer
+appears in the docs fails the suite, so the list cannot go stale.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from kandinsky5.checkpoint import load_dit
+from kandinsky5.lora_tools import main as lora_tools
+from kandinsky5.tasks import get_task
+from networks.lora_kandinsky import create_network
+
+from .acceptance import ROOT, check, make_workspace, run, split_commands, tiny_command
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+
+# Commands (by their start) that are not run, and why.
+NOT_RUN = {
+    "bash .ci/demo": "installs the project into .venv with pip before it generates (CI's own set-up step)",
+    "bash .ci/run": "the test suite itself",
+    "python -m venv .venv": "installation",
+    "pip install torch": "installation",
+    'pip install -e ".[test]"': "installation",
+    "python -m pytest -q": "the test suite itself",
+    "python benchmarks/run_all.py": "full-size benchmarks, minutes a case (tests/test_benchmarks.py runs them small)",
+    "accelerate launch kandinsky5_train_network.py ...same options...": "'...' stands for a training command's options",
+    "accelerate launch --multi_gpu --num_processes 4": "needs 4 GPUs ('...' stands for the options)",
+    "accelerate launch --multi_gpu --num_machines 2": "needs two machines",
+    "... --sample_prompts": "options to add to a training command ('...')",
+}
+# TOML examples and the file the text puts them in.
+TOML_FILES = {"dataset_config.md": "data.toml", "training.md": "data/clips.toml"}
+
+
+def fenced(path: Path, languages: tuple[str, ...]) -> list[str]:
+    return [body for language, body in FENCE.findall(path.read_text()) if language in languages]
+
+
+def commands(path: Path) -> list[str]:
+    return [command for block in fenced(path, ("bash", "sh", "shell")) for command in split_commands(block)]
+
+
+def not_run_reason(command: str) -> str | None:
+    return next((reason for start, reason in NOT_RUN.items() if command.startswith(start)), None)
+
+
+def small_toml(text: str) -> str:
+    """A docs dataset config with the sizes made small."""
+    text = re.sub(r"resolution = \[\d+, \d+\]", "resolution = [64, 48]", text)
+    return re.sub(r"target_frames = \[[\d, ]+\]", "target_frames = [9, 13]", text)
+
+
+def write_lora(tree: Path, task: str, dit: str, path: Path) -> None:
+    """A LoRA of random (non-zero) weights for ``task``'s tiny DiT."""
+    model = load_dit(tree / "model" / f"{dit}.safetensors", get_task(task), dtype=torch.float32)
+    network = create_network(model, 4, 4, 0.0, None)
+    with torch.no_grad():
+        for module in network.loras.values():
+            module.lora_up.weight.normal_(0, 0.02)
+    network.save(path, {"ss_network_dim": "4"})
+
+
+@pytest.fixture(scope="module")
+def docs_workspace(tiny_tree, tmp_path_factory):
+    folder = make_workspace(tiny_tree, tmp_path_factory.mktemp("docs"))
+    write_lora(folder / "weights", "tiny-t2v", "tiny_t2v", folder / "my_lora.safetensors")
+    lora_tools(["to-diffusers", str(folder / "my_lora.safetensors"), str(folder / "some_peft_lora.safetensors")])
+    for name, target in TOML_FILES.items():
+        (toml,) = fenced(ROOT / "docs" / name, ("toml",))
+        (folder / target).write_text(small_toml(toml))
+    return folder
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_example_of_the_doc_runs(doc, docs_workspace):
+    ran = 0
+    for text in commands(doc):
+        if not_run_reason(text):
+            continue
+        command = tiny_command(text, docs_workspace)
+        check(run(command.argv, docs_workspace), f"{doc.name}: {text}")
+        ran += 1
+    if doc.name in ("training.md", "inference.md", "runs.md", "dataset_config.md"):
+        assert ran > 0, f"{doc.name}: no example ran"
+
+
+def test_the_examples_wrote_what_the_docs_say(docs_workspace):
+    """Run after the docs' tests (pytest keeps file order): the files the examples promise exist."""
+    expected = [
+        "cat.mp4",
+        "quick.mp4",
+        "waves.mp4",
+        "pro.mp4",
+        "apple.png",
+        "winter.png",
+        "output/walk_lora.safetensors",
+        "walk.mp4",
+        "my_lora_diffusers.safetensors",
+        "my_lora_official",
+        "as_kohya.safetensors",
+        "lite_with_my_lora.safetensors",
+    ]
+    missing = [name for name in expected if not (docs_workspace / name).exists()]
+    assert not missing, missing
+    assert len(list((docs_workspace / "out_folder").iterdir())) == 2  # one file per prompt line
+    assert list((docs_workspace / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_every_command_not_run_is_in_the_docs():
+    texts = [text for doc in DOCS for text in commands(doc)]
+    for start in NOT_RUN:
+        assert any(text.startswith(start) for text in texts), f"NOT_RUN lists {start!r}, which no doc shows any more"
+
+
+def test_the_docs_have_examples_to_run():
+    runnable = [text for doc in DOCS for text in commands(doc) if not not_run_reason(text)]
+    assert len(runnable) >= 15, runnable
