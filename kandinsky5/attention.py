@@ -49,8 +49,8 @@ AUTO = "auto"
 AUTO_ORDER_CUDA = ("flash3", "flash_attn", "xformers")
 
 
-class AttentionBackendError(RuntimeError):
-    pass
+class AttentionBackendError(ValueError):
+    """An attention backend that cannot run here: the scripts print it as one line, before loading."""
 
 
 def _import_backend(backend: Backend):

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from modules.atomic_save import save_safetensors_atomic
@@ -48,6 +48,7 @@ from .text_encoders import load_prompt_encoder
 from .vae import load_vae
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LATENT_SUFFIX = ".latent.safetensors"
 
 
 class GenerationError(ValueError):
@@ -92,6 +93,18 @@ def _output_for(args: argparse.Namespace, line: PromptLine, index: int, frames: 
     if args.output:
         return Path(args.output)
     return Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{seed}{extension}"
+
+
+def check_output(output: Path, frames: int, where: str = "") -> None:
+    """An output file the writers can make: a known extension for the kind, not an existing folder."""
+    suffix = output.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
+        kinds = f"videos: {', '.join(VIDEO_EXTENSIONS)}; images: {', '.join(IMAGE_EXTENSIONS)}"
+        raise GenerationError(f"{where}output {output}: unknown extension {suffix or '(none)'!r} ({kinds})")
+    if frames > 1 and suffix in IMAGE_EXTENSIONS:
+        raise GenerationError(f"{where}{output} is an image file but {frames} frames are asked for")
+    if output.is_dir():
+        raise GenerationError(f"{where}output {output} is a folder; give a file name")
 
 
 def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
@@ -142,8 +155,7 @@ def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
             image=image,
             output=_output_for(args, line, index, frames, seed),
         )
-        if frames > 1 and job.output.suffix.lower() in IMAGE_EXTENSIONS:
-            raise GenerationError(f"{where}{job.output} is an image file but {frames} frames are asked for")
+        check_output(job.output, frames, where)
         jobs.append(job)
     return jobs
 
@@ -154,7 +166,7 @@ def encode_texts(args, task: TaskPreset, jobs: list[Job], device) -> list[tuple[
     )
     conditions = []
     for job in tqdm(jobs, desc="encoding prompts", disable=len(jobs) < 2):
-        template = template_for(task.kind, job.frames)
+        template = template_for(task.kind, job.frames, with_image=bool(job.image))
         images = None
         if task.kind == "i2i" and job.image:  # Qwen sees the source image at half the output size
             images = [resize_and_crop(load_image(job.image), job.width // 2, job.height // 2)]
@@ -272,11 +284,33 @@ def save_latent(path: Path, latent: torch.Tensor, metadata: dict) -> None:
     print(f"wrote {path}")
 
 
-def decode_latent_files(args, task: TaskPreset, device) -> None:
-    vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)
-    for path in args.latent_path:
+def latent_file(output: Path) -> Path:
+    """Where --save_latent writes the latent of ``output``: ``<output>.latent.safetensors``."""
+    return Path(f"{output}{LATENT_SUFFIX}")
+
+
+def read_latent_file(path: str | Path) -> tuple[torch.Tensor, dict]:
+    """The latent and generation metadata of a --save_latent file; a named error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"--latent_path {path}: no such file")
+    try:
         with safe_open(str(path), framework="pt") as f:
-            latent, metadata = f.get_tensor("latent"), json.loads(f.metadata()["kandinsky5"])
+            metadata = f.metadata() or {}
+            if "latent" not in f.keys() or "kandinsky5" not in metadata:
+                raise GenerationError(
+                    f"--latent_path {path}: not a latent file of this toolkit (expected a 'latent' tensor and "
+                    "'kandinsky5' metadata, as --save_latent writes)"
+                )
+            return f.get_tensor("latent"), json.loads(metadata["kandinsky5"])
+    except SafetensorError as error:
+        raise GenerationError(f"--latent_path {path}: not a safetensors file ({error})") from None
+
+
+def decode_latent_files(args, task: TaskPreset, device) -> None:
+    latents = [read_latent_file(path) for path in args.latent_path]  # every file checked before the VAE loads
+    vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)
+    for path, (latent, metadata) in zip(args.latent_path, latents, strict=True):
         made_with = TASKS.get(metadata["task"])
         if made_with is not None and made_with.vae != task.vae:
             raise GenerationError(
@@ -293,10 +327,10 @@ def generate(args: argparse.Namespace, task: TaskPreset) -> None:
     if args.latent_path:
         decode_latent_files(args, task, device)
         return
+    check_backend(attention_backend(args), device)
     jobs = build_jobs(args, task)
     # Refuse a wrong DiT or a broken LoRA before the text encoders spend any time (LoRAs are read once, here).
     check_architecture(read_layout(checkpoint_files(args.dit)), task, str(args.dit))
-    check_backend(attention_backend(args), device)
     loras = [(read_lora(path), m) for path, m in zip(args.lora_weight or [], lora_multipliers(args), strict=True)]
     text_device = torch.device(args.text_encoder_device or args.device)
     texts = encode_texts(args, task, jobs, text_device)
@@ -319,5 +353,5 @@ def generate(args: argparse.Namespace, task: TaskPreset) -> None:
     for job, latent in zip(jobs, latents, strict=True):
         metadata = job_metadata(args, task, job)
         if args.save_latent:
-            save_latent(job.output.with_suffix(".latent.safetensors"), latent, metadata)
+            save_latent(latent_file(job.output), latent, metadata)
         write_output(job.output, vae.decode(latent)[0], args.fps, metadata)

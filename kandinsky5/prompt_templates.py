@@ -96,10 +96,12 @@ TEMPLATES = {
 }
 
 
-def template_for(kind: str, frames: int) -> PromptTemplate:
+def template_for(kind: str, frames: int, with_image: bool = True) -> PromptTemplate:
     """The template the official pipelines use: ``video`` for clips, ``image`` for single frames,
-    ``image_edit`` for I2I. (Official I2V encodes with ``video``; ``image2video`` is unused by them.)"""
-    if kind == "i2i":
+    ``image_edit`` for I2I with a source image (without one, the official I2I pipeline encodes with
+    ``image``: text-to-image with the edit model). (Official I2V encodes with ``video``;
+    ``image2video`` is unused by them.)"""
+    if kind == "i2i" and with_image:
         return TEMPLATES["image_edit"]
     return TEMPLATES["video"] if frames > 1 else TEMPLATES["image"]
 

@@ -29,6 +29,7 @@ from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
 from modules.prefetch import host_to_device, prefetch_to
 from networks.lora_kandinsky import LoRANetwork, create_network
 
+from .attention import check_backend
 from .checkpoint import load_dit
 from .cli import attention_backend, nabla_params
 from .denoiser import i2v_channels, t2v_channels
@@ -263,6 +264,7 @@ def train(args: argparse.Namespace) -> Path:
     )
     set_seed(args.seed)
     device, main = accelerator.device, accelerator.is_main_process
+    check_backend(attention_backend(args), device)  # before anything loads
 
     # data
     datasets = [find_samples(d) for d in load_dataset_config(args.dataset_config)]

@@ -53,7 +53,7 @@ def sampled_latent(tree: Path, folder: Path, name: str, *extra: str, prompt: str
         str(folder / f"{name}.mp4"),
         *extra,
     )
-    return load_file(str(folder / f"{name}.latent.safetensors"))["latent"]
+    return load_file(str(folder / f"{name}.mp4.latent.safetensors"))["latent"]
 
 
 def accelerate_launch(processes: int, *args: str) -> list[str]:

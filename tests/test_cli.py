@@ -33,17 +33,29 @@ def test_help_lists_every_task_and_a_typo_gets_a_suggestion():
     assert "unknown task 'k5-pro-t2v-5s'; did you mean 'k5-pro-t2v-5s-sd'" in result.stderr
 
 
-def test_missing_attention_backend_is_named_before_any_model_loads(tiny_tree):
+@pytest.mark.parametrize(
+    "script, flag, package",
+    [
+        ("kandinsky5_generate_video.py", "--xformers", "xformers"),
+        ("kandinsky5_generate_video.py", "--flash_attn", "flash-attn"),
+        ("kandinsky5_train_network.py", "--flash_attn", "flash-attn"),
+        ("kandinsky5_train_network.py", "--sage_attn", "sageattention"),
+    ],
+)
+def test_missing_attention_backend_is_one_line_before_anything_loads(script, flag, package, tmp_path):
+    """The weights, data and encoders given do not exist: the backend is checked before any of them."""
     result = run(
-        "kandinsky5_generate_video.py",
+        script,
         "--task",
         "tiny-t2v",
-        "--xformers",
-        "--prompt",
-        "x",
+        flag,
+        *(["--prompt", "x", "--text_encoder_qwen", "absent"] if "generate" in script else []),
+        *(["--dataset_config", "absent.toml", "--output_dir", str(tmp_path / "out")] if "train" in script else []),
         "--dit",
-        str(tiny_tree / "model/tiny_t2v.safetensors"),
-        "--text_encoder_qwen",
-        "absent",
+        "absent.safetensors",
     )
-    assert result.returncode == 1 and "attention backend 'xformers' needs the package 'xformers'" in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: attention backend")
+    assert f"needs the package '{package}'" in result.stderr
+    assert "absent" not in result.stderr

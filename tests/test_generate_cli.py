@@ -133,7 +133,7 @@ def test_i2v_keeps_the_encoded_image_as_first_frame_and_decodes_it(tiny_tree, tm
     vae = load_vae(tiny_tree / "vae", "hunyuan")
     pixels = image_to_pixels(resize_and_crop(load_image(tmp_path / "first.png"), 96, 64))
     image_latent = vae.encode(pixels, generator=torch.Generator().manual_seed(5))
-    sampled = latent(tmp_path / "clip.latent.safetensors")
+    sampled = latent(tmp_path / "clip.mp4.latent.safetensors")
     assert torch.equal(sampled[:, :1], image_latent)  # the clean frame is put back after sampling
     assert not torch.allclose(sampled[:, 1:2], image_latent)
     decoded = pixels_to_frames(vae.decode(sampled)[0]).astype(float)
@@ -168,7 +168,7 @@ def test_same_seed_same_output_and_another_seed_another(tiny_tree, tmp_path):
             "--output",
             str(tmp_path / f"{name}.mp4"),
         )
-        return latent(tmp_path / f"{name}.latent.safetensors")
+        return latent(tmp_path / f"{name}.mp4.latent.safetensors")
 
     first, again, other = run("a", 3), run("b", 3), run("c", 4)
     assert torch.equal(first, again) and not torch.allclose(first, other)
@@ -183,7 +183,7 @@ def test_saved_latents_decode_later_to_the_same_video(tiny_tree, tmp_path):
         tiny_tree,
         "tiny-t2v",
         "--latent_path",
-        str(tmp_path / "a.latent.safetensors"),
+        str(tmp_path / "a.mp4.latent.safetensors"),
         "--output",
         str(tmp_path / "again.mp4"),
     )
@@ -249,3 +249,99 @@ def test_the_script_runs_as_a_program(tiny_tree, tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (64, 64) and "sampling 1" in result.stderr  # the progress bar
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("clip.gif", "unknown extension '.gif'"),
+        ("clip.webm", "unknown extension '.webm'"),
+        ("clip", "unknown extension '\\(none\\)'"),
+        ("folder.mp4", "is a folder"),
+    ],
+)
+def test_the_output_is_checked_before_anything_loads(tiny_tree, tmp_path, output, message):
+    (tmp_path / "folder.mp4").mkdir()
+    with pytest.raises(SystemExit, match=message):  # the Qwen folder does not exist: nothing was loaded
+        generate(
+            tiny_tree, "tiny-t2v", "--prompt", "x", "--text_encoder_qwen", "missing", "--output", str(tmp_path / output)
+        )
+
+
+def test_every_supported_extension_is_written(tiny_tree, tmp_path):
+    for name in ("a.mov", "b.mkv"):
+        generate(
+            tiny_tree, "tiny-t2v", "--prompt", "x", "--steps", "1", "--frames", "5", "--output", str(tmp_path / name)
+        )
+        assert video_info(tmp_path / name)[0] == 5
+    for name in ("c.jpg", "d.webp"):
+        generate(tiny_tree, "tiny-t2i", "--prompt", "x", "--steps", "1", "--output", str(tmp_path / name))
+        assert Image.open(tmp_path / name).size == (64, 64)
+
+
+def test_save_latent_writes_the_output_name_plus_latent_safetensors(tiny_tree, tmp_path):
+    out = tmp_path / "x.mp4"
+    generate(tiny_tree, "tiny-t2v", "--prompt", "x", "--steps", "1", "--save_latent", "--output", str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mp4", "x.mp4.latent.safetensors"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_safetensors", "other_safetensors"])
+def test_a_wrong_latent_path_is_named(tiny_tree, tmp_path, kind):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "l.safetensors"
+    if kind == "not_safetensors":
+        path.write_text("not a latent")
+    elif kind == "other_safetensors":
+        save_file({"weight": torch.zeros(2)}, str(path))
+    message = {
+        "missing": "no such file",
+        "not_safetensors": "not a safetensors file",
+        "other_safetensors": "not a latent",
+    }
+    with pytest.raises(SystemExit, match=f"--latent_path {path}: {message[kind]}"):
+        generate(tiny_tree, "tiny-t2v", "--latent_path", str(path), "--vae", "missing-vae")
+
+
+def test_i2i_without_an_image_is_text_to_image_with_the_image_template(tiny_tree, tmp_path):
+    """As the official I2I pipeline: no source image, the plain image template (no edit template)."""
+    from kandinsky5.generate import build_jobs, encode_texts
+    from kandinsky5.prompt_templates import TEMPLATES
+    from kandinsky5.tasks import get_task
+    from kandinsky5.text_encoders import load_prompt_encoder
+
+    from .generation_helpers import kandinsky5_generate_video
+
+    task = get_task("tiny-i2i")
+    for dtype in ("bfloat16", "float32"):
+        out = tmp_path / f"edit_{dtype}.png"
+        generate(
+            tiny_tree, "tiny-i2i", "--prompt", "a snowy street", "--steps", "2", "--dtype", dtype, "--output", str(out)
+        )
+        assert np.asarray(Image.open(out)).std() > 0
+    args = kandinsky5_generate_video.parser().parse_args(
+        ["--task", "tiny-i2i", "--prompt", "a snowy street", "--guidance", "1", "--text_encoder_dtype", "float32"]
+    )
+    args.text_encoder_qwen, args.text_encoder_clip = tiny_tree / "text_encoder", tiny_tree / "text_encoder2"
+    ((cond, _),) = encode_texts(args, task, build_jobs(args, task), "cpu")
+    encoder = load_prompt_encoder(args.text_encoder_qwen, args.text_encoder_clip, task.dit_params, "cpu", "float32")
+    expected = encoder.encode(["a snowy street"], TEMPLATES["image"], task.qwen_max_length, None)
+    assert torch.equal(cond.embeddings, expected.embeddings.cpu())
+
+
+@pytest.mark.parametrize("frames", [5, 9, 13])
+def test_i2v_with_two_to_four_latent_frames_stays_finite(tiny_tree, tmp_path, frames):
+    """The official first-frame normalisation takes its reference from latent frames 4-8, which
+    such clips lack (a mean of nothing: NaN); ours leaves them as sampled."""
+    from kandinsky5.denoiser import normalize_first_frames
+
+    latents = torch.randn(1, (frames - 1) // 4 + 1, 4, 4, 16)
+    assert torch.equal(normalize_first_frames(latents), latents)
+    Image.fromarray(np.full((48, 64, 3), 120, np.uint8)).save(tmp_path / "first.png")
+    out = tmp_path / "clip.mp4"
+    generate(
+        tiny_tree, "tiny-i2v", "--image", str(tmp_path / "first.png"), "--prompt", "waves", "--frames", str(frames),
+        "--steps", "2", "--save_latent", "--output", str(out),
+    )  # fmt: skip
+    assert torch.isfinite(latent(tmp_path / "clip.mp4.latent.safetensors")).all()
+    assert video_info(out)[0] == frames

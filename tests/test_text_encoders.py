@@ -85,6 +85,7 @@ def test_template_choice_follows_the_official_pipelines():
     assert template_for("t2v", 121).name == "video" and template_for("i2v", 121).name == "video"
     assert template_for("t2v", 1).name == "image" and template_for("t2i", 1).name == "image"
     assert template_for("i2i", 1).name == "image_edit"
+    assert template_for("i2i", 1, with_image=False).name == "image"  # I2I without a source: as official
 
 
 def test_prompt_encoder_combines_both(qwen, clip):
