@@ -56,12 +56,9 @@ def local_path(path: str | Path, what: str, download_hint: str) -> Path:
     candidate = Path(path)
     if candidate.exists():
         return candidate
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
-    why = (
-        f"{path!r} looks like a Hugging Face hub id, but this toolkit never downloads anything"
-        if looks_like_hub_id
-        else f"{path} does not exist"
-    )
+    why = f"{path} does not exist"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not candidate.parent.exists():
+        why += " (if it is a Hugging Face hub id: this toolkit never downloads anything)"
     raise TextEncoderError(f"{what}: {why}. {download_hint}")
 
 

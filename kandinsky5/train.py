@@ -35,7 +35,7 @@ from .cli import attention_backend, nabla_params
 from .denoiser import i2v_channels, t2v_channels
 from .flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
 from .tasks import TaskPreset
-from .training_samples import TrainingSampler
+from .training_samples import TrainingSampler, check_sample_paths
 from .training_state import Position, load_state, remove_old, restore_rng, save_state
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -242,6 +242,7 @@ class StopRequest:
 
 
 def check_latent_kind(datasets, task: TaskPreset) -> None:
+    """The caches fit the task: latents of its VAE and, for NABLA tasks, frames NABLA can tile."""
     for entry in datasets:
         for sample in entry.samples[:1]:
             with safe_open(str(sample.latent_file), framework="pt") as f:
@@ -250,6 +251,17 @@ def check_latent_kind(datasets, task: TaskPreset) -> None:
                 raise TrainingError(
                     f"{sample.latent_file} was cached with the {vae} VAE, but task {task.name} "
                     f"needs {task.vae} latents: cache with --task {task.name}"
+                )
+        if task.nabla is None:
+            continue
+        for sample in entry.samples:
+            with safe_open(str(sample.latent_file), framework="pt") as f:
+                _, height, width, _ = f.get_slice("latent").get_shape()
+            if (height * 8) % task.size_multiple or (width * 8) % task.size_multiple:
+                raise TrainingError(
+                    f"{sample.latent_file} holds {width * 8}x{height * 8} px frames, but task {task.name} uses NABLA "
+                    f"attention, which needs sides in multiples of {task.size_multiple} px: re-cache the latents "
+                    f"with --task {task.name} (its buckets are multiples of {task.size_multiple})"
                 )
 
 
@@ -265,6 +277,8 @@ def train(args: argparse.Namespace) -> Path:
     set_seed(args.seed)
     device, main = accelerator.device, accelerator.is_main_process
     check_backend(attention_backend(args), device)  # before anything loads
+    if args.sample_prompts:
+        check_sample_paths(args, task)
 
     # data
     datasets = [find_samples(d) for d in load_dataset_config(args.dataset_config)]

@@ -22,9 +22,28 @@ from .vae import load_vae
 SAMPLE_FRAMES, SAMPLE_STEPS = 17, 20
 
 
+class SamplePathError(ValueError):
+    pass
+
+
+def sample_paths(args: argparse.Namespace, task: TaskPreset) -> dict[str, str]:
+    """The text encoders and VAE that samples need: the options given, else the task's defaults."""
+    defaults = default_paths(task)
+    return {name: getattr(args, name) or defaults[name] for name in ("text_encoder_qwen", "text_encoder_clip", "vae")}
+
+
+def check_sample_paths(args: argparse.Namespace, task: TaskPreset) -> None:
+    """Before anything loads: every path that --sample_prompts needs exists (a default is named as one)."""
+    for name, path in sample_paths(args, task).items():
+        if not Path(path).exists():
+            given = getattr(args, name) is not None
+            where = f"--{name} {path}" if given else f"{path} (the default of --{name}, which was not given)"
+            raise SamplePathError(f"--sample_prompts needs the text encoders and the VAE: {where} does not exist")
+
+
 class TrainingSampler:
     def __init__(self, args: argparse.Namespace, task: TaskPreset, device: torch.device):
-        paths = default_paths(task)
+        paths = sample_paths(args, task)
         self.task, self.device, self.folder = task, device, Path(args.output_dir) / "sample"
         self.settings = argparse.Namespace(
             from_file=args.sample_prompts,
@@ -44,13 +63,13 @@ class TrainingSampler:
             dit=args.dit,
             lora_weight=[],
             lora_multiplier=[],
-            text_encoder_qwen=args.text_encoder_qwen or paths["text_encoder_qwen"],
-            text_encoder_clip=args.text_encoder_clip or paths["text_encoder_clip"],
+            text_encoder_qwen=paths["text_encoder_qwen"],
+            text_encoder_clip=paths["text_encoder_clip"],
             text_encoder_dtype="bfloat16",
         )
         self.jobs = build_jobs(self.settings, task)
         self.texts = encode_texts(self.settings, task, self.jobs, device)
-        self.vae = load_vae(args.vae or paths["vae"], task.vae, device="cpu", task_name=task.name)
+        self.vae = load_vae(paths["vae"], task.vae, device="cpu", task_name=task.name)
         self.image_latents = encode_images(self.vae, self.jobs)
 
     @torch.no_grad()

@@ -119,11 +119,17 @@ def test_qwen_folder_without_tokenizer_is_refused(tiny_tree, tmp_path):
         QwenEncoder(folder)
 
 
-def test_hub_ids_are_refused_offline():
-    with pytest.raises(TextEncoderError, match="looks like a Hugging Face hub id, but this toolkit never downloads"):
+def test_hub_ids_are_refused_offline_and_missing_folders_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hub = "Qwen/Qwen2.5-VL-7B-Instruct does not exist \\(if it is a Hugging Face hub id: this toolkit never downloads"
+    with pytest.raises(TextEncoderError, match=hub):
         QwenEncoder("Qwen/Qwen2.5-VL-7B-Instruct")
-    with pytest.raises(TextEncoderError, match="looks like a Hugging Face hub id"):
+    with pytest.raises(TextEncoderError, match="hub id"):
         ClipEncoder("openai/clip-vit-large-patch14")
+    (tmp_path / "weights").mkdir()  # a folder of the user's without the encoder in it: a path, not a hub id
+    with pytest.raises(TextEncoderError, match="weights/text_encoder does not exist\\. ") as error:
+        QwenEncoder("weights/text_encoder")
+    assert "hub id" not in str(error.value)
 
 
 def qwen_tiktoken_file() -> Path | None:

@@ -353,3 +353,13 @@ def test_the_lora_down_projection_keeps_the_bf16_input_not_an_fp32_copy():
     assert torch.equal(out, reference)
     assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, x_ref.grad)
     assert torch.equal(weight.grad, weight_ref.grad)
+
+
+def test_nabla_training_on_dense_caches_says_to_recache_with_the_nabla_task(tiny_tree, cached_dataset, tmp_path):
+    _, _, video_only = cached_dataset  # cached for tiny-t2v: 64x64 frames
+    with pytest.raises(SystemExit, match="64x64 px frames, but task tiny-t2v-nabla uses NABLA attention.*"
+                       "re-cache the latents with --task tiny-t2v-nabla"):  # fmt: skip
+        kandinsky5_train_network.main(
+            train_args(tiny_tree, video_only, tmp_path, "--max_train_steps", "1") + ["--task", "tiny-t2v-nabla"]
+        )
+    assert not (tmp_path / "lora.safetensors").exists()

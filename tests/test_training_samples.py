@@ -1,10 +1,13 @@
+import subprocess
+import sys
+
 import av
 import pytest
 
 import kandinsky5_train_network
 from kandinsky5.prompt_file import PromptFileError, parse_prompt_line, read_prompt_file
 
-from .training_helpers import train_args
+from .training_helpers import ROOT, train_args
 
 
 def frame_count(path) -> tuple[int, int, int]:
@@ -111,3 +114,26 @@ def test_validation_loss_is_logged_falls_and_leaves_training_unchanged(tiny_tree
     plain, validated = (load_file(str(tmp_path / n / "lora.safetensors")) for n in ("plain", "validated"))
     assert all(torch.equal(plain[k], validated[k]) for k in plain)  # fixed draws of their own: training unchanged
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_samples_without_encoder_paths_name_the_missing_default_before_the_dit_loads(cached_dataset, tmp_path):
+    """The default encoder paths (weights/...) are missing in the working folder: the error names the
+    default and the option, and comes before the DiT (given as a missing file) would load."""
+    _, _, video_only = cached_dataset
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "kandinsky5_train_network.py"), "--task", "tiny-t2v", "--dit", "absent.safetensors"]
+        + ["--dataset_config", str(video_only), "--output_dir", str(tmp_path / "out"), "--sample_prompts", str(prompts)]
+        + ["--mixed_precision", "no"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message == (
+        "error: --sample_prompts needs the text encoders and the VAE: weights/text_encoder "
+        "(the default of --text_encoder_qwen, which was not given) does not exist"
+    )
