@@ -2,21 +2,26 @@
 
 Latents, one file per image or video clip::
 
-    {key}_{W:04d}x{H:04d}_k5.safetensors                     images
-    {key}_{start:05d}-{frames:03d}_{W:04d}x{H:04d}_k5.safetensors   video clips
+    {key}_{W:04d}x{H:04d}_k5tk.safetensors                     images
+    {key}_{start:05d}-{frames:03d}_{W:04d}x{H:04d}_k5tk.safetensors   video clips
       latent        (T, H/8, W/8, 16) float32, the scaled VAE latent
       first_frame   (1, H/8, W/8, 16) float32, clips only: frame ``start`` encoded alone, as I2V
                     generation encodes its first frame
 
 Text, one file per image or video (all clips of a video share it)::
 
-    {key}_k5_te.safetensors
+    {key}_k5tk_te.safetensors
       text          (L, hidden) the Qwen features of the caption's L tokens (no padding)
       pooled        (hidden2,) float32, CLIP's pooled output
 
 ``key`` is the source's stem plus a hash of its full path. Every file's metadata holds
 ``format_version``, ``kind`` and a ``fingerprint`` (JSON) of everything its content depends on;
-``--skip_existing`` skips an item only when the stored fingerprint equals the new one.
+``--skip_existing`` skips an item only when the stored fingerprint equals the new one, and ``writer``
+names this toolkit: stale-cache cleanup deletes only files that carry it.
+
+The suffixes are ours alone: musubi-tuner's Kandinsky 5 caches end in ``_k5.safetensors`` and
+``_k5_te.safetensors`` with another layout, so a cache folder shared with it keeps both tools' files
+apart (``FOREIGN_SUFFIXES``: found where ours are missing, they are named in the error).
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from safetensors import safe_open
 from modules.atomic_save import save_safetensors_atomic
 
 FORMAT_VERSION = "1"
-LATENT_SUFFIX = "_k5.safetensors"
-TEXT_SUFFIX = "_k5_te.safetensors"
+LATENT_SUFFIX = "_k5tk.safetensors"
+TEXT_SUFFIX = "_k5tk_te.safetensors"
+FOREIGN_SUFFIXES = {"_k5.safetensors": "musubi-tuner", "_k5_te.safetensors": "musubi-tuner"}
+WRITER = "kandinsky5-toolkit"
 
 
 def latent_cache_name(key: str, size: tuple[int, int], clip: tuple[int, int] | None = None) -> str:
@@ -80,7 +87,12 @@ def write_cache(
     path: Path, tensors: dict[str, torch.Tensor], kind: str, fingerprint: dict, extra: dict[str, str] | None = None
 ) -> None:
     tensors = {k: torch.nan_to_num(t.contiguous()) for k, t in tensors.items()}
-    metadata = {"format_version": FORMAT_VERSION, "kind": kind, "fingerprint": json.dumps(fingerprint, sort_keys=True)}
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "fingerprint": json.dumps(fingerprint, sort_keys=True),
+        "writer": WRITER,
+    }
     metadata.update(extra or {})
     save_safetensors_atomic(tensors, path, metadata=metadata)
 
@@ -95,6 +107,23 @@ def stored_fingerprint(path: Path) -> dict | None:
     if metadata.get("format_version") != FORMAT_VERSION or "fingerprint" not in metadata:
         return None
     return json.loads(metadata["fingerprint"])
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether ``path`` is a cache file this toolkit wrote (cleanup never deletes anything else)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("writer") == WRITER
+    except Exception:
+        return False
+
+
+def foreign_caches(folder: Path) -> list[tuple[Path, str]]:
+    """Cache files of other tools in ``folder``, with the tool's name."""
+    found = []
+    for suffix, tool in FOREIGN_SUFFIXES.items():
+        found += [(path, tool) for path in sorted(folder.glob(f"*{suffix}"))]
+    return found
 
 
 def is_current(path: Path, fingerprint: dict) -> bool:

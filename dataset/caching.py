@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from .cache_files import item_key_of
+from .cache_files import item_key_of, written_by_us
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,8 +64,13 @@ def remove_stale(
     label: str,
 ) -> None:
     """Delete the cache files matching ``pattern`` that this run did not produce (unless ``keep_cache``).
-    Files of items that failed this time are kept: an old cache beats none."""
-    stale = [p for p in cache_directory.glob(pattern) if p not in produced and item_key_of(p) not in failed_keys]
+    Files of items that failed this time are kept: an old cache beats none; files this toolkit did not
+    write are never touched."""
+    stale = [
+        p
+        for p in cache_directory.glob(pattern)
+        if p not in produced and item_key_of(p) not in failed_keys and written_by_us(p)
+    ]
     if not stale:
         return
     if not keep_cache:

@@ -57,13 +57,23 @@ def _resolution(value: Any) -> tuple[int, int]:
 
 
 def _target_frames(value: Any) -> list[int]:
+    """Positive integers (4k+1 is enforced by ``four_k_plus_one``, which rounds with a warning)."""
     if not isinstance(value, list) or not value or not all(isinstance(x, int) and x > 0 for x in value):
         raise v.Invalid("expected a list of positive integers")
-    for frames in value:
-        if (frames - 1) % 4:
-            low = (frames - 1) // 4 * 4 + 1
-            raise v.Invalid(f"{frames} is not 4k+1 (1, 5, 9, 13, 17, ...); nearest: {low} or {low + 4}")
-    return sorted(set(value))
+    return value
+
+
+def four_k_plus_one(frames: list[int], where: str) -> list[int]:
+    """Each value rounded down to 4k+1, with a warning for each one changed (as musubi-tuner does)."""
+    rounded = []
+    for value in frames:
+        low = (value - 1) // 4 * 4 + 1
+        if low != value:
+            warnings.warn(
+                f"{where}: target_frames value {value} is not 4k+1 (1, 5, 9, 13, 17, ...); using {low}", stacklevel=3
+            )
+        rounded.append(low)
+    return sorted(set(rounded))
 
 
 COMMON = {
@@ -194,6 +204,8 @@ def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
         kind = "video" if "video_directory" in values or "video_jsonl_file" in values else "image"
         directory, jsonl = values.pop(f"{kind}_directory", None), values.pop(f"{kind}_jsonl_file", None)
         where = f"{path}: [[datasets]] number {i + 1}"
+        if "target_frames" in values:
+            values["target_frames"] = four_k_plus_one(values["target_frames"], where)
         if directory is None and jsonl is None:
             raise DatasetConfigError(
                 f"{where}: give image_directory, image_jsonl_file, video_directory or video_jsonl_file"

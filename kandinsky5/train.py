@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from safetensors import safe_open
 from tqdm import tqdm
 
+from dataset.cache_files import foreign_caches
 from dataset.config import load_dataset_config
 from dataset.training_data import EpochBatches, EpochOrder, find_samples, load_batch, samples_fingerprint
 from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
@@ -290,6 +291,14 @@ def train(args: argparse.Namespace) -> Path:
             )
     if not any(entry.samples for entry in datasets):
         folders = ", ".join(str(e.dataset.cache_directory) for e in datasets)
+        foreign = [found for e in datasets for found in foreign_caches(e.dataset.cache_directory)]
+        if foreign:
+            path, tool = foreign[0]
+            raise TrainingError(
+                f"no training samples of this toolkit in {folders}, but {len(foreign)} cache files of another "
+                f"tool, such as {path} ({tool}'s cache, another layout, not read here): run this toolkit's caching "
+                "commands (they write *_k5tk.safetensors beside those and leave them alone)"
+            )
         raise TrainingError(f"no training samples (latent + text caches) in {folders}: run the caching commands first")
     check_latent_kind(datasets, task)
     fingerprint = samples_fingerprint(datasets)

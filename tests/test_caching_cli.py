@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import kandinsky5_cache_latents
@@ -93,20 +94,20 @@ def files(folder: Path, suffix: str) -> list[str]:
     return sorted(p.name for p in folder.glob(f"*{suffix}"))
 
 
-def by_stem(folder: Path, stem: str, suffix: str = "_k5.safetensors") -> list[Path]:
+def by_stem(folder: Path, stem: str, suffix: str = "_k5tk.safetensors") -> list[Path]:
     return sorted(p for p in folder.glob(f"{stem}-*{suffix}") if not p.name.endswith("_te.safetensors"))
 
 
 def test_latent_caches_of_every_good_item_with_shapes_and_metadata(cached):
     root, _ = cached
     images, videos = root / "cache_images", root / "cache_videos"
-    assert [p.name.split("-")[0] for p in sorted(images.glob("*_k5.safetensors"))] == ["a", "b", "c", "d"]
+    assert [p.name.split("-")[0] for p in sorted(images.glob("*_k5tk.safetensors"))] == ["a", "b", "c", "d"]
     stems = ("v1", "v2", "v3", "g", "frames")
     clips = {stem: [p.name.split("_")[-3] for p in by_stem(videos, stem)] for stem in stems}
     both = ["00000-005", "00000-009"]
     assert clips == {"v1": both, "v2": both, "v3": both, "g": ["00000-005"], "frames": both}
     nine_frames = by_stem(videos, "v1")[1]
-    assert nine_frames.name.endswith("_00000-009_0080x0048_k5.safetensors")  # 70x54 -> the 80x48 bucket
+    assert nine_frames.name.endswith("_00000-009_0080x0048_k5tk.safetensors")  # 70x54 -> the 80x48 bucket
     tensors, meta = read_cache(nine_frames)
     assert tensors["latent"].shape == (3, 6, 10, 16) and tensors["first_frame"].shape == (1, 6, 10, 16)
     fingerprint = json.loads(meta["fingerprint"])
@@ -127,8 +128,8 @@ def test_exif_rotation_and_alpha_are_applied(cached):
 
 def test_text_caches_use_the_template_of_the_content(cached):
     root, _ = cached
-    assert [n.split("-")[0] for n in files(root / "cache_images", "_k5_te.safetensors")] == ["a", "b", "c", "d", "e"]
-    video_caches = [n.split("-")[0] for n in files(root / "cache_videos", "_k5_te.safetensors")]
+    assert [n.split("-")[0] for n in files(root / "cache_images", "_k5tk_te.safetensors")] == ["a", "b", "c", "d", "e"]
+    video_caches = [n.split("-")[0] for n in files(root / "cache_videos", "_k5tk_te.safetensors")]
     assert video_caches == ["frames", "g", "short", "t", "v1", "v2", "v3"]
     tensors, meta = read_cache(next((root / "cache_videos").glob("v1-*_te.safetensors")))
     assert meta["template"] == "video" and meta["caption"] == "caption of v1.mp4"
@@ -213,8 +214,8 @@ target_frames = [5]
 """)
     for module in (kandinsky5_cache_latents, kandinsky5_cache_text_encoder_outputs):
         run(module, tiny_tree, config)  # all good: no SystemExit
-    assert len(files(tmp_path / "ci", "_k5.safetensors")) == 2 and len(files(tmp_path / "ci", "_te.safetensors")) == 2
-    (clip,) = files(tmp_path / "cv", "_k5.safetensors")
+    assert len(files(tmp_path / "ci", "_k5tk.safetensors")) == 2 and len(files(tmp_path / "ci", "_te.safetensors")) == 2
+    (clip,) = files(tmp_path / "cv", "_k5tk.safetensors")
     assert "_0048x0032_" in clip  # enable_bucket is off for this dataset: the resolution itself, for videos too
 
 
@@ -232,10 +233,40 @@ def test_an_image_task_caches_with_the_flux_vae(tiny_tree, tmp_path):
     kandinsky5_cache_latents.main(
         ["--dataset_config", str(tmp_path / "d.toml"), "--task", "tiny-t2i", "--vae", str(tiny_tree / "flux/vae")]
     )
-    (cache,) = (tmp_path / "imgs").glob("*_k5.safetensors")
+    (cache,) = (tmp_path / "imgs").glob("*_k5tk.safetensors")
     assert read_cache(cache)[1]["vae"] == "flux"
     with pytest.raises(SystemExit, match="needs the FLUX.1 image VAE"):
         kandinsky5_cache_latents.main(
             ["--dataset_config", str(tmp_path / "d.toml"), "--task", "tiny-t2i", "--vae", str(tiny_tree / "vae")]
         )
     assert Image.open(tmp_path / "imgs" / "p.png").size == (64, 48)
+
+
+def test_a_cache_folder_shared_with_musubi_tuner_keeps_its_files_and_names_them(tiny_tree, tmp_path):
+    """musubi-tuner's Kandinsky 5 caches (*_k5.safetensors, *_k5_te.safetensors, another layout) in the
+    same folder: caching neither reads nor deletes them; training on them alone names one."""
+    from safetensors.torch import save_file
+
+    import kandinsky5_train_network
+
+    (tmp_path / "imgs").mkdir()
+    caption(write_image(tmp_path / "imgs" / "p.png", 64, 48), "a pear")
+    musubi = {
+        tmp_path / "imgs" / "p_0064x0048_k5.safetensors": {"latents_1x8x8_bfloat16": torch.zeros(16, 1, 6, 8)},
+        tmp_path / "imgs" / "p_k5_te.safetensors": {"varlen_qwen_text_bfloat16": torch.zeros(3, 32)},
+    }
+    for path, tensors in musubi.items():
+        save_file(tensors, str(path), metadata={"architecture": "k5"})
+    config = tmp_path / "d.toml"
+    config.write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "imgs"}"\nresolution = 64\n')
+    train = ["--task", "tiny-t2v", "--dit", str(tiny_tree / "model/tiny_t2v.safetensors")]
+    train += ["--dataset_config", str(config), "--output_dir", str(tmp_path / "out"), "--mixed_precision", "no"]
+    with pytest.raises(SystemExit, match=r"2 cache files of another tool, such as .*p_0064x0048_k5.safetensors"):
+        kandinsky5_train_network.main(train)
+    for module in (kandinsky5_cache_latents, kandinsky5_cache_text_encoder_outputs):
+        run(module, tiny_tree, config)
+    run(kandinsky5_cache_latents, tiny_tree, config)  # a second run: its stale-cache cleanup leaves them alone
+    assert all(path.exists() for path in musubi)
+    assert len(files(tmp_path / "imgs", "_k5tk.safetensors")) == 1
+    kandinsky5_train_network.main([*train, "--max_train_steps", "1", "--max_data_loader_n_workers", "0"])
+    assert (tmp_path / "out" / "lora.safetensors").exists()

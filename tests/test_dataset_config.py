@@ -113,8 +113,8 @@ def test_json_configs_load(tmp_path):
             r"key 'resolution': expected an integer or a list \[width, height\]",
         ),
         (
-            '[[datasets]]\nvideo_directory = "ROOT/videos"\ntarget_frames = [1, 24]',
-            r"key 'target_frames': 24 is not 4k\+1 .*nearest: 21 or 25",
+            '[[datasets]]\nvideo_directory = "ROOT/videos"\ntarget_frames = [1, 0]',
+            r"key 'target_frames': expected a list of positive integers",
         ),
         (
             '[[datasets]]\nvideo_directory = "ROOT/videos"\nframe_extraction = "middle"',
@@ -147,3 +147,12 @@ def test_keys_of_other_architectures_are_accepted_with_a_warning(tmp_path):
     config = write(tmp_path, '[[datasets]]\nimage_directory = "ROOT/images"\ncontrol_directory = "x"')
     with pytest.warns(UserWarning, match="'control_directory' has no effect for Kandinsky 5"):
         load_dataset_config(config)
+
+
+def test_target_frames_not_4k_plus_1_are_rounded_down_with_a_warning_as_musubi_does(tmp_path):
+    """musubi-tuner's own example config uses 25 and 79."""
+    config = write(tmp_path, '[[datasets]]\nvideo_directory = "ROOT/videos"\ntarget_frames = [25, 79, 76]')
+    with pytest.warns(UserWarning, match=r"number 1: target_frames value 79 is not 4k\+1 .*; using 77") as caught:
+        (video,) = load_dataset_config(config)
+    assert video.target_frames == [25, 73, 77]
+    assert len(caught) == 2 and "d.toml" in str(caught[0].message)
