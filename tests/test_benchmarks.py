@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 RUN_ALL = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_all(*options: str) -> list[str]:
@@ -108,3 +109,19 @@ def test_the_interleaved_roofline_runs_each_blocks_share_after_that_block_once()
     once = {**blocks, "outside the blocks": 1}
     assert dict(interleaved.shares_run) == {("forward", part, 2): count for part, count in once.items()}
     assert not model._forward_hooks and not any(block._forward_hooks for block in model.visual_transformer_blocks)
+
+
+def test_gpu_check_runs_every_check_at_tiny_size_on_the_cpu():
+    """benchmarks/gpu_check.py is the one command for a lent GPU; here its checks run tiny on the CPU."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--runs", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for check in ("bfloat16 forward", "attention sdpa", "block swap 31", "fp8 Linear", "NABLA attention"):
+        assert any(line.startswith("ok") and check in line for line in result.stdout.splitlines()), check
+    assert "ok    fp16 training step" in result.stdout and "ok    batch prefetch" in result.stdout
+    assert "| sdpa |" in result.stdout and ", 0 failed," in result.stdout
