@@ -24,6 +24,33 @@ from .media_factory import caption, write_image, write_video
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {p.name for p in ROOT.glob("*.py")}
 
+# The spec's dataset config example, word for word.
+SPEC_DATASET = """
+[general]
+enable_bucket = true
+bucket_no_upscale = false
+
+# Image dataset example
+[[datasets]]
+image_directory = "path/to/images"
+cache_directory = "path/to/images/cache"
+resolution = [512, 512]
+batch_size = 1
+num_repeats = 1
+caption_extension = ".txt"
+
+# Video dataset example
+[[datasets]]
+video_directory = "path/to/videos"
+cache_directory = "path/to/videos/cache"
+resolution = [256, 256]
+batch_size = 1
+num_repeats = 1
+frame_extraction = "head"
+target_frames = [17]
+caption_extension = ".txt"
+"""
+
 # The real tasks and the tiny task of the same kind (and shape: Pro-shaped for Pro).
 TINY_TASKS = [
     (r"k5-pro-i2v-\S+", "tiny-i2v"),

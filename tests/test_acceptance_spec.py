@@ -11,33 +11,7 @@ import av
 import pytest
 from safetensors import safe_open
 
-from .acceptance import check, make_workspace, run, split_commands, tiny_command
-
-SPEC_DATASET = """
-[general]
-enable_bucket = true
-bucket_no_upscale = false
-
-# Image dataset example
-[[datasets]]
-image_directory = "path/to/images"
-cache_directory = "path/to/images/cache"
-resolution = [512, 512]
-batch_size = 1
-num_repeats = 1
-caption_extension = ".txt"
-
-# Video dataset example
-[[datasets]]
-video_directory = "path/to/videos"
-cache_directory = "path/to/videos/cache"
-resolution = [256, 256]
-batch_size = 1
-num_repeats = 1
-frame_extraction = "head"
-target_frames = [17]
-caption_extension = ".txt"
-"""
+from .acceptance import SPEC_DATASET, check, make_workspace, run, split_commands, tiny_command
 
 SPEC_COMMANDS = {
     "cache_text": """

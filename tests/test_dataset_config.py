@@ -4,6 +4,8 @@ import pytest
 
 from dataset.config import DatasetConfigError, load_dataset_config
 
+from .acceptance import SPEC_DATASET
+
 
 def write(tmp_path, text, name="d.toml"):
     (tmp_path / "images").mkdir(exist_ok=True)
@@ -13,31 +15,7 @@ def write(tmp_path, text, name="d.toml"):
     return path
 
 
-SPEC_EXAMPLE = """
-[general]
-enable_bucket = true
-bucket_no_upscale = false
-
-# Image dataset example
-[[datasets]]
-image_directory = "ROOT/images"
-cache_directory = "ROOT/images/cache"
-resolution = [512, 512]
-batch_size = 1
-num_repeats = 1
-caption_extension = ".txt"
-
-# Video dataset example
-[[datasets]]
-video_directory = "ROOT/videos"
-cache_directory = "ROOT/videos/cache"
-resolution = [256, 256]
-batch_size = 1
-num_repeats = 1
-frame_extraction = "head"
-target_frames = [17]
-caption_extension = ".txt"
-"""
+SPEC_EXAMPLE = SPEC_DATASET.replace("path/to", "ROOT")
 
 
 def test_the_spec_example_loads(tmp_path):
