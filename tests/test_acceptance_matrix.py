@@ -6,6 +6,8 @@ suite's time starting Python); accelerate's process-wide state is reset between 
 process would have it.
 """
 
+import math
+
 import av
 import numpy as np
 import pytest
@@ -86,6 +88,30 @@ def test_training_in_every_precision_with_every_memory_option(tiny_tree, cached_
         for key, value in loras["plain"].items():
             torch.testing.assert_close(loras[name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
     assert loras["fp8"].keys() == loras["plain"].keys()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_samples_and_validation_during_mixed_precision_training(tiny_tree, cached_dataset, tmp_path, capsys, precision):
+    _, _, video_only = cached_dataset
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --f 5 --s 2\n")
+    encoders = ["--vae", str(tiny_tree / "vae"), "--text_encoder_qwen", str(tiny_tree / "text_encoder")]
+    encoders += ["--text_encoder_clip", str(tiny_tree / "text_encoder2")]
+    out = tmp_path / "out"
+    train(
+        tiny_tree, video_only, out, "tiny-t2v", "tiny_t2v", precision, *encoders,
+        "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--sample_at_first",
+        "--validation_dataset_config", str(video_only), "--validate_every_n_steps", "1",
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    validation = [line for line in (captured.out + captured.err).splitlines() if "validation loss" in line]
+    assert [line.split(":")[0] for line in validation] == ["step 1", "step 2"]
+    assert all(math.isfinite(float(line.split()[-1])) for line in validation)
+    assert sorted((out / "sample").iterdir()) == [out / "sample" / "step00000000", out / "sample" / "step00000002"]
+    for folder in (out / "sample").iterdir():
+        with av.open(str(next(folder.glob("*.mp4")))) as video:
+            frames = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+        assert len(frames) == 5 and frames[0].std() > 0
 
 
 def test_i2v_training_in_bf16(tiny_tree, cached_dataset, tmp_path):
