@@ -14,6 +14,7 @@ import torch
 from kandinsky5.cache_latents import cache_latents
 from kandinsky5.cli import add_task_argument, run_caching
 from kandinsky5.generate import DTYPES, default_paths
+from kandinsky5.option_types import NON_NEGATIVE_INT, POSITIVE_INT, annotate_ranges, integer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,11 +29,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae_dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
-        "--batch_size", type=int, help="latents encoded together (same size only; default: the dataset's batch_size)"
+        "--batch_size",
+        type=POSITIVE_INT,
+        help="latents encoded together (same size only; default: the dataset's batch_size)",
     )
     p.add_argument(
         "--num_workers",
-        type=int,
+        type=POSITIVE_INT,
         default=max(1, (os.cpu_count() or 2) - 1),
         help="threads decoding and resizing media ahead of the VAE",
     )
@@ -47,10 +50,12 @@ def parser() -> argparse.ArgumentParser:
         help="keep cache files of items no longer in the dataset (default: delete them)",
     )
     p.add_argument("--vae_tiling", action="store_true", help="encode in overlapping tiles (less memory)")
-    p.add_argument("--vae_tile_size", type=int, default=256, help="tile side in pixels with --vae_tiling")
-    p.add_argument("--vae_tile_frames", type=int, default=16, help="frames per temporal tile with --vae_tiling")
-    p.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior samples")
-    return p
+    p.add_argument("--vae_tile_size", type=integer(64), default=256, help="tile side in pixels with --vae_tiling")
+    p.add_argument(
+        "--vae_tile_frames", type=POSITIVE_INT, default=16, help="frames per temporal tile with --vae_tiling"
+    )
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the VAE posterior samples")
+    return annotate_ranges(p)
 
 
 def main(argv=None) -> None:

@@ -13,6 +13,7 @@ import torch
 from kandinsky5.cache_text import cache_text
 from kandinsky5.cli import add_task_argument, run_caching
 from kandinsky5.generate import default_paths
+from kandinsky5.option_types import POSITIVE_INT, annotate_ranges
 from kandinsky5.text_encoders import TEXT_ENCODER_DTYPES
 
 
@@ -29,7 +30,9 @@ def parser() -> argparse.ArgumentParser:
         help="Qwen weights: bfloat16 (default), float16, float32 or fp8 (about half the memory)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch_size", type=int, help="captions encoded together (default: the dataset's batch_size)")
+    p.add_argument(
+        "--batch_size", type=POSITIVE_INT, help="captions encoded together (default: the dataset's batch_size)"
+    )
     p.add_argument(
         "--skip_existing",
         action="store_true",
@@ -40,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep cache files of items no longer in the dataset (default: delete them)",
     )
-    return p
+    return annotate_ranges(p)
 
 
 def main(argv=None) -> None:

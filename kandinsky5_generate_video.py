@@ -19,6 +19,7 @@ import torch
 from kandinsky5.cli import add_attention_arguments, add_magcache_arguments, add_nabla_arguments, add_task_argument
 from kandinsky5.generate import DTYPES, default_paths, generate
 from kandinsky5.magcache import task_ratios
+from kandinsky5.option_types import FINITE, FRAMES, NON_NEGATIVE_INT, POSITIVE, SIDE, STEPS, annotate_ranges, number
 from kandinsky5.text_encoders import TEXT_ENCODER_DTYPES
 
 
@@ -38,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
         "kohya, PEFT/diffusers and official layouts are read; merged in fp32 before sampling",
     )
     weights.add_argument(
-        "--lora_multiplier", nargs="*", type=float, default=[], help="one multiplier per LoRA (default 1.0 each)"
+        "--lora_multiplier", nargs="*", type=FINITE, default=[], help="one multiplier per LoRA (default 1.0 each)"
     )
 
     what = p.add_argument_group("what to generate")
@@ -58,16 +59,21 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--image", help="first frame (I2V tasks) or source image (I2I tasks)")
     what.add_argument(
         "--width",
-        type=int,
+        type=SIDE,
         help="pixels, a multiple of 16 (128 for NABLA tasks); default: the task's resolution, or from --image",
     )
-    what.add_argument("--height", type=int, help="pixels; as --width")
-    what.add_argument("--frames", type=int, help="pixel frames, 4k+1 (121 = 5 s at 24 fps); default: the task's")
-    what.add_argument("--steps", type=int, help="sampling steps (default: the task's)")
-    what.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 disables it (default: task)")
-    what.add_argument("--scheduler_scale", type=float, help="time schedule warp S (default: the task's)")
-    what.add_argument("--seed", type=int, default=42, help="seed of the noise (default 42)")
-    what.add_argument("--fps", type=float, default=24.0, help="frames per second of written videos (default 24)")
+    what.add_argument("--height", type=SIDE, help="pixels; as --width")
+    what.add_argument("--frames", type=FRAMES, help="pixel frames, 4k+1 (121 = 5 s at 24 fps); default: the task's")
+    what.add_argument("--steps", type=STEPS, help="sampling steps (default: the task's)")
+    what.add_argument("--guidance", type=FINITE, help="classifier-free guidance scale; 1 disables it (default: task)")
+    what.add_argument("--scheduler_scale", type=POSITIVE, help="time schedule warp S (default: the task's)")
+    what.add_argument("--seed", type=NON_NEGATIVE_INT, default=42, help="seed of the noise (default 42)")
+    what.add_argument(
+        "--fps",
+        type=number(0, 1000, low_open=True),
+        default=24.0,
+        help="frames per second of written videos (default 24)",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument(
@@ -106,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--blocks_to_swap",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=0,
         help="keep this many transformer blocks (the last "
         "ones) in CPU memory, each moved to the GPU only while it runs; more than exist is clamped",
@@ -120,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
     add_attention_arguments(p)
     add_nabla_arguments(p)
     add_magcache_arguments(p)
-    return p
+    return annotate_ranges(p)
 
 
 def main(argv=None) -> None:

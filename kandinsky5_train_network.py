@@ -21,6 +21,16 @@ import toml
 
 from kandinsky5.cli import add_attention_arguments, add_nabla_arguments, add_task_argument
 from kandinsky5.flow_matching import TIMESTEP_SAMPLING
+from kandinsky5.option_types import (
+    FINITE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    annotate_ranges,
+    convert_config_value,
+    number,
+)
 from kandinsky5.train import TrainingInterrupted, train
 from modules.optimizers import SCHEDULERS
 
@@ -39,21 +49,28 @@ def parser() -> argparse.ArgumentParser:
         "--text_encoder_qwen", help="Qwen2.5-VL folder for --sample_prompts (default weights/text_encoder)"
     )
     data.add_argument("--text_encoder_clip", help="CLIP for --sample_prompts (default weights/text_encoder2)")
-    data.add_argument("--max_data_loader_n_workers", type=int, default=2, help="processes loading cache files")
+    data.add_argument(
+        "--max_data_loader_n_workers", type=NON_NEGATIVE_INT, default=2, help="processes loading cache files"
+    )
     data.add_argument(
         "--persistent_data_loader_workers", action="store_true", help="keep the loader processes between epochs"
     )
 
     net = p.add_argument_group("LoRA")
     net.add_argument("--network_module", default=NETWORK_MODULE, help=f"must be {NETWORK_MODULE}")
-    net.add_argument("--network_dim", type=int, default=16, help="LoRA rank (default 16)")
+    net.add_argument("--network_dim", type=POSITIVE_INT, default=16, help="LoRA rank (default 16)")
     net.add_argument(
         "--network_alpha",
-        type=float,
+        type=POSITIVE,
         default=None,
         help="LoRA alpha; scale = alpha / rank (default: the rank, i.e. scale 1)",
     )
-    net.add_argument("--network_dropout", type=float, default=0.0, help="dropout on the LoRA's rank activations")
+    net.add_argument(
+        "--network_dropout",
+        type=number(0, 1, high_open=True),
+        default=0.0,
+        help="dropout on the LoRA's rank activations",
+    )
     net.add_argument(
         "--network_args",
         nargs="*",
@@ -65,30 +82,37 @@ def parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimization")
     opt.add_argument("--optimizer_type", default="AdamW", help="AdamW (default), AdamW8bit, Adafactor, or module.Class")
     opt.add_argument("--optimizer_args", nargs="*", help='key=value pairs, e.g. "weight_decay=0.01" "betas=(0.9,0.95)"')
-    opt.add_argument("--learning_rate", type=float, default=1e-4)
-    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm; 0 disables")
+    opt.add_argument("--learning_rate", type=POSITIVE, default=1e-4)
+    opt.add_argument("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="gradient clipping norm; 0 disables")
     opt.add_argument("--lr_scheduler", default="constant", choices=SCHEDULERS)
     opt.add_argument(
-        "--lr_warmup_steps", type=float, default=0, help="warmup in optimizer steps, or a fraction (<1) of all steps"
+        "--lr_warmup_steps",
+        type=NON_NEGATIVE,
+        default=0,
+        help="warmup in optimizer steps, or a fraction (<1) of all steps",
     )
-    opt.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="cosine_with_restarts cycles")
-    opt.add_argument("--lr_scheduler_power", type=float, default=1.0, help="polynomial power")
-    opt.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps (default 1600)")
-    opt.add_argument("--max_train_epochs", type=int, help="epochs; overrides --max_train_steps")
-    opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    opt.add_argument("--seed", type=int, default=42, help="seed of the noise, timesteps, LoRA init and batch order")
+    opt.add_argument("--lr_scheduler_num_cycles", type=POSITIVE_INT, default=1, help="cosine_with_restarts cycles")
+    opt.add_argument("--lr_scheduler_power", type=POSITIVE, default=1.0, help="polynomial power")
+    opt.add_argument("--max_train_steps", type=POSITIVE_INT, default=1600, help="optimizer steps (default 1600)")
+    opt.add_argument("--max_train_epochs", type=POSITIVE_INT, help="epochs; overrides --max_train_steps")
+    opt.add_argument("--gradient_accumulation_steps", type=POSITIVE_INT, default=1)
+    opt.add_argument(
+        "--seed", type=NON_NEGATIVE_INT, default=42, help="seed of the noise, timesteps, LoRA init and batch order"
+    )
 
     steps = p.add_argument_group("timesteps (t in [0, 1]; the DiT sees t * 1000, as at inference)")
     steps.add_argument("--timestep_sampling", default="shift", choices=TIMESTEP_SAMPLING)
-    steps.add_argument("--discrete_flow_shift", type=float, default=1.0, help="shift s of the 'shift' mode")
-    steps.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of the normal in sigmoid and shift")
-    steps.add_argument("--logit_mean", type=float, default=0.0, help="mean of logit_normal")
-    steps.add_argument("--logit_std", type=float, default=1.0, help="std of logit_normal")
-    steps.add_argument("--min_timestep", type=float, default=0, help="lowest timestep on the 0-1000 scale")
-    steps.add_argument("--max_timestep", type=float, default=1000, help="highest timestep on the 0-1000 scale")
+    steps.add_argument("--discrete_flow_shift", type=POSITIVE, default=1.0, help="shift s of the 'shift' mode")
+    steps.add_argument("--sigmoid_scale", type=POSITIVE, default=1.0, help="scale of the normal in sigmoid and shift")
+    steps.add_argument("--logit_mean", type=FINITE, default=0.0, help="mean of logit_normal")
+    steps.add_argument("--logit_std", type=POSITIVE, default=1.0, help="std of logit_normal")
+    steps.add_argument("--min_timestep", type=number(0, 1000), default=0, help="lowest timestep on the 0-1000 scale")
+    steps.add_argument(
+        "--max_timestep", type=number(0, 1000, low_open=True), default=1000, help="highest timestep on the 0-1000 scale"
+    )
     steps.add_argument(
         "--scheduler_scale",
-        type=float,
+        type=POSITIVE,
         help="sampling scheduler scale recorded in the metadata (default: the task's); it does not change training",
     )
 
@@ -108,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
     )
     mem.add_argument(
         "--blocks_to_swap",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=0,
         help="keep this many transformer blocks in CPU memory, "
         "each moved to the GPU for its forward and its backward; more than exist is clamped",
@@ -124,10 +148,14 @@ def parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output and logging")
     out.add_argument("--output_dir", help="where LoRA files go (required)")
     out.add_argument("--output_name", default="lora", help="file name stem (default lora)")
-    out.add_argument("--save_every_n_epochs", type=int, help="save <name>-<epoch:06d>.safetensors every N epochs")
-    out.add_argument("--save_every_n_steps", type=int, help="save <name>-step<step:08d>.safetensors every N steps")
-    out.add_argument("--save_last_n_epochs", type=int, help="keep only the last N epoch files")
-    out.add_argument("--save_last_n_steps", type=int, help="keep only the last N step files")
+    out.add_argument(
+        "--save_every_n_epochs", type=POSITIVE_INT, help="save <name>-<epoch:06d>.safetensors every N epochs"
+    )
+    out.add_argument(
+        "--save_every_n_steps", type=POSITIVE_INT, help="save <name>-step<step:08d>.safetensors every N steps"
+    )
+    out.add_argument("--save_last_n_epochs", type=POSITIVE_INT, help="keep only the last N epoch files")
+    out.add_argument("--save_last_n_steps", type=POSITIVE_INT, help="keep only the last N step files")
     out.add_argument(
         "--save_state",
         action="store_true",
@@ -141,20 +169,22 @@ def parser() -> argparse.ArgumentParser:
         help="a dataset config cached like the training one; its "
         "loss at fixed noise and timesteps is printed and logged",
     )
-    data_val.add_argument("--validate_every_n_steps", type=int, help="compute the validation loss every N steps")
+    data_val.add_argument(
+        "--validate_every_n_steps", type=POSITIVE_INT, help="compute the validation loss every N steps"
+    )
     sampling = p.add_argument_group("samples during training (main process only, into output_dir/sample/)")
     sampling.add_argument(
         "--sample_prompts",
         help="prompt file: one prompt per line with --w --h --f --d --s --g --n --i "
         "as for generation (defaults: 17 frames for video tasks, 20 steps)",
     )
-    sampling.add_argument("--sample_every_n_steps", type=int, help="sample every N optimizer steps")
-    sampling.add_argument("--sample_every_n_epochs", type=int, help="sample after every N epochs")
+    sampling.add_argument("--sample_every_n_steps", type=POSITIVE_INT, help="sample every N optimizer steps")
+    sampling.add_argument("--sample_every_n_epochs", type=POSITIVE_INT, help="sample after every N epochs")
     sampling.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
     out.add_argument("--logging_dir", help="tensorboard log folder")
     out.add_argument("--log_with", choices=["tensorboard"], help="logger (tensorboard when --logging_dir is given)")
     out.add_argument("--log_tracker_name", default="network_train", help="run name in the logs")
-    return p
+    return annotate_ranges(p)
 
 
 def read_config_file(path: str, p: argparse.ArgumentParser) -> dict:
@@ -170,9 +200,10 @@ def read_config_file(path: str, p: argparse.ArgumentParser) -> dict:
     unknown = sorted(set(values) - known)
     if unknown:
         sys.exit(f"error: --config_file {path}: unknown option(s) {', '.join(unknown)}")
-    if isinstance(values.get("task"), str):
-        values["task"] = p._option_string_actions["--task"].type(values["task"])
-    return values
+    try:  # each value checked by its option's type, as on the command line
+        return {key: convert_config_value(p, key, value) for key, value in values.items()}
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        sys.exit(f"error: --config_file {path}: {error}")
 
 
 def main(argv=None) -> None:
@@ -186,6 +217,10 @@ def main(argv=None) -> None:
             p.error(f"--{name} is required (on the command line or in --config_file)")
     if args.network_module != NETWORK_MODULE:
         p.error(f"--network_module must be {NETWORK_MODULE}")
+    if args.min_timestep >= args.max_timestep:  # each is in range by its type; together they must make one
+        sys.exit(
+            f"error: need 0 <= --min_timestep < --max_timestep, got {args.min_timestep:g} and {args.max_timestep:g}"
+        )
     try:
         final = train(args)
     except ValueError as error:

@@ -8,6 +8,7 @@ import sys
 
 from .attention import AUTO, BACKENDS
 from .magcache import DEFAULT_MAX_SKIPS, DEFAULT_RETENTION, DEFAULT_THRESHOLD, MagCache, task_ratios
+from .option_types import NON_NEGATIVE, NON_NEGATIVE_INT, number
 from .tasks import TASKS, NablaParams, TaskPreset, UnknownTaskError, get_task
 
 ATTENTION_FLAGS = {
@@ -86,11 +87,17 @@ def add_nabla_arguments(parser: argparse.ArgumentParser) -> None:
         help="use NABLA also for a task that does not (frame sides must be multiples of 128)",
     )
     group.add_argument(
-        "--nabla_P", type=float, help="attention mass each query block keeps (task default 0.7-0.9; 1 = dense)"
+        "--nabla_P",
+        type=number(0, 1, low_open=True),
+        help="attention mass each query block keeps (task default 0.7-0.9; 1 = dense)",
     )
-    group.add_argument("--nabla_wT", type=int, help="local window in frames (default 11)")
-    group.add_argument("--nabla_wH", type=int, help="local window in 8x8-token tiles, vertically (default 3)")
-    group.add_argument("--nabla_wW", type=int, help="local window in 8x8-token tiles, horizontally (default 3)")
+    group.add_argument("--nabla_wT", type=NON_NEGATIVE_INT, help="local window in frames (default 11)")
+    group.add_argument(
+        "--nabla_wH", type=NON_NEGATIVE_INT, help="local window in 8x8-token tiles, vertically (default 3)"
+    )
+    group.add_argument(
+        "--nabla_wW", type=NON_NEGATIVE_INT, help="local window in 8x8-token tiles, horizontally (default 3)"
+    )
     group.add_argument("--no_nabla_add_sta", action="store_true", help="do not add the local window to the kept blocks")
     group.add_argument(
         "--nabla_method",
@@ -118,20 +125,20 @@ def add_magcache_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--magcache", action="store_true", help="enable MagCache with the task's magnitude ratios")
     group.add_argument(
         "--magcache_threshold",
-        type=float,
+        type=NON_NEGATIVE,
         default=DEFAULT_THRESHOLD,
         help=f"accumulated error under which a step may reuse the cached residual (default {DEFAULT_THRESHOLD}; "
         "0 never skips, larger skips more and drifts more)",
     )
     group.add_argument(
         "--magcache_max_skips",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=DEFAULT_MAX_SKIPS,
         help=f"at most this many steps in a row reuse the residual (default {DEFAULT_MAX_SKIPS})",
     )
     group.add_argument(
         "--magcache_retention",
-        type=float,
+        type=number(0, 1),
         default=DEFAULT_RETENTION,
         help=f"fraction of the steps at the start that always compute (default {DEFAULT_RETENTION})",
     )

@@ -39,6 +39,7 @@ from .media import (
     write_image,
     write_video,
 )
+from .output_paths import check_output_file
 from .prompt_file import PromptLine, parse_prompt_line, read_prompt_file
 from .prompt_templates import template_for
 from .sampling import flow_schedule, sample_euler
@@ -95,6 +96,11 @@ def _output_for(args: argparse.Namespace, line: PromptLine, index: int, frames: 
     return Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{seed}{extension}"
 
 
+def first_given(*values):
+    """The first value that is not None (a 0 given by the user is a value, not "use the default")."""
+    return next((value for value in values if value is not None), None)
+
+
 def check_output(output: Path, frames: int, where: str = "") -> None:
     """An output file the writers can make: a known extension for the kind, not an existing folder."""
     suffix = output.suffix.lower()
@@ -103,8 +109,7 @@ def check_output(output: Path, frames: int, where: str = "") -> None:
         raise GenerationError(f"{where}output {output}: unknown extension {suffix or '(none)'!r} ({kinds})")
     if frames > 1 and suffix in IMAGE_EXTENSIONS:
         raise GenerationError(f"{where}{output} is an image file but {frames} frames are asked for")
-    if output.is_dir():
-        raise GenerationError(f"{where}output {output} is a folder; give a file name")
+    check_output_file(output, f"{where}output")
 
 
 def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
@@ -125,13 +130,13 @@ def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
             raise GenerationError(f"{where}task {task.name} is image-to-video: give --image (the first frame)")
         if task.kind in ("t2v", "t2i") and image:
             raise GenerationError(f"{where}task {task.name} takes no image; use an i2v or i2i task")
-        frames = line.frames or args.frames or task.frames
-        width, height = line.width or args.width, line.height or args.height
+        frames = first_given(line.frames, args.frames, task.frames)
+        width, height = first_given(line.width, args.width), first_given(line.height, args.height)
         if image and (width is None or height is None):
             source = load_image(image)
             pick = i2v_size if task.kind == "i2v" else nearest_allowed_size
             width, height = pick(source.width, source.height, task)
-        width, height = width or task.resolution, height or task.resolution
+        width, height = first_given(width, task.resolution), first_given(height, task.resolution)
         try:
             check_frames(frames)
             if not task.is_video and frames != 1:
@@ -148,10 +153,8 @@ def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
             frames=frames,
             seed=seed,
             negative_prompt=line.negative_prompt if line.negative_prompt is not None else args.negative_prompt,
-            steps=line.steps or args.steps or task.steps,
-            guidance=line.guidance
-            if line.guidance is not None
-            else (args.guidance if args.guidance is not None else task.guidance),
+            steps=first_given(line.steps, args.steps, task.steps),
+            guidance=first_given(line.guidance, args.guidance, task.guidance),
             image=image,
             output=_output_for(args, line, index, frames, seed),
         )
@@ -245,7 +248,7 @@ def sample_job(dit, task: TaskPreset, job: Job, texts, image_latent, args, devic
         nabla=nabla_params(args, task),
         magcache=magcache_for(args, task, job.steps, len(dit.visual_transformer_blocks)),
     )
-    sigmas = flow_schedule(job.steps, args.scheduler_scale or task.scheduler_scale, device)
+    sigmas = flow_schedule(job.steps, first_given(args.scheduler_scale, task.scheduler_scale), device)
     with tqdm(total=job.steps, desc=f"sampling {job.index + 1}", unit="step") as bar, torch.no_grad():
         latent = sample_euler(denoiser, noise, sigmas, callback=lambda i, x: bar.update(1))
     if denoiser.magcache is not None:
@@ -266,7 +269,7 @@ def job_metadata(args, task: TaskPreset, job: Job) -> dict:
         "fps": args.fps,
         "dit": str(args.dit),
         "loras": loras,
-        "scheduler_scale": args.scheduler_scale or task.scheduler_scale,
+        "scheduler_scale": first_given(args.scheduler_scale, task.scheduler_scale),
     }
 
 

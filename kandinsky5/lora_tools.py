@@ -27,6 +27,7 @@ from networks.lora_merge import merge_plan
 
 from .checkpoint import checkpoint_files, read_layout
 from .fp8_checkpoint import rewrite_checkpoint
+from .option_types import FINITE
 
 KOHYA_PREFIX = "lora_unet_"
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     merging = commands.add_parser("merge", help="merge LoRAs into a DiT checkpoint")
     merging.add_argument("--dit", required=True, help="DiT checkpoint (.safetensors, folder or index.json)")
     merging.add_argument("--lora", nargs="+", required=True, help="LoRA files or folders")
-    merging.add_argument("--multiplier", nargs="*", type=float, default=[], help="one per LoRA (default 1.0)")
+    merging.add_argument("--multiplier", nargs="*", type=FINITE, default=[], help="one per LoRA (default 1.0)")
     merging.add_argument("--output", required=True, help="the merged .safetensors file")
     merging.add_argument("--fp8", action="store_true", help="write the merged DiT in fp8 (as _make_fp8_ckpt.py)")
     args = parser.parse_args(argv)

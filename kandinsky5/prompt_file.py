@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .option_types import FINITE, FRAMES, NON_NEGATIVE_INT, SIDE, STEPS
 
 
 class PromptFileError(ValueError):
@@ -32,12 +35,12 @@ class PromptLine:
 
 
 OPTIONS = {
-    "w": ("width", int),
-    "h": ("height", int),
-    "f": ("frames", int),
-    "d": ("seed", int),
-    "s": ("steps", int),
-    "g": ("guidance", float),
+    "w": ("width", SIDE),
+    "h": ("height", SIDE),
+    "f": ("frames", FRAMES),
+    "d": ("seed", NON_NEGATIVE_INT),
+    "s": ("steps", STEPS),
+    "g": ("guidance", FINITE),
     "n": ("negative_prompt", str),
     "i": ("image", str),
 }
@@ -57,8 +60,8 @@ def parse_prompt_line(text: str, line: int, source: str = "prompt file") -> Prom
         value = value.strip()
         try:
             result[field] = kind(value)
-        except ValueError:
-            raise PromptFileError(f"{source}, line {line}: --{name} needs {kind.__name__}, got {value!r}") from None
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            raise PromptFileError(f"{source}, line {line}: --{name}: {error}") from None
     return PromptLine(prompt=prompt, line=line, **result)
 
 

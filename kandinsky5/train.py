@@ -26,6 +26,7 @@ from tqdm import tqdm
 from dataset.cache_files import foreign_caches
 from dataset.config import load_dataset_config
 from dataset.training_data import EpochBatches, EpochOrder, find_samples, load_batch, samples_fingerprint
+from modules.atomic_save import remove_leftovers
 from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
 from modules.prefetch import host_to_device, prefetch_to
 from networks.lora_kandinsky import LoRANetwork, create_network
@@ -35,6 +36,7 @@ from .checkpoint import load_dit
 from .cli import attention_backend, nabla_params
 from .denoiser import i2v_channels, t2v_channels
 from .flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
+from .output_paths import check_writable_folder, plain_name
 from .tasks import TaskPreset
 from .training_samples import TrainingSampler, check_sample_paths
 from .training_state import Position, load_state, remove_old, restore_rng, save_state
@@ -180,10 +182,12 @@ class Checkpoints:
     def __init__(self, args: argparse.Namespace, network: LoRANetwork, optimizer, scheduler, metadata):
         self.args, self.network, self.optimizer, self.scheduler = args, network, optimizer, scheduler
         self.metadata, self.directory = metadata, Path(args.output_dir)
+        self.written: set[Path] = set()  # rotation deletes only what this run wrote
 
     def _save(self, name: str, position: Position, with_state: bool) -> Path:
         path = self.directory / f"{name}.safetensors"
         self.network.save(path, self.metadata(position))
+        self.written.add(path)
         tqdm.write(f"saved {path}")
         if with_state:
             self.save_state(f"{name}-state", position)
@@ -192,12 +196,16 @@ class Checkpoints:
     def save_state(self, name: str, position: Position) -> Path:
         folder = self.directory / name
         save_state(folder, self.network, self.metadata(position), self.optimizer, self.scheduler, position)
+        self.written.add(folder)
         tqdm.write(f"saved training state {folder}")
         return folder
 
     def _rotate(self, name: str) -> None:
-        (self.directory / f"{name}.safetensors").unlink(missing_ok=True)
-        remove_old(self.directory / f"{name}-state")
+        file, folder = self.directory / f"{name}.safetensors", self.directory / f"{name}-state"
+        if file in self.written:
+            file.unlink(missing_ok=True)
+        if folder in self.written:
+            remove_old(folder)
 
     def after_step(self, position: Position) -> None:
         every, keep, step = self.args.save_every_n_steps, self.args.save_last_n_steps, position.step
@@ -277,6 +285,12 @@ def train(args: argparse.Namespace) -> Path:
     set_seed(args.seed)
     device, main = accelerator.device, accelerator.is_main_process
     check_backend(attention_backend(args), device)  # before anything loads
+    plain_name(args.output_name, "--output_name")
+    check_writable_folder(args.output_dir, "--output_dir")
+    if args.logging_dir:
+        check_writable_folder(args.logging_dir, "--logging_dir")
+    if main:
+        remove_leftovers(args.output_dir)  # hidden files of saves that were killed
     if args.sample_prompts:
         check_sample_paths(args, task)
 
@@ -456,8 +470,9 @@ def train(args: argparse.Namespace) -> Path:
                 sample(epoch_done=epoch)
             if step >= args.max_train_steps:
                 break
-    bar.close()
-    final = checkpoints.final(position) if main else Path(args.output_dir) / f"{args.output_name}.safetensors"
+        bar.close()
+        # still inside StopRequest: Ctrl-C now waits for the finished run to be saved
+        final = checkpoints.final(position) if main else Path(args.output_dir) / f"{args.output_name}.safetensors"
     if accelerator.num_processes > 1:  # every process holds the same LoRA; this shows it
         checksum = sum(float(p.double().sum()) for p in network.parameters())
         print(f"process {accelerator.process_index}: LoRA checksum {checksum:.12e}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 
 import torch
 
@@ -45,16 +46,20 @@ def _optimizer_class(name: str, device: torch.device):
 
         return Adafactor
     module_name, _, class_name = name.rpartition(".")
-    if not module_name:
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", name):
         choices = ", ".join(BUILT_IN)
         raise ValueError(
             f"unknown --optimizer_type {name!r}: expected {choices}, or a class path such as "
             "torch.optim.SGD or prodigyopt.Prodigy"
         )
     try:
-        return getattr(importlib.import_module(module_name), class_name)
+        cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"--optimizer_type {name!r} cannot be imported: {error}") from None
+    # only an optimizer class is ever called: a dotted name of any other callable (os.system) is refused
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"--optimizer_type {name!r} is not an optimizer: expected a torch.optim.Optimizer subclass")
+    return cls
 
 
 def create_optimizer(

@@ -91,6 +91,9 @@ def read_lora(path: str | Path) -> LoRAFile:
         raise LoRAFileError(f"cannot read LoRA {file}: {error}") from None
     if not tensors:
         raise LoRAFileError(f"LoRA {file} holds no tensors")
+    broken = next((key for key, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken is not None:
+        raise LoRAFileError(f"LoRA {file}: tensor {broken!r} holds NaN or infinite values (a diverged or damaged file)")
     kohya = all(k.startswith(KOHYA_PREFIXES) for k in tensors)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

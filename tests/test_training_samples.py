@@ -71,8 +71,13 @@ def test_every_per_line_option_parses_and_bad_lines_name_their_number(tmp_path):
     with pytest.raises(PromptFileError, match=r"p.txt, line 3: unknown option --q"):
         read_prompt_file(path)
     path.write_text("fine --w wide\n")
-    with pytest.raises(PromptFileError, match=r"line 1: --w needs int, got 'wide'"):
+    with pytest.raises(PromptFileError, match=r"line 1: --w: 'wide' is not an integer"):
         read_prompt_file(path)
+    for bad, message in [("--s 0", "--s: '0' is out of range: expected an integer in \\[1, 1000\\]"),
+                         ("--g nan", "--g: 'nan' is not finite"), ("--f -3", "--f: '-3' is out of range")]:  # fmt: skip
+        path.write_text(f"fine {bad}\n")
+        with pytest.raises(PromptFileError, match=f"line 1: {message}"):
+            read_prompt_file(path)
     path.write_text("# only a comment\n")
     with pytest.raises(PromptFileError, match="has no prompts"):
         read_prompt_file(path)
