@@ -86,7 +86,7 @@ def caption_hash(caption: str) -> str:
 def write_cache(
     path: Path, tensors: dict[str, torch.Tensor], kind: str, fingerprint: dict, extra: dict[str, str] | None = None
 ) -> None:
-    tensors = {k: torch.nan_to_num(t.contiguous()) for k, t in tensors.items()}
+    tensors = {k: t.contiguous() for k, t in tensors.items()}
     metadata = {
         "format_version": FORMAT_VERSION,
         "kind": kind,

@@ -48,12 +48,38 @@ def _number(value: Any) -> float:
     return float(value)
 
 
+MIN_SIDE, MAX_SIDE = 16, 8192  # pixels
+
+
+def _integer(low: int, high: int | None = None):
+    """An integer key in [low, high]; TOML's true/false are not integers (Python counts them as 0/1)."""
+
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise v.Invalid("expected an integer")
+        if value < low or (high is not None and value > high):
+            raise v.Invalid(f"expected an integer {'>= ' + str(low) if high is None else f'in [{low}, {high}]'}")
+        return value
+
+    return check
+
+
 def _resolution(value: Any) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(x, int) for x in value):
-        return (value[0], value[1])
-    raise v.Invalid("expected an integer or a list [width, height]")
+        value = [value, value]
+    if not (isinstance(value, list | tuple) and len(value) == 2) or not all(
+        isinstance(x, int) and not isinstance(x, bool) for x in value
+    ):
+        raise v.Invalid("expected an integer or a list [width, height]")
+    if not all(MIN_SIDE <= x <= MAX_SIDE for x in value):
+        raise v.Invalid(f"expected sides of {MIN_SIDE} to {MAX_SIDE} pixels, got {list(value)}")
+    return (value[0], value[1])
+
+
+def _caption_extension(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(".") or len(value) < 2 or "/" in value:
+        raise v.Invalid(f'expected a file extension starting with a dot, such as ".txt", got {value!r}')
+    return value
 
 
 def _target_frames(value: Any) -> list[int]:
@@ -78,9 +104,9 @@ def four_k_plus_one(frames: list[int], where: str) -> list[int]:
 
 COMMON = {
     v.Optional("resolution"): _resolution,
-    v.Optional("caption_extension"): str,
-    v.Optional("batch_size"): v.All(int, v.Range(min=1)),
-    v.Optional("num_repeats"): v.All(int, v.Range(min=1)),
+    v.Optional("caption_extension"): _caption_extension,
+    v.Optional("batch_size"): _integer(1, 1024),
+    v.Optional("num_repeats"): _integer(1, 100_000),
     v.Optional("enable_bucket"): bool,
     v.Optional("bucket_no_upscale"): bool,
 }
@@ -100,10 +126,10 @@ VIDEO = {
     v.Optional("cache_directory"): str,
     v.Optional("target_frames"): _target_frames,
     v.Optional("frame_extraction"): v.In(FRAME_EXTRACTION, msg=f"expected one of {', '.join(FRAME_EXTRACTION)}"),
-    v.Optional("frame_stride"): v.All(int, v.Range(min=1)),
-    v.Optional("frame_sample"): v.All(int, v.Range(min=1)),
-    v.Optional("max_frames"): v.All(int, v.Range(min=1)),
-    v.Optional("source_fps"): v.All(_number, v.Range(min=0, min_included=False)),
+    v.Optional("frame_stride"): _integer(1),
+    v.Optional("frame_sample"): _integer(1, 1025),
+    v.Optional("max_frames"): _integer(1, 1025),
+    v.Optional("source_fps"): v.All(_number, v.Range(min=1, max=1000, msg="expected frames per second in [1, 1000]")),
 }
 
 
@@ -148,11 +174,17 @@ def _where(path: Path, error: v.Invalid) -> str:
 def _read(path: Path) -> dict:
     if not path.exists():
         raise DatasetConfigError(f"dataset config {path} does not exist")
+    if not path.is_file():
+        raise DatasetConfigError(f"dataset config {path} is a folder; give the .toml or .json file")
     try:
         if path.suffix.lower() == ".toml":
             return toml.loads(path.read_text(encoding="utf-8"))
         if path.suffix.lower() == ".json":
             return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise DatasetConfigError(
+            f"dataset config {path} is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
     except (toml.TomlDecodeError, json.JSONDecodeError) as error:
         raise DatasetConfigError(f"dataset config {path} is not valid {path.suffix[1:].upper()}: {error}") from None
     raise DatasetConfigError(f"dataset config {path} must be a .toml or .json file")
@@ -211,12 +243,18 @@ def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
                 f"{where}: give image_directory, image_jsonl_file, video_directory or video_jsonl_file"
             )
         source = Path(directory or jsonl)
+        key = f"{kind}_directory" if directory else f"{kind}_jsonl_file"
         if not source.exists():
-            key = f"{kind}_directory" if directory else f"{kind}_jsonl_file"
             raise DatasetConfigError(f"{where}: {key} {str(source)!r} does not exist")
+        if directory and not source.is_dir():
+            raise DatasetConfigError(f"{where}: {key} {str(source)!r} is a file, not a folder")
+        if jsonl and not source.is_file():
+            raise DatasetConfigError(f"{where}: {key} {str(source)!r} is a folder, not a JSONL file")
         cache = values.pop("cache_directory", None) or (directory if directory else None)
         if cache is None:
             raise DatasetConfigError(f"{where}: a JSONL dataset needs a cache_directory")
+        if Path(cache).exists() and not Path(cache).is_dir():
+            raise DatasetConfigError(f"{where}: cache_directory {cache!r} is a file, not a folder")
         if not values.get("enable_bucket", False):
             values["bucket_no_upscale"] = False
         dataset = DatasetConfig(

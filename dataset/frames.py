@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+from modules.images import eight_bit_rgb
 
 from .config import DatasetConfig
 from .sources import IMAGE_EXTENSIONS
@@ -34,8 +36,8 @@ def read_frames(path: Path, source_fps: float | None = None, limit: int | None =
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         indices = _source_indices(len(files), source_fps, limit)
         try:
-            return [Image.open(files[i]).convert("RGB") for i in indices]
-        except Exception as error:
+            return [eight_bit_rgb(ImageOps.exif_transpose(Image.open(files[i]))) for i in indices]
+        except Exception as error:  # Pillow raises several error types for damaged files
             raise VideoReadError(f"cannot read a frame of {path}: {error}") from None
     import av
 
@@ -43,10 +45,14 @@ def read_frames(path: Path, source_fps: float | None = None, limit: int | None =
     frames = []
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path} has no video stream (only {len(container.streams)} other streams)")
             for frame in container.decode(video=0):
                 frames.append(frame.to_image().convert("RGB"))
                 if wanted is not None and len(frames) >= wanted:
                     break
+    except VideoReadError:
+        raise
     except Exception as error:  # PyAV raises several error types for damaged files
         raise VideoReadError(f"cannot decode {path}: {error}") from None
     if not frames:

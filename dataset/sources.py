@@ -31,6 +31,10 @@ class MediaItem:
         return f"{self.path.stem}-{digest}"
 
 
+class SourceError(ValueError):
+    pass
+
+
 def _is_frame_folder(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir())
 
@@ -62,7 +66,10 @@ def _from_directory(dataset: DatasetConfig) -> list[MediaItem]:
 def _from_jsonl(dataset: DatasetConfig) -> list[MediaItem]:
     field = f"{dataset.kind}_path"
     items = []
-    lines = dataset.jsonl_file.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = dataset.jsonl_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise SourceError(f"{dataset.jsonl_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -74,6 +81,11 @@ def _from_jsonl(dataset: DatasetConfig) -> list[MediaItem]:
             continue
         if not isinstance(entry, dict) or field not in entry:
             items.append(MediaItem(where, None, f"line {number} has no {field!r}"))
+            continue
+        if not isinstance(entry[field], str) or not entry[field]:
+            items.append(
+                MediaItem(where, None, f"line {number}: {field!r} must be a path (text), got {entry[field]!r}")
+            )
             continue
         path = Path(entry[field])
         if not path.is_absolute() and not path.exists():

@@ -66,10 +66,10 @@ def epoch_batches(datasets: list[DatasetSamples], epoch: int, seed: int) -> list
     return batches
 
 
-def load_batch(samples: list[TrainingSample]) -> dict[str, torch.Tensor | bool]:
+def load_batch(samples: list[TrainingSample]) -> dict:
     """latents (B, T, h, w, 16), first_frame (B, 1, h, w, 16) when cached, text (B, L, D) padded,
-    text_mask (B, L), pooled (B, D2), and text_padded: whether any text is padded (known on the host,
-    so that the training step need not ask the device)."""
+    text_mask (B, L), pooled (B, D2), text_padded: whether any text is padded (known on the host,
+    so that the training step need not ask the device), and files: the latent cache files' paths."""
     latents, firsts, texts, pooled = [], [], [], []
     for sample in samples:
         with safe_open(str(sample.latent_file), framework="pt") as f:
@@ -86,6 +86,7 @@ def load_batch(samples: list[TrainingSample]) -> dict[str, torch.Tensor | bool]:
         text[i, : t.shape[0]], mask[i, : t.shape[0]] = t, True
     batch = {"latents": torch.stack(latents), "text": text, "text_mask": mask, "pooled": torch.stack(pooled)}
     batch["text_padded"] = any(t.shape[0] < length for t in texts)
+    batch["files"] = [str(sample.latent_file) for sample in samples]  # named when the loss goes bad
     if len(firsts) == len(samples):
         batch["first_frame"] = torch.stack(firsts)
     return batch

@@ -16,6 +16,7 @@ from dataset.cache_files import (
     LATENT_SUFFIX,
     file_identity,
     is_current,
+    item_key_of,
     latent_cache_name,
     source_fingerprint,
     write_cache,
@@ -38,6 +39,7 @@ class Unit:
     fingerprint: dict
     frames: np.ndarray  # (F, H, W, 3) uint8, F = the clip's frames
     is_clip: bool
+    source: Path  # the image or video it comes from
 
 
 def _pixels(frames: np.ndarray) -> torch.Tensor:
@@ -77,22 +79,32 @@ def load_units(item: MediaItem, dataset: DatasetConfig, task: TaskPreset, base: 
         }
         path = dataset.cache_directory / latent_cache_name(item.key, size, clip)
         chosen = frames if clip is None else frames[clip[0] : clip[0] + clip[1]]
-        units.append(Unit(path, fingerprint, chosen, clip is not None))
+        units.append(Unit(path, fingerprint, chosen, clip is not None, item.path))
     return units
 
 
-def encode_units(vae: VAE, units: list[Unit], seed: int) -> None:
-    """Encode units of one shape together and write their cache files."""
+def encode_units(vae: VAE, units: list[Unit], seed: int) -> list[tuple[Unit, str]]:
+    """Encode units of one shape together and write their cache files; returns the units that failed,
+    with the reason (a latent that is not finite, a write that failed: the disk is full), the others
+    written."""
     generator = torch.Generator().manual_seed(seed + zlib.crc32(units[0].path.name.encode()))
     latents = vae.encode(torch.stack([_pixels(u.frames) for u in units]), generator=generator).cpu()
     first = None
     if units[0].is_clip:  # the first frame alone, as I2V generation encodes its image
         first = vae.encode(torch.stack([_pixels(u.frames[:1]) for u in units]), generator=generator).cpu()
+    failures = []
     for i, unit in enumerate(units):
         tensors = {"latent": latents[i]}
         if first is not None:
             tensors["first_frame"] = first[i]
-        write_cache(unit.path, tensors, "latent", unit.fingerprint, {"vae": vae.kind.name})
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            failures.append((unit, "the VAE gave NaN or infinite latents (not written)"))
+            continue
+        try:
+            write_cache(unit.path, tensors, "latent", unit.fingerprint, {"vae": vae.kind.name})
+        except OSError as error:
+            failures.append((unit, f"cannot write {unit.path.name}: {error.strerror or error}"))
+    return failures
 
 
 def cache_dataset(
@@ -106,7 +118,10 @@ def cache_dataset(
     batch_size = args.batch_size or dataset.batch_size
 
     def flush(shape: tuple) -> None:
-        encode_units(vae, pending.pop(shape), args.seed)
+        for unit, reason in encode_units(vae, pending.pop(shape), args.seed):
+            report.fail(unit.source, reason)
+            report.written -= 1
+            failed.add(item_key_of(unit.path))  # its older cache, if any, is kept
 
     loaded = prefetch(lambda item: load_units(item, dataset, task, base), items, args.num_workers)
     for item, result in tqdm(loaded, total=len(items), desc=f"latents: {dataset.name}", unit="item"):

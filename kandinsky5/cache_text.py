@@ -60,8 +60,20 @@ def cache_dataset(
             encoded = encoder.encode([item.caption for item, _, _ in batch], template, task.qwen_max_length)
             for i, (item, path, fingerprint) in enumerate(batch):
                 length = int(encoded.mask[i].sum())
+                if length >= task.qwen_max_length:
+                    tqdm.write(
+                        f"warning: the caption of {item.path} reaches the text encoder's limit of "
+                        f"{task.qwen_max_length} tokens: {length} kept, the rest of it cut"
+                    )
                 tensors = {"text": encoded.embeddings[i, :length].cpu(), "pooled": encoded.pooled[i].cpu()}
-                write_cache(path, tensors, "text", fingerprint, {"caption": item.caption, "template": template.name})
+                try:
+                    write_cache(
+                        path, tensors, "text", fingerprint, {"caption": item.caption, "template": template.name}
+                    )
+                except OSError as error:  # the disk is full, say: this item fails, the others go on
+                    report.fail(item.path, f"cannot write {path.name}: {error.strerror or error}")
+                    failed.add(item.key)
+                    continue
                 report.written += 1
             bar.update(len(batch))
     remove_stale(

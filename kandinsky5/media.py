@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from modules.atomic_save import atomic_path
+from modules.images import eight_bit_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov")
@@ -24,17 +25,14 @@ class MediaError(ValueError):
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """An RGB image with its EXIF orientation applied and any transparency composited on white."""
+    """An RGB image with its EXIF orientation applied, high bit depths scaled to 8 bits and any
+    transparency composited on white."""
     try:
         image = ImageOps.exif_transpose(Image.open(path))
         image.load()
     except Exception as error:
         raise MediaError(f"cannot read image {path}: {error}") from None
-    if image.mode in ("RGBA", "LA", "P"):
-        image = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image)
-    return image.convert("RGB")
+    return eight_bit_rgb(image)
 
 
 def resize_and_crop(image: Image.Image, width: int, height: int) -> Image.Image:

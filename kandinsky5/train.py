@@ -9,6 +9,7 @@ as generation overwrites it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -175,6 +176,17 @@ def lora_metadata(
     return info
 
 
+@contextlib.contextmanager
+def _stop_when_unwritable(path: Path):
+    """A failed save (the disk is full, say) stops training with a message; what was saved is intact."""
+    try:
+        yield
+    except OSError as error:
+        raise TrainingError(
+            f"cannot write {path}: {error.strerror or error}; stopping (the files saved before are intact)"
+        ) from None
+
+
 class Checkpoints:
     """What output_dir receives: LoRA files per epoch, per step (with rotation) and at the end, each
     with a state folder when asked (--save_state), and a state when training is interrupted."""
@@ -186,7 +198,8 @@ class Checkpoints:
 
     def _save(self, name: str, position: Position, with_state: bool) -> Path:
         path = self.directory / f"{name}.safetensors"
-        self.network.save(path, self.metadata(position))
+        with _stop_when_unwritable(path):
+            self.network.save(path, self.metadata(position))
         self.written.add(path)
         tqdm.write(f"saved {path}")
         if with_state:
@@ -195,7 +208,8 @@ class Checkpoints:
 
     def save_state(self, name: str, position: Position) -> Path:
         folder = self.directory / name
-        save_state(folder, self.network, self.metadata(position), self.optimizer, self.scheduler, position)
+        with _stop_when_unwritable(folder):
+            save_state(folder, self.network, self.metadata(position), self.optimizer, self.scheduler, position)
         self.written.add(folder)
         tqdm.write(f"saved training state {folder}")
         return folder
@@ -416,13 +430,14 @@ def train(args: argparse.Namespace) -> Path:
         for epoch in range(position.epoch, epochs + 1):
             order.set_epoch(epoch - 1, position.next_batch if epoch == position.epoch else 0)
             total = len(data.batches(epoch - 1))
-            step_loss, micro_steps = None, 0
+            step_loss, micro_steps, step_files = None, 0, []
             for i, batch in enumerate(prefetch_to(loader, device), start=order.start):
                 with accelerator.autocast():
                     loss = training_loss(dit, batch, task, args, device)
                 accelerator.backward(loss / accumulation)
                 # summed on the device: the step reads it once, after all its work is queued
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+                step_files += batch["files"]
                 micro_steps += 1
                 if (i + 1) % accumulation and i + 1 < total:
                     continue
@@ -436,12 +451,13 @@ def train(args: argparse.Namespace) -> Path:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 value = step_loss.item() / micro_steps  # the one host-device sync of the step
-                step_loss, micro_steps = None, 0
                 if not math.isfinite(value):
                     raise TrainingError(
-                        f"the loss is {value} at step {step + 1}; stopping (the files saved so "
-                        "far are kept). Try a lower --learning_rate or --max_grad_norm 1.0"
+                        f"the loss is {value} at step {step + 1}, on the cache files {', '.join(step_files)}; "
+                        "stopping (the files saved so far are kept). Try a lower --learning_rate or "
+                        "--max_grad_norm 1.0, or check those files"
                     )
+                step_loss, micro_steps, step_files = None, 0, []
                 recent.append(value)
                 step += 1
                 done_epoch = i + 1 >= total

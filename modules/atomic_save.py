@@ -9,13 +9,16 @@ carries the ``k5tmp-`` mark; ``remove_leftovers`` deletes those at the start of 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 TEMP_MARK = "k5tmp-"
@@ -85,6 +88,12 @@ def _fsync(path: Path) -> None:
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
-    """Save ``tensors`` to ``path`` through a temporary file in the same folder and a rename."""
+    """Save ``tensors`` to ``path`` through a temporary file in the same folder and a rename. A failed
+    write (a full disk) is an OSError, as for any other file."""
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as error:  # safetensors reports the system's I/O errors as its own
+            found = re.search(r"os error (\d+)", str(error))
+            code = int(found.group(1)) if found else errno.EIO
+            raise OSError(code, os.strerror(code), str(path)) from None

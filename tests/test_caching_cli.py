@@ -270,3 +270,20 @@ def test_a_cache_folder_shared_with_musubi_tuner_keeps_its_files_and_names_them(
     assert len(files(tmp_path / "imgs", "_k5tk.safetensors")) == 1
     kandinsky5_train_network.main([*train, "--max_train_steps", "1", "--max_data_loader_n_workers", "0"])
     assert (tmp_path / "out" / "lora.safetensors").exists()
+
+
+def test_a_jsonl_line_with_a_non_text_path_fails_alone(tiny_tree, tmp_path, capsys):
+    image = write_image(tmp_path / "good.png", 64, 48)
+    lines = [{"image_path": 5, "caption": "a number"}, {"image_path": str(image), "caption": "a good one"}]
+    (tmp_path / "images.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    config = tmp_path / "d.toml"
+    config.write_text(
+        f'[[datasets]]\nimage_jsonl_file = "{tmp_path / "images.jsonl"}"\ncache_directory = "{tmp_path / "c"}"\n'
+    )
+    with pytest.raises(SystemExit) as stop:
+        run(kandinsky5_cache_latents, tiny_tree, config)
+    assert stop.value.code == 1
+    out = capsys.readouterr().out
+    assert "cached 1, already up to date 0, failed 1" in out
+    assert "images.jsonl:1" in out and "'image_path' must be a path (text), got 5" in out
+    assert len(files(tmp_path / "c", "_k5tk.safetensors")) == 1

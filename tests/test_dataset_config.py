@@ -84,7 +84,7 @@ def test_json_configs_load(tmp_path):
         ),
         (
             '[[datasets]]\nimage_directory = "ROOT/images"\nbatch_size = "2"',
-            r"number 1, key 'batch_size': expected int",
+            r"number 1, key 'batch_size': expected an integer",
         ),
         (
             '[[datasets]]\nimage_directory = "ROOT/images"\nresolution = [1, 2, 3]',
@@ -134,3 +134,39 @@ def test_target_frames_not_4k_plus_1_are_rounded_down_with_a_warning_as_musubi_d
         (video,) = load_dataset_config(config)
     assert video.target_frames == [25, 73, 77]
     assert len(caught) == 2 and "d.toml" in str(caught[0].message)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[[datasets]]\nimage_directory = "ROOT/images"\nresolution = 0', "expected sides of 16 to 8192 pixels, got"),
+        ('[[datasets]]\nimage_directory = "ROOT/images"\nresolution = [-64, 64]', "sides of 16 to 8192 pixels"),
+        ('[[datasets]]\nimage_directory = "ROOT/images"\nresolution = 3', "sides of 16 to 8192 pixels, got \\[3, 3\\]"),
+        ('[[datasets]]\nimage_directory = "ROOT/images"\nbatch_size = true', "key 'batch_size': expected an integer"),
+        ('[[datasets]]\nimage_directory = "ROOT/images"\nnum_repeats = 0', "key 'num_repeats': expected an integer in"),
+        (
+            '[[datasets]]\nvideo_directory = "ROOT/videos"\nsource_fps = 1e-9',
+            "expected frames per second in \\[1, 1000\\]",
+        ),
+        ('[[datasets]]\nimage_directory = "ROOT/images"\ncaption_extension = "txt"', "starting with a dot.*'txt'"),
+        ('[[datasets]]\nimage_directory = "ROOT/file.txt"', "image_directory '.*file.txt' is a file, not a folder"),
+        ('[[datasets]]\nimage_jsonl_file = "ROOT/images"\ncache_directory = "ROOT/c"', "is a folder, not a JSONL"),
+        (
+            '[[datasets]]\nimage_directory = "ROOT/images"\ncache_directory = "ROOT/file.txt"',
+            "cache_directory '.*file.txt' is a file, not a folder",
+        ),
+    ],
+)
+def test_out_of_range_values_and_wrong_kinds_of_path_are_named(tmp_path, body, message):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(DatasetConfigError, match=message):
+        load_dataset_config(write(tmp_path, body))
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_is_named(tmp_path):
+    (tmp_path / "folder.toml").mkdir()
+    with pytest.raises(DatasetConfigError, match="folder.toml is a folder"):
+        load_dataset_config(tmp_path / "folder.toml")
+    (tmp_path / "latin1.toml").write_bytes('[[datasets]]\nimage_directory = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(DatasetConfigError, match="latin1.toml is not UTF-8 text"):
+        load_dataset_config(tmp_path / "latin1.toml")

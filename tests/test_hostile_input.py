@@ -314,3 +314,139 @@ def test_the_script_prints_one_line_for_a_bad_number():
         .splitlines()[-1]
         .endswith("argument --steps: '0' is out of range: expected an integer in [1, 1000]")
     )
+
+
+# --- media read rightly, or named ----------------------------------------------------------------------------
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from kandinsky5.media import load_image
+
+    ramp = np.linspace(0, 1, 64 * 48).reshape(48, 64)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tiff")
+    for name in ("deep.png", "float.tiff"):
+        pixels = np.asarray(load_image(tmp_path / name)).astype(float)[..., 0]
+        assert abs(pixels.mean() - 127.5) < 2 and pixels.min() == 0 and pixels.max() == 255, name
+
+
+def test_an_audio_only_file_says_it_has_no_video_stream(tmp_path):
+    import av
+    import numpy as np
+
+    from dataset.frames import VideoReadError, read_frames
+
+    path = tmp_path / "sound.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    with pytest.raises(VideoReadError, match="sound.mp4 has no video stream"):
+        read_frames(path)
+
+
+def test_a_vae_giving_nan_fails_its_items_instead_of_caching_zeros(tiny_tree, tmp_path, capsys):
+    import kandinsky5_cache_latents
+
+    from .media_factory import caption, write_image
+
+    vae = tmp_path / "vae"
+    shutil.copytree(tiny_tree / "vae", vae)
+    weights = load_file(str(vae / "diffusion_pytorch_model.safetensors"))
+    key = next(k for k in weights if k.startswith("encoder.") and k.endswith("weight") and weights[k].ndim > 1)
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, str(vae / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "images").mkdir()
+    caption(write_image(tmp_path / "images" / "a.png", 64, 48), "a")
+    config = tmp_path / "d.toml"
+    config.write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "images"}"\nresolution = 64\n')
+    with pytest.raises(SystemExit) as stop:
+        kandinsky5_cache_latents.main(["--dataset_config", str(config), "--task", "tiny-t2v", "--vae", str(vae)])
+    assert stop.value.code == 1
+    out = capsys.readouterr().out
+    assert "a.png" in out and "the VAE gave NaN or infinite latents" in out
+    assert not list((tmp_path / "images").glob("*_k5tk.safetensors"))
+
+
+def test_a_caption_beyond_the_text_limit_is_warned_about(tiny_tree, tmp_path, capsys):
+    import kandinsky5_cache_text_encoder_outputs
+
+    from .media_factory import caption, write_image
+
+    (tmp_path / "images").mkdir()
+    caption(write_image(tmp_path / "images" / "long.png", 64, 48), " ".join(["a red fox"] * 400))
+    caption(write_image(tmp_path / "images" / "short.png", 64, 48), "a red fox")
+    config = tmp_path / "d.toml"
+    config.write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "images"}"\nresolution = 64\n')
+    kandinsky5_cache_text_encoder_outputs.main(
+        ["--dataset_config", str(config), "--task", "tiny-t2v", "--text_encoder_qwen", str(tiny_tree / "text_encoder")]
+        + ["--text_encoder_clip", str(tiny_tree / "text_encoder2")]
+    )
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "long.png" in warnings[0] and "limit of 256 tokens: 256 kept" in warnings[0]
+
+
+# --- disk full -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Makes a tmpfs of the given size (root only: mounting needs it), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    mounted = []
+
+    def make(size: str) -> Path:
+        folder = tmp_path / f"small{len(mounted)}"
+        folder.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]).returncode:
+            pytest.skip("this machine does not allow mounting a tmpfs")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_disk_full_while_caching_fails_items_keeps_the_rest_and_says_so(tiny_tree, tmp_path, small_disk, capsys):
+    import kandinsky5_cache_latents
+    from dataset.cache_files import read_cache
+
+    from .media_factory import caption, write_image
+
+    disk = small_disk("64k")  # room for about a dozen of the 30 latents
+    (tmp_path / "images").mkdir()
+    for i in range(30):
+        caption(write_image(tmp_path / "images" / f"{i:02d}.png", 64, 48, seed=i), f"picture {i}")
+    config = tmp_path / "d.toml"
+    config.write_text(
+        f'[[datasets]]\nimage_directory = "{tmp_path / "images"}"\ncache_directory = "{disk}"\nresolution = 64\n'
+    )
+    with pytest.raises(SystemExit) as stop:
+        kandinsky5_cache_latents.main(
+            ["--dataset_config", str(config), "--task", "tiny-t2v", "--vae", str(tiny_tree / "vae")]
+        )
+    assert stop.value.code == 1
+    out = capsys.readouterr().out
+    written = sorted(disk.glob("*_k5tk.safetensors"))
+    assert 0 < len(written) < 30
+    assert f"cached {len(written)}, already up to date 0, failed {30 - len(written)}" in out
+    assert "No space left on device" in out
+    assert all(read_cache(path)[0]["latent"].shape[-1] == 16 for path in written)  # whole files only
+    assert not list(disk.glob(".*"))  # no temporary file left behind
+
+
+def test_disk_full_while_training_stops_clearly_with_the_saved_files_intact(tiny_tree, cached_dataset, small_disk):
+    _, _, video_only = cached_dataset
+    disk = small_disk("512k")  # room for a few LoRA files of rank 4
+    with pytest.raises(SystemExit, match=f"cannot write {disk}/lora-step000000\\d\\d.safetensors: No space left"):
+        train(tiny_tree, video_only, disk, "--max_train_steps", "50", "--save_every_n_steps", "1", "--network_dim", "4")
+    saved = sorted(disk.glob("lora-step*.safetensors"))
+    assert saved and all(load_file(str(path)) for path in saved)
+    assert not list(disk.glob(".*"))
