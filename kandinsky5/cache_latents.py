@@ -25,6 +25,7 @@ from dataset.caching import CacheReport, prefetch, remove_stale
 from dataset.config import DatasetConfig, load_dataset_config
 from dataset.frames import clips, frames_needed, read_frames
 from dataset.sources import MediaItem, dataset_items
+from modules.atomic_save import remove_leftovers
 
 from .media import load_image, resize_and_crop
 from .tasks import TaskPreset
@@ -112,6 +113,7 @@ def cache_dataset(
 ) -> None:
     items = dataset_items(dataset)
     dataset.cache_directory.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dataset.cache_directory)  # hidden files of writes that were killed
     produced: set[Path] = set()
     failed: set[str] = set()
     pending: dict[tuple, list[Unit]] = {}

@@ -11,6 +11,7 @@ from dataset.cache_files import TEXT_SUFFIX, caption_hash, file_identity, is_cur
 from dataset.caching import CacheReport, remove_stale
 from dataset.config import DatasetConfig, load_dataset_config
 from dataset.sources import MediaItem, dataset_items
+from modules.atomic_save import remove_leftovers
 
 from .prompt_templates import TEMPLATES
 from .tasks import TaskPreset
@@ -38,6 +39,7 @@ def cache_dataset(
         "crop": encoder.qwen.crop_length(template),
     }
     dataset.cache_directory.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dataset.cache_directory)  # hidden files of writes that were killed
     produced: set[Path] = set()
     failed: set[str] = set()
     todo: list[tuple[MediaItem, Path, dict]] = []

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -101,11 +102,21 @@ class QwenEncoder:
                 f"Qwen2.5-VL text encoder: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                 f"copy the tokenizer files of {QWEN_MODEL} into it."
             )
+        if not list(folder.glob("*.safetensors")):
+            raise TextEncoderError(
+                f"Qwen2.5-VL text encoder: {folder} holds no weights (model.safetensors, or model-*.safetensors "
+                f"with model.safetensors.index.json). {hint}"
+            )
         self.folder = folder
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.tokenizer.padding_side = "right"
         self.device = torch.device(device)
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        try:
+            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        except (OSError, SafetensorError) as error:  # a truncated or damaged weights file
+            raise TextEncoderError(
+                f"Qwen2.5-VL text encoder: the weights in {folder} cannot be read ({error})"
+            ) from None
         if fp8:  # the language model's Linear layers (nearly all of its weights), quantized before moving
             quantize_linears(self.model, lambda name: "language_model" in name and ".layers." in name)
         self.model.to(self.device).eval().requires_grad_(False)

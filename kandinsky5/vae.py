@@ -207,7 +207,12 @@ def load_vae(
     vae_kind = VAE_KINDS[kind]
     weights = _find_weights(path)
     state = read_vae_weights(weights)
-    found = detect_kind(state)
+    try:
+        found = detect_kind(state)
+    except VAEError as error:
+        looks_like_dit = any(key.startswith("visual_transformer_blocks.") for key in state)
+        what = "a Kandinsky 5 DiT checkpoint, not a VAE" if looks_like_dit else str(error)
+        raise VAEError(f"VAE {weights}: {what}; expected {vae_kind.description}") from None
     if found != kind:
         needed = f"task {task_name!r} needs" if task_name else "this needs"
         raise VAEError(f"{weights} is {VAE_KINDS[found].description}, but {needed} {vae_kind.description}")

@@ -191,6 +191,16 @@ class LoRANetwork(nn.Module):
             module.alpha.fill_(weights.alpha)
 
 
+def _patterns(options: dict, key: str, default: list[str]) -> list[re.Pattern]:
+    patterns = []
+    for text in options.get(key, default):
+        try:
+            patterns.append(re.compile(text))
+        except (re.error, TypeError) as error:
+            raise ValueError(f"--network_args {key}: {text!r} is not a regular expression ({error})") from None
+    return patterns
+
+
 def create_network(
     model: nn.Module,
     network_dim: int,
@@ -200,8 +210,8 @@ def create_network(
 ) -> LoRANetwork:
     """The LoRA network for ``model``'s targeted Linear layers (see the module docstring)."""
     options = parse_network_args(network_args)
-    include = [re.compile(p) for p in options.get("include_patterns", DEFAULT_INCLUDE)]
-    exclude = [re.compile(p) for p in options.get("exclude_patterns", [])]
+    include = _patterns(options, "include_patterns", DEFAULT_INCLUDE)
+    exclude = _patterns(options, "exclude_patterns", [])
     modules = []
     for name, layer in model.named_modules():
         if not isinstance(layer, nn.Linear | FP8Linear) or "modulation" in name:

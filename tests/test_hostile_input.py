@@ -450,3 +450,58 @@ def test_disk_full_while_training_stops_clearly_with_the_saved_files_intact(tiny
     saved = sorted(disk.glob("lora-step*.safetensors"))
     assert saved and all(load_file(str(path)) for path in saved)
     assert not list(disk.glob(".*"))
+
+
+# --- weights and options that name no file ----------------------------------------------------------------------
+
+
+def test_a_qwen_folder_without_or_with_truncated_weights_is_named(tiny_tree, tmp_path):
+    from kandinsky5.text_encoders import QwenEncoder, TextEncoderError
+
+    folder = tmp_path / "qwen"
+    shutil.copytree(tiny_tree / "text_encoder", folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(TextEncoderError, match=f"{folder} holds no weights"):
+        QwenEncoder(folder)
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 3])
+    with pytest.raises(TextEncoderError, match=f"the weights in {folder} cannot be read"):
+        QwenEncoder(folder)
+
+
+def test_a_dit_given_as_the_vae_is_named(tiny_tree):
+    from kandinsky5.vae import VAEError, load_vae
+
+    dit = tiny_tree / "model" / "tiny_t2v.safetensors"
+    with pytest.raises(VAEError, match=f"VAE {dit}: a Kandinsky 5 DiT checkpoint, not a VAE"):
+        load_vae(dit, "hunyuan")
+
+
+def test_a_bad_regular_expression_in_network_args_is_named(tiny_tree, cached_dataset, tmp_path):
+    _, _, video_only = cached_dataset
+    with pytest.raises(SystemExit, match=r"--network_args include_patterns: '\(unclosed' is not a regular expression"):
+        train(
+            tiny_tree,
+            video_only,
+            tmp_path,
+            "--max_train_steps",
+            "1",
+            "--network_args",
+            "include_patterns=['(unclosed']",
+        )
+
+
+def test_caching_removes_leftovers_of_killed_writes(tiny_tree, tmp_path):
+    import kandinsky5_cache_latents
+
+    from .media_factory import caption, write_image
+
+    (tmp_path / "images").mkdir()
+    caption(write_image(tmp_path / "images" / "a.png", 64, 48), "a")
+    (tmp_path / "images" / ".a-1234_0064x0048_k5tk.k5tmp-abcd1234.safetensors").write_bytes(b"half")
+    config = tmp_path / "d.toml"
+    config.write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "images"}"\nresolution = 64\n')
+    kandinsky5_cache_latents.main(
+        ["--dataset_config", str(config), "--task", "tiny-t2v", "--vae", str(tiny_tree / "vae")]
+    )
+    assert not list((tmp_path / "images").glob(".*"))
