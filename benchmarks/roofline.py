@@ -24,9 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from modules import mkl_bf16
-from modules.wide_matmul import on_mkl_gemm, wide_cpu_matmuls
-
 
 @dataclass(frozen=True)
 class Shape:
@@ -127,19 +124,9 @@ def roofline_pass(shapes: Counter, dtype: torch.dtype, device: str) -> Callable[
     through copies enough to overflow the last-level cache)."""
     g = torch.Generator().manual_seed(0)
     work = []
-    # On a CPU without native bf16 kernels PyTorch's own bf16 matmul is a slow generic loop; the
-    # fastest plain matmuls of bf16 operands there are MKL's bf16 GEMM up to MKL_MAX_ROWS tokens,
-    # where this PyTorch carries it (modules/mkl_bf16.py: bf16 weights, fp32 results into a buffer
-    # allocated once), else the fp32 GEMM over fp32 weights that need no widening
-    # (modules/wide_matmul.py). Either stays a bound that no model with bf16 weights can beat by its
-    # matmuls.
-    wide = device == "cpu" and wide_cpu_matmuls(dtype)
     for shape, count in shapes.items():
-        # the kernel the model's bf16 layers of this many tokens take (modules/wide_matmul.py)
-        mkl = wide and not shape.fp32 and on_mkl_gemm(dtype, shape.m)
-        kind = torch.float32 if shape.fp32 or (wide and not mkl) else dtype
-        if shape.heads:  # the attention products of bf16 operands on such a CPU: fp32 matmuls
-            kind = torch.float32 if wide else dtype
+        kind = torch.float32 if shape.fp32 else dtype
+        if shape.heads:
             a = torch.randn(shape.heads, shape.m, shape.k, generator=g).to(device, kind)
             b = torch.randn(shape.heads, shape.k, shape.n, generator=g).to(device, kind)
             work += [(torch.matmul, a, [b], count)]
@@ -147,11 +134,7 @@ def roofline_pass(shapes: Counter, dtype: torch.dtype, device: str) -> Callable[
         a = torch.randn(shape.m, shape.k, generator=g).to(device, kind)
         copies = min(count, -(-CACHE_BYTES // (shape.n * shape.k * torch.finfo(kind).bits // 8)))
         weights = [torch.randn(shape.n, shape.k, generator=g).to(device, kind) for _ in range(copies)]
-        if mkl:
-            out = torch.empty(shape.m, shape.n)
-            work += [(lambda a, weight, out=out: mkl_bf16.mm(a, weight.t(), out), a, weights, count)]
-        else:
-            work += [(F.linear, a, weights, count)]
+        work += [(F.linear, a, weights, count)]
 
     def run() -> None:
         for function, a, operands, count in work:

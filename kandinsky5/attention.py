@@ -18,8 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .short_attention import short_attention
-
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -96,13 +94,7 @@ def check_backend(name: str, device: torch.device | str | None = None) -> None:
         )
 
 
-# Up to this many scores per sample and head, CPU attention runs as two matmuls (short_attention.py).
-CPU_SHORT_ATTENTION_SCORES = 256 * 256
-
-
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    if q.device.type == "cpu" and q.shape[1] * k.shape[1] <= CPU_SHORT_ATTENTION_SCORES:
-        return short_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask).transpose(1, 2)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)

@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 
 from modules.activation_offload import checkpoint_with_offload
 from modules.block_swap import BlockSwap, swap_plan
-from modules.wide_matmul import register_compile_operators, run_linear
 
 from .attention import AUTO, DEFAULT_BACKEND, attention, auto_backend, check_backend
 from .fp32_steps import gated_add, modulate, rms_norm_rotate
@@ -81,7 +80,7 @@ class TextEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        projected = run_linear(self.in_layer, text.to(self.in_layer.weight.dtype))
+        projected = self.in_layer(text.to(self.in_layer.weight.dtype))
         norm = self.norm
         weight, bias = norm.weight.float(), norm.bias.float()
         normed = F.layer_norm(projected.float(), norm.normalized_shape, weight, bias, eps=norm.eps)
@@ -101,7 +100,7 @@ class VisualEmbeddings(nn.Module):
         pt, ph, pw = self.patch_size
         patches = x.view(b, t // pt, pt, h // ph, ph, w // pw, pw, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
         patches = patches.reshape(b, t // pt, h // ph, w // pw, -1)
-        return run_linear(self.in_layer, patches.to(self.in_layer.weight.dtype))
+        return self.in_layer(patches.to(self.in_layer.weight.dtype))
 
 
 class Modulation(nn.Module):
@@ -133,8 +132,8 @@ class Attention(nn.Module):
             return qkv
         kv = packed_outputs((self.to_key, self.to_value), context)
         if kv is None:
-            kv = run_linear(self.to_key, context), run_linear(self.to_value, context)
-        return run_linear(self.to_query, x), *kv
+            kv = self.to_key(context), self.to_value(context)
+        return self.to_query(x), *kv
 
     def forward(
         self,
@@ -152,7 +151,7 @@ class Attention(nn.Module):
             out = nabla_attention(q, k, v, *sparse)
         else:
             out = attention(q, k, v, key_mask, backend)
-        return run_linear(self.out_layer, out.flatten(-2))
+        return self.out_layer(out.flatten(-2))
 
 
 class FeedForward(nn.Module):
@@ -162,7 +161,7 @@ class FeedForward(nn.Module):
         self.out_layer = nn.Linear(ff_dim, model_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_linear(self.out_layer, F.gelu(run_linear(self.in_layer, x)))
+        return self.out_layer(F.gelu(self.in_layer(x)))
 
 
 class TextBlock(nn.Module):
@@ -215,7 +214,7 @@ class OutLayer(nn.Module):
 
     def forward(self, visual: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(time_embed).chunk(2, dim=-1)
-        return run_linear(self.out_layer, modulate(visual, shift, scale, LAYER_NORM_EPS))
+        return self.out_layer(modulate(visual, shift, scale, LAYER_NORM_EPS))
 
 
 class DiffusionTransformer3D(nn.Module):
@@ -311,7 +310,6 @@ class DiffusionTransformer3D(nn.Module):
 
     def compile_blocks(self, **options) -> None:
         """torch.compile every transformer block (the first forward compiles; a new shape recompiles)."""
-        register_compile_operators()
         for block in [*self.text_transformer_blocks, *self.visual_transformer_blocks]:
             block.compile(**options)
 

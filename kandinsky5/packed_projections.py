@@ -14,9 +14,8 @@ the packed result that a later operation saves (attention saves v) would keep al
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from modules.wide_matmul import linear
 
 
 def allocate_packed(layers: tuple[nn.Module, ...], dtype: torch.dtype, device: torch.device | str) -> None:
@@ -47,7 +46,7 @@ def packed_outputs(layers: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torc
     bias = _side_by_side([layer.bias for layer in layers])
     if weight is None or bias is None:
         return None
-    outputs = linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+    outputs = F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
     if torch.is_grad_enabled():  # each its own tensor: one saved for a backward (attention keeps v)
         return tuple(output.contiguous() for output in outputs)  # must not keep the others alive
     return outputs

@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from modules.fp8 import quantize_linears
-from modules.wide_matmul import widen_linears
 
 from .clip_vocab import CLIP_MAX_LENGTH, packaged_clip_tokenizer
 from .prompt_templates import PromptTemplate, edit_prompt_text
@@ -120,7 +119,6 @@ class QwenEncoder:
         if fp8:  # the language model's Linear layers (nearly all of its weights), quantized before moving
             quantize_linears(self.model, lambda name: "language_model" in name and ".layers." in name)
         self.model.to(self.device).eval().requires_grad_(False)
-        widen_linears(self.model)  # bf16 on a CPU without bf16 kernels: fp32 matmuls (modules/wide_matmul.py)
         self.hidden_size = hidden
         self._processor = None
 

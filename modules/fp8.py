@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from .wide_matmul import linear
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -102,7 +101,7 @@ class FP8Linear(nn.Module):
         scratch = _cpu_scratch(self.weight.numel() * x.dtype.itemsize) if reuse else None
         weight = dequantize_weight(self.weight, self.scale_weight, x.dtype, scratch)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return linear(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         scale = "block" if self.scale_weight.ndim == 3 else "row"

@@ -25,7 +25,6 @@ from torch import nn
 
 from modules.atomic_save import save_safetensors_atomic
 from modules.fp8 import FP8Linear
-from modules.wide_matmul import linear_forward
 
 from .lora_files import LoRAFileError, read_lora
 
@@ -94,7 +93,7 @@ class LoRAModule(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha or rank)))
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
-        self.base_forward = linear_forward(base)  # on CPUs without bf16 kernels, the fp32 path
+        self.base_forward = base.forward  # the layer's own forward, kept before the LoRA replaces it
 
     @property
     def scale(self) -> float:

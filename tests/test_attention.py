@@ -13,7 +13,6 @@ from kandinsky5.attention import (
     per_sample_attention,
 )
 from kandinsky5.dit import DiffusionTransformer3D
-from kandinsky5.short_attention import short_attention
 from kandinsky5.tasks import get_task
 
 
@@ -74,31 +73,3 @@ def test_without_a_flag_the_model_takes_the_fastest_installed_backend_for_its_de
     model = DiffusionTransformer3D(**get_task("tiny-t2v").dit_params)
     model.attention_backend = "unset"
     assert model.set_attention_backend(AUTO) == "sdpa" and model.attention_backend == "sdpa"
-
-
-def test_short_cpu_attention_and_its_backward_match_sdpa_with_a_padding_mask():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
-    mask = torch.arange(7)[None] < torch.tensor([7, 3])[:, None]
-    assert torch.autograd.gradcheck(lambda q, k, v: short_attention(q, k, v, mask), (q, k, v))
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-    torch.testing.assert_close(short_attention(q, k, v, mask), expected)
-    # bf16 inputs: scores and softmax in fp32, within bf16 rounding of the fp64 result
-    low = [t.detach().bfloat16() for t in (q, k, v)]
-    torch.testing.assert_close(short_attention(*low, mask).double(), expected.detach(), rtol=0.02, atol=0.02)
-
-
-def test_short_cpu_attention_computes_only_the_gradients_asked_for():
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (6, 4, 4))
-    grad = torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64)
-    every = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    short_attention(*every).backward(grad)
-    query = q.clone().requires_grad_(True)  # cross-attention: the text's keys and values need no gradient
-    keys, values = k.clone(), v.clone()
-    short_attention(query, keys, values).backward(grad)
-    torch.testing.assert_close(query.grad, every[0].grad)
-    assert keys.grad is None and values.grad is None
-    value = v.clone().requires_grad_(True)
-    short_attention(q, k, value).backward(grad)
-    torch.testing.assert_close(value.grad, every[2].grad)

@@ -31,7 +31,7 @@ def test_matches_diffusers_with_the_same_weights(task, frames, height, width, te
 
 @pytest.mark.parametrize("task", ["tiny-t2v", "tiny-pro-t2v"])
 def test_gradients_match_diffusers_for_the_input_and_every_weight(task):
-    """The hand-written backwards (kandinsky5/fp32_steps.py, short_attention.py, wide_matmul.py) against
+    """The hand-written backwards (kandinsky5/fp32_steps.py) against
     autograd through diffusers' model, with every parameter trained (a full fine-tune). A few
     gradients are sums that nearly cancel (a key's bias moves every score of a query alike, which the
     softmax ignores), so each is held to the scale of the largest, and to 5% of its own."""
