@@ -12,7 +12,7 @@ without --fp8_base. The conversion streams one tensor at a time and writes atomi
 import argparse
 import sys
 
-from kandinsky5.fp8_checkpoint import convert_to_fp8
+from kandinsky5.model.fp8_checkpoint import convert_to_fp8
 from modules.fp8 import DEFAULT_BLOCK_SIZE
 
 

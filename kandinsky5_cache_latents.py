@@ -11,10 +11,10 @@ import os
 
 import torch
 
-from kandinsky5.cache_latents import cache_latents
+from kandinsky5.caching.cache_latents import cache_latents
 from kandinsky5.cli import add_task_argument, run_caching
-from kandinsky5.generate import DTYPES, default_paths
-from kandinsky5.option_types import NON_NEGATIVE_INT, POSITIVE_INT, annotate_ranges, integer
+from kandinsky5.inference.generate import DTYPES, default_paths
+from modules.option_types import NON_NEGATIVE_INT, POSITIVE_INT, annotate_ranges, integer
 
 
 def parser() -> argparse.ArgumentParser:

@@ -10,11 +10,11 @@ import argparse
 
 import torch
 
-from kandinsky5.cache_text import cache_text
+from kandinsky5.caching.cache_text import cache_text
 from kandinsky5.cli import add_task_argument, run_caching
-from kandinsky5.generate import default_paths
-from kandinsky5.option_types import POSITIVE_INT, annotate_ranges
-from kandinsky5.text_encoders import TEXT_ENCODER_DTYPES
+from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
+from kandinsky5.inference.generate import default_paths
+from modules.option_types import POSITIVE_INT, annotate_ranges
 
 
 def parser() -> argparse.ArgumentParser:

@@ -17,10 +17,10 @@ import sys
 import torch
 
 from kandinsky5.cli import add_attention_arguments, add_magcache_arguments, add_nabla_arguments, add_task_argument
-from kandinsky5.generate import DTYPES, default_paths, generate
-from kandinsky5.magcache import task_ratios
-from kandinsky5.option_types import FINITE, FRAMES, NON_NEGATIVE_INT, POSITIVE, SIDE, STEPS, annotate_ranges, number
-from kandinsky5.text_encoders import TEXT_ENCODER_DTYPES
+from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
+from kandinsky5.inference.generate import DTYPES, default_paths, generate
+from kandinsky5.inference.magcache import task_ratios
+from modules.option_types import FINITE, FRAMES, NON_NEGATIVE_INT, POSITIVE, SIDE, STEPS, annotate_ranges, number
 
 
 def parser() -> argparse.ArgumentParser:

@@ -20,8 +20,10 @@ from pathlib import Path
 import toml
 
 from kandinsky5.cli import add_attention_arguments, add_nabla_arguments, add_task_argument
-from kandinsky5.flow_matching import TIMESTEP_SAMPLING
-from kandinsky5.option_types import (
+from kandinsky5.training.flow_matching import TIMESTEP_SAMPLING
+from kandinsky5.training.train import TrainingInterrupted, train
+from modules.optimizers import SCHEDULERS
+from modules.option_types import (
     FINITE,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
@@ -31,8 +33,6 @@ from kandinsky5.option_types import (
     convert_config_value,
     number,
 )
-from kandinsky5.train import TrainingInterrupted, train
-from modules.optimizers import SCHEDULERS
 
 NETWORK_MODULE = "networks.lora_kandinsky"
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory import PeakSampler  # noqa: E402
 
-from kandinsky5.nabla import TILE, block_map, nabla_attention, sta_mask  # noqa: E402
-from kandinsky5.tasks import NablaParams  # noqa: E402
+from kandinsky5.model.nabla import TILE, block_map, nabla_attention, sta_mask  # noqa: E402
+from kandinsky5.model.tasks import NablaParams  # noqa: E402
 
 
 def measure(function, device: str, runs: int) -> tuple[float, float]:

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kandinsky5.dit import DiffusionTransformer3D, keeps_fp32  # noqa: E402
-from kandinsky5.tasks import get_task  # noqa: E402
+from kandinsky5.model.dit import DiffusionTransformer3D, keeps_fp32  # noqa: E402
+from kandinsky5.model.tasks import get_task  # noqa: E402
 from modules.memory import release_freed_memory  # noqa: E402
 
 

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_forward import build, child_command, child_result, rss_kib  # noqa: E402
 
-from kandinsky5.denoiser import Denoiser, TextCondition, t2v_channels  # noqa: E402
-from kandinsky5.sampling import flow_schedule, sample_euler  # noqa: E402
-from kandinsky5.tasks import get_task  # noqa: E402
+from kandinsky5.inference.denoiser import Denoiser, TextCondition, t2v_channels  # noqa: E402
+from kandinsky5.inference.sampling import flow_schedule, sample_euler  # noqa: E402
+from kandinsky5.model.tasks import get_task  # noqa: E402
 
 
 def condition(length: int, task_name: str, device: str, seed: int) -> TextCondition:

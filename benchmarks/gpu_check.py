@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kandinsky5.attention import BACKENDS, AttentionBackendError, check_backend  # noqa: E402
-from kandinsky5.dit import DiffusionTransformer3D  # noqa: E402
-from kandinsky5.nabla import TILE, block_map, gathered_block_attention, nabla_attention, sta_mask  # noqa: E402
-from kandinsky5.tasks import NablaParams, get_task  # noqa: E402
+from kandinsky5.model.attention import BACKENDS, AttentionBackendError, check_backend  # noqa: E402
+from kandinsky5.model.dit import DiffusionTransformer3D  # noqa: E402
+from kandinsky5.model.nabla import TILE, block_map, gathered_block_attention, nabla_attention, sta_mask  # noqa: E402
+from kandinsky5.model.tasks import NablaParams, get_task  # noqa: E402
 from modules.fp8 import dequantize_weight, quantize_linears  # noqa: E402
 from modules.prefetch import prefetch_to  # noqa: E402
 from networks.lora_kandinsky import create_network  # noqa: E402

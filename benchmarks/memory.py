@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_forward import child_result  # noqa: E402
 
-from kandinsky5.checkpoint import expected_shapes, load_dit  # noqa: E402
-from kandinsky5.tasks import get_task  # noqa: E402
+from kandinsky5.model.checkpoint import expected_shapes, load_dit  # noqa: E402
+from kandinsky5.model.tasks import get_task  # noqa: E402
 from modules.safetensors_stream import PlannedTensor, write_streaming  # noqa: E402
 
 TASK = "k5-lite-t2v-5s-sd"
@@ -83,7 +83,7 @@ def child(args: argparse.Namespace) -> None:
     sampler = PeakSampler()
     start_anon = sampler.reset()
     if args.child == "convert":
-        from kandinsky5.fp8_checkpoint import convert_to_fp8
+        from kandinsky5.model.fp8_checkpoint import convert_to_fp8
 
         convert_to_fp8(args.checkpoint, args.output)
         print(json.dumps({"peak": sampler.stop() - start_anon}))

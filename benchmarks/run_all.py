@@ -42,7 +42,7 @@ from memory import PeakSampler  # noqa: E402
 from roofline import backward_parts, backward_shapes, forward_parts, forward_shapes, total_flops  # noqa: E402
 from suite_cases import CASES, PROMPTS  # noqa: E402
 
-from kandinsky5.tasks import get_task  # noqa: E402
+from kandinsky5.model.tasks import get_task  # noqa: E402
 from modules.memory import release_freed_memory  # noqa: E402
 
 GIB = 2**30

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from dit_forward import build, inputs
 
-from kandinsky5.denoiser import Denoiser, TextCondition, t2v_channels
-from kandinsky5.tasks import get_task
+from kandinsky5.inference.denoiser import Denoiser, TextCondition, t2v_channels
+from kandinsky5.model.tasks import get_task
 from networks.lora_kandinsky import DEFAULT_INCLUDE
 
 LORA_RANK = 16
@@ -154,7 +154,7 @@ def vae_encode(side: str, a):
     pixels = torch.rand(1, 3, a.vae_frames, a.vae_side, a.vae_side, generator=torch.Generator().manual_seed(4))
     pixels = (pixels * 2 - 1).to(a.device, dtype)
     if side == "ours":
-        from kandinsky5.vae import load_vae
+        from kandinsky5.encoders.vae import load_vae
 
         vae = load_vae(a.vae_folder, "hunyuan", a.device, dtype)
 
@@ -193,8 +193,8 @@ def prompt_encoding(side: str, a):
     """Qwen2.5-VL encoding of a batch of prompts with the video template, the work of text-encoder
     caching: ours runs the language model without its vocabulary head and crops the template; the
     diffusers pipeline's encoder runs the whole model with all hidden states."""
-    from kandinsky5.prompt_templates import TEMPLATES
-    from kandinsky5.text_encoders import QwenEncoder
+    from kandinsky5.encoders.prompt_templates import TEMPLATES
+    from kandinsky5.encoders.text_encoders import QwenEncoder
 
     dtype = torch.bfloat16
     encoder = QwenEncoder(a.qwen_folder, a.device, dtype)

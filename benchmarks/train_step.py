@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_forward import build, child_command, child_result, rss_kib  # noqa: E402
 
-from kandinsky5.tasks import get_task  # noqa: E402
-from kandinsky5.train import training_loss  # noqa: E402
+from kandinsky5.model.tasks import get_task  # noqa: E402
+from kandinsky5.training.train import training_loss  # noqa: E402
 from networks.lora_kandinsky import create_network  # noqa: E402
 
 

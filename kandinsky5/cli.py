@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from .attention import AUTO, BACKENDS
-from .magcache import DEFAULT_MAX_SKIPS, DEFAULT_RETENTION, DEFAULT_THRESHOLD, MagCache, task_ratios
-from .option_types import NON_NEGATIVE, NON_NEGATIVE_INT, number
-from .tasks import TASKS, NablaParams, TaskPreset, UnknownTaskError, get_task
+from kandinsky5.inference.magcache import DEFAULT_MAX_SKIPS, DEFAULT_RETENTION, DEFAULT_THRESHOLD
+from kandinsky5.model.tasks import TASKS, TaskPreset, UnknownTaskError, get_task
+from modules.option_types import NON_NEGATIVE, NON_NEGATIVE_INT, number
 
 ATTENTION_FLAGS = {
     "sdpa": "PyTorch scaled_dot_product_attention (works on CPU and GPU, needs no extra package)",
@@ -18,7 +16,6 @@ ATTENTION_FLAGS = {
     "xformers": "xformers memory-efficient attention (pip install xformers; CUDA only)",
     "sage_attn": "SageAttention (pip install sageattention; CUDA only)",
 }
-_FLAG_TO_BACKEND = {"sage_attn": "sage"}
 
 
 def _task(name: str) -> TaskPreset:
@@ -59,15 +56,6 @@ def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def attention_backend(args: argparse.Namespace) -> str:
-    for flag in ATTENTION_FLAGS:
-        if getattr(args, flag, False):
-            backend = _FLAG_TO_BACKEND.get(flag, flag)
-            assert backend in BACKENDS
-            return backend
-    return AUTO
-
-
 def run_caching(cache, args: argparse.Namespace) -> None:
     """Run a caching job, print its summary and exit 1 if any item failed (input errors exit with a message)."""
     try:
@@ -106,18 +94,6 @@ def add_nabla_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def nabla_params(args: argparse.Namespace, task: TaskPreset) -> NablaParams | None:
-    """The task's NABLA parameters (or defaults with --force_nabla_attention) with the options applied."""
-    base = task.nabla or (NablaParams(P=0.9) if getattr(args, "force_nabla_attention", False) else None)
-    if base is None:
-        return None
-    changes = {field: getattr(args, f"nabla_{field}", None) for field in ("P", "wT", "wH", "wW", "method")}
-    changes = {k: v for k, v in changes.items() if v is not None}
-    if getattr(args, "no_nabla_add_sta", False):
-        changes["add_sta"] = False
-    return dataclasses.replace(base, **changes)
-
-
 def add_magcache_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "MagCache (skips the visual blocks on predictable steps; SFT and no-CFG tasks; see docs/inference.md)"
@@ -141,18 +117,4 @@ def add_magcache_arguments(parser: argparse.ArgumentParser) -> None:
         type=number(0, 1),
         default=DEFAULT_RETENTION,
         help=f"fraction of the steps at the start that always compute (default {DEFAULT_RETENTION})",
-    )
-
-
-def magcache_for(args: argparse.Namespace, task: TaskPreset, steps: int, num_blocks: int) -> MagCache | None:
-    """A fresh MagCache for one sampling run of ``steps`` steps, or None without --magcache."""
-    if not getattr(args, "magcache", False):
-        return None
-    return MagCache(
-        task_ratios(task.name),
-        steps,
-        num_blocks,
-        threshold=args.magcache_threshold,
-        max_skips=args.magcache_max_skips,
-        retention=args.magcache_retention,
     )

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
+from kandinsky5.model.checkpoint import checkpoint_files, read_layout
+from kandinsky5.model.fp8_checkpoint import rewrite_checkpoint
 from modules.atomic_save import save_safetensors_atomic
+from modules.option_types import FINITE
 from networks.lora_files import LoRAFile, read_lora
 from networks.lora_merge import merge_plan
-
-from .checkpoint import checkpoint_files, read_layout
-from .fp8_checkpoint import rewrite_checkpoint
-from .option_types import FINITE
 
 KOHYA_PREFIX = "lora_unet_"
 

@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from kandinsky5.encoders.prompt_templates import TEMPLATES
+from kandinsky5.model.checkpoint import save_dit
+from kandinsky5.model.dit import DiffusionTransformer3D
+from kandinsky5.model.tasks import TASKS, TINY_CLIP_DIM, TINY_TEXT_DIM
 from modules.atomic_save import save_safetensors_atomic
-
-from .checkpoint import save_dit
-from .dit import DiffusionTransformer3D
-from .prompt_templates import TEMPLATES
-from .tasks import TASKS, TINY_CLIP_DIM, TINY_TEXT_DIM
 
 QWEN_PRETOKENIZE = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -152,7 +151,7 @@ def write_qwen(folder: Path, seed: int, language: dict | None = None, dtype: tor
 def write_clip(file: Path, seed: int) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .clip_vocab import clip_vocab_and_merges
+    from kandinsky5.encoders.clip_vocab import clip_vocab_and_merges
 
     torch.manual_seed(seed)
     vocab, _ = clip_vocab_and_merges()

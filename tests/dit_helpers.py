@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import Kandinsky5Transformer3DModel
 
-from kandinsky5.dit import DiffusionTransformer3D
-from kandinsky5.tasks import get_task
+from kandinsky5.model.dit import DiffusionTransformer3D
+from kandinsky5.model.tasks import get_task
 
 
 def random_dit(task_name: str, seed: int = 0) -> DiffusionTransformer3D:

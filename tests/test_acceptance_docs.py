@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kandinsky5.checkpoint import load_dit
 from kandinsky5.lora_tools import main as lora_tools
-from kandinsky5.tasks import get_task
+from kandinsky5.model.checkpoint import load_dit
+from kandinsky5.model.tasks import get_task
 from networks.lora_kandinsky import create_network
 
 from .acceptance import ROOT, check, make_workspace, run, split_commands, tiny_command

@@ -3,7 +3,7 @@ import importlib.util
 import pytest
 import torch
 
-from kandinsky5.attention import (
+from kandinsky5.model.attention import (
     AUTO,
     AttentionBackendError,
     _sdpa,
@@ -12,8 +12,8 @@ from kandinsky5.attention import (
     check_backend,
     per_sample_attention,
 )
-from kandinsky5.dit import DiffusionTransformer3D
-from kandinsky5.tasks import get_task
+from kandinsky5.model.dit import DiffusionTransformer3D
+from kandinsky5.model.tasks import get_task
 
 
 def qkv(batch=3, q_len=10, k_len=7, heads=2, dim=8):

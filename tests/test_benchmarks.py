@@ -46,7 +46,7 @@ def test_the_counted_matmul_work_is_what_the_model_runs():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kandinsky5.tasks import get_task
+    from kandinsky5.model.tasks import get_task
 
     task, frames, side, text_tokens = "tiny-t2v", 2, 8, 5
     params, visual = get_task(task).dit_params, frames * (side // 2) ** 2
@@ -71,7 +71,7 @@ def test_the_interleaved_roofline_runs_each_blocks_share_after_that_block_once()
     from interleaved import Interleaved
     from roofline import backward_parts, forward_parts
 
-    from kandinsky5.tasks import get_task
+    from kandinsky5.model.tasks import get_task
 
     task, frames, side, text_tokens = "tiny-t2v", 1, 4, 3
     params, visual = get_task(task).dit_params, frames * (side // 2) ** 2

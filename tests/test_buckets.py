@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dataset.buckets import bucket_sizes, choose_bucket
-from kandinsky5.media import resize_and_crop
+from kandinsky5.inference.media import resize_and_crop
 
 resolutions = st.tuples(st.integers(128, 1280), st.integers(128, 1280))
 steps = st.sampled_from([16, 128])

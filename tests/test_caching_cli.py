@@ -9,7 +9,7 @@ from PIL import Image
 import kandinsky5_cache_latents
 import kandinsky5_cache_text_encoder_outputs
 from dataset.cache_files import read_cache
-from kandinsky5.media import load_image
+from kandinsky5.inference.media import load_image
 
 from .media_factory import (
     caption,

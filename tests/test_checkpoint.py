@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kandinsky5.checkpoint import (
+from kandinsky5.model.checkpoint import (
     CheckpointError,
     check_architecture,
     expected_shapes,
@@ -12,8 +12,8 @@ from kandinsky5.checkpoint import (
     matching_tasks,
     save_dit,
 )
-from kandinsky5.dit import keeps_fp32
-from kandinsky5.tasks import get_task
+from kandinsky5.model.dit import keeps_fp32
+from kandinsky5.model.tasks import get_task
 
 from .dit_helpers import diffusers_dit, random_dit, random_inputs, run_diffusers
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kandinsky5.dit import keeps_fp32
+from kandinsky5.model.dit import keeps_fp32
 
 from .dit_helpers import call_diffusers, diffusers_dit, random_dit, random_inputs, run_diffusers
 
@@ -31,7 +31,7 @@ def test_matches_diffusers_with_the_same_weights(task, frames, height, width, te
 
 @pytest.mark.parametrize("task", ["tiny-t2v", "tiny-pro-t2v"])
 def test_gradients_match_diffusers_for_the_input_and_every_weight(task):
-    """The hand-written backwards (kandinsky5/fp32_steps.py) against
+    """The hand-written backwards (kandinsky5/model/fp32_steps.py) against
     autograd through diffusers' model, with every parameter trained (a full fine-tune). A few
     gradients are sums that nearly cancel (a key's bias moves every score of a query alike, which the
     softmax ignores), so each is held to the scale of the largest, and to 5% of its own."""
@@ -163,8 +163,8 @@ def test_compiled_blocks_give_the_eager_output_and_gradients():
 
 
 def test_each_block_traces_as_one_graph_for_compile(tmp_path):
-    from kandinsky5.checkpoint import load_dit, save_dit
-    from kandinsky5.tasks import get_task
+    from kandinsky5.model.checkpoint import load_dit, save_dit
+    from kandinsky5.model.tasks import get_task
 
     save_dit(random_dit("tiny-t2v"), tmp_path / "dit.safetensors")
     model = load_dit(tmp_path / "dit.safetensors", get_task("tiny-t2v"), dtype=torch.float32)  # packed q/k/v

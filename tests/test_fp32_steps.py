@@ -1,11 +1,11 @@
-"""The fp32 steps of a block (kandinsky5/fp32_steps.py) against the same steps left to autograd."""
+"""The fp32 steps of a block (kandinsky5/model/fp32_steps.py) against the same steps left to autograd."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kandinsky5.fp32_steps import gated_add, modulate, rms_norm_rotate
-from kandinsky5.rope import rotation, visual_angles
+from kandinsky5.model.fp32_steps import gated_add, modulate, rms_norm_rotate
+from kandinsky5.model.rope import rotation, visual_angles
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # each step computes the same with accelerate's autocast around it (bf16 or fp16) as without

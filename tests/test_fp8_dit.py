@@ -3,8 +3,8 @@ import torch
 from safetensors.torch import load_file
 
 import _make_fp8_ckpt
-from kandinsky5.checkpoint import CheckpointError, expected_shapes, is_fp8_target, load_dit
-from kandinsky5.tasks import get_task
+from kandinsky5.model.checkpoint import CheckpointError, expected_shapes, is_fp8_target, load_dit
+from kandinsky5.model.tasks import get_task
 from modules.fp8 import FP8Linear, quantize_linears
 from networks.lora_files import read_lora
 from networks.lora_merge import merge_lora, merge_plan

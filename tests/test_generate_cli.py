@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kandinsky5.media import image_to_pixels, load_image, pixels_to_frames, read_metadata, resize_and_crop
-from kandinsky5.vae import load_vae
+from kandinsky5.encoders.vae import load_vae
+from kandinsky5.inference.media import image_to_pixels, load_image, pixels_to_frames, read_metadata, resize_and_crop
 
 from .generation_helpers import generate
 
@@ -305,10 +305,10 @@ def test_a_wrong_latent_path_is_named(tiny_tree, tmp_path, kind):
 
 def test_i2i_without_an_image_is_text_to_image_with_the_image_template(tiny_tree, tmp_path):
     """As the official I2I pipeline: no source image, the plain image template (no edit template)."""
-    from kandinsky5.generate import build_jobs, encode_texts
-    from kandinsky5.prompt_templates import TEMPLATES
-    from kandinsky5.tasks import get_task
-    from kandinsky5.text_encoders import load_prompt_encoder
+    from kandinsky5.encoders.prompt_templates import TEMPLATES
+    from kandinsky5.encoders.text_encoders import load_prompt_encoder
+    from kandinsky5.inference.generate import build_jobs, encode_texts
+    from kandinsky5.model.tasks import get_task
 
     from .generation_helpers import kandinsky5_generate_video
 
@@ -333,7 +333,7 @@ def test_i2i_without_an_image_is_text_to_image_with_the_image_template(tiny_tree
 def test_i2v_with_two_to_four_latent_frames_stays_finite(tiny_tree, tmp_path, frames):
     """The official first-frame normalisation takes its reference from latent frames 4-8, which
     such clips lack (a mean of nothing: NaN); ours leaves them as sampled."""
-    from kandinsky5.denoiser import normalize_first_frames
+    from kandinsky5.inference.denoiser import normalize_first_frames
 
     latents = torch.randn(1, (frames - 1) // 4 + 1, 4, 4, 16)
     assert torch.equal(normalize_first_frames(latents), latents)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import kandinsky5_generate_video
 import kandinsky5_train_network
-from kandinsky5 import training_state
+from kandinsky5.training import training_state
 from networks.lora_kandinsky import LoRANetwork
 
 from .generation_helpers import generate
@@ -162,8 +162,8 @@ def test_a_kill_while_a_state_is_replaced_leaves_one_to_resume_from(
 
 
 def _tiny_network(tiny_tree):
-    from kandinsky5.checkpoint import load_dit
-    from kandinsky5.tasks import get_task
+    from kandinsky5.model.checkpoint import load_dit
+    from kandinsky5.model.tasks import get_task
     from networks.lora_kandinsky import create_network
 
     dit = load_dit(tiny_tree / "model/tiny_t2v.safetensors", get_task("tiny-t2v"), dtype=torch.float32)
@@ -323,7 +323,7 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from kandinsky5.media import load_image
+    from kandinsky5.inference.media import load_image
 
     ramp = np.linspace(0, 1, 64 * 48).reshape(48, 64)
     Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
@@ -456,7 +456,7 @@ def test_disk_full_while_training_stops_clearly_with_the_saved_files_intact(tiny
 
 
 def test_a_qwen_folder_without_or_with_truncated_weights_is_named(tiny_tree, tmp_path):
-    from kandinsky5.text_encoders import QwenEncoder, TextEncoderError
+    from kandinsky5.encoders.text_encoders import QwenEncoder, TextEncoderError
 
     folder = tmp_path / "qwen"
     shutil.copytree(tiny_tree / "text_encoder", folder)
@@ -470,7 +470,7 @@ def test_a_qwen_folder_without_or_with_truncated_weights_is_named(tiny_tree, tmp
 
 
 def test_a_dit_given_as_the_vae_is_named(tiny_tree):
-    from kandinsky5.vae import VAEError, load_vae
+    from kandinsky5.encoders.vae import VAEError, load_vae
 
     dit = tiny_tree / "model" / "tiny_t2v.safetensors"
     with pytest.raises(VAEError, match=f"VAE {dit}: a Kandinsky 5 DiT checkpoint, not a VAE"):

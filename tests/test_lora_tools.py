@@ -6,8 +6,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kandinsky5 import lora_tools
-from kandinsky5.checkpoint import expected_shapes, load_dit
-from kandinsky5.tasks import get_task
+from kandinsky5.model.checkpoint import expected_shapes, load_dit
+from kandinsky5.model.tasks import get_task
 from networks.lora_files import read_lora
 from networks.lora_merge import merge_lora, merge_plan
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from kandinsky5.denoiser import Denoiser, t2v_channels
-from kandinsky5.magcache import MagCache, ratios_for_steps, task_ratios
-from kandinsky5.rope import frequencies
-from kandinsky5.sampling import flow_schedule, sample_euler
-from kandinsky5.tasks import OFFICIAL_TASKS
+from kandinsky5.inference.denoiser import Denoiser, t2v_channels
+from kandinsky5.inference.magcache import MagCache, ratios_for_steps, task_ratios
+from kandinsky5.inference.sampling import flow_schedule, sample_euler
+from kandinsky5.model.rope import frequencies
+from kandinsky5.model.tasks import OFFICIAL_TASKS
 
 from .dit_helpers import random_dit
 from .generation_helpers import generate

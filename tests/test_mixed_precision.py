@@ -13,10 +13,10 @@ from accelerate.state import AcceleratorState
 
 from dataset.config import load_dataset_config
 from dataset.training_data import find_samples, load_batch
-from kandinsky5.checkpoint import load_dit
-from kandinsky5.dit import Modulation, TimeEmbeddings
-from kandinsky5.tasks import get_task
-from kandinsky5.train import training_loss
+from kandinsky5.model.checkpoint import load_dit
+from kandinsky5.model.dit import Modulation, TimeEmbeddings
+from kandinsky5.model.tasks import get_task
+from kandinsky5.training.train import training_loss
 from networks.lora_kandinsky import create_network
 
 from .dit_helpers import random_dit, random_inputs

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from kandinsky5 import nabla
-from kandinsky5.nabla import (
+from kandinsky5.model import nabla
+from kandinsky5.model.nabla import (
     BLOCK,
     block_map,
     dense_masked_attention,
@@ -14,7 +14,7 @@ from kandinsky5.nabla import (
     raster_order,
     sta_mask,
 )
-from kandinsky5.tasks import NablaParams
+from kandinsky5.model.tasks import NablaParams
 
 from .dit_helpers import random_dit, random_inputs
 from .generation_helpers import sampled_latent

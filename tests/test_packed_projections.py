@@ -2,8 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from kandinsky5.checkpoint import load_dit, save_dit
-from kandinsky5.tasks import get_task
+from kandinsky5.model.checkpoint import load_dit, save_dit
+from kandinsky5.model.tasks import get_task
 from networks.lora_kandinsky import create_network
 
 from .dit_helpers import random_dit, random_inputs
@@ -80,7 +80,7 @@ def test_a_lora_or_a_moved_weight_runs_the_layers_one_by_one(tmp_path):
 
 def test_under_autograd_each_packed_output_is_a_tensor_of_its_own(tmp_path):
     # attention keeps v for its backward: as a view of the packed result it would keep q and k too
-    from kandinsky5.packed_projections import packed_outputs
+    from kandinsky5.model.packed_projections import packed_outputs
 
     _, loaded = saved_and_loaded(tmp_path)
     attention = loaded.visual_transformer_blocks[0].self_attention

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kandinsky5.denoiser import Denoiser, TextCondition, i2v_channels, t2v_channels
-from kandinsky5.sampling import flow_schedule, sample_euler
+from kandinsky5.inference.denoiser import Denoiser, TextCondition, i2v_channels, t2v_channels
+from kandinsky5.inference.sampling import flow_schedule, sample_euler
 
 from .dit_helpers import random_dit
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from diffusers import Kandinsky5Transformer3DModel
 
-from kandinsky5.dit import DiffusionTransformer3D
-from kandinsky5.tasks import OFFICIAL_TASKS, TASKS, UnknownTaskError, get_task
+from kandinsky5.model.dit import DiffusionTransformer3D
+from kandinsky5.model.tasks import OFFICIAL_TASKS, TASKS, UnknownTaskError, get_task
 
 SPEC_TASKS = """
 k5-lite-t2i-hd k5-lite-i2i-hd k5-lite-t2v-5s-sd k5-lite-t2v-10s-sd k5-lite-i2v-5s-sd k5-lite-t2v-5s-distil-sd

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kandinsky5.prompt_templates import TEMPLATES, template_for
-from kandinsky5.tasks import TINY_CLIP_DIM, TINY_TEXT_DIM
-from kandinsky5.text_encoders import ClipEncoder, PromptEncoder, QwenEncoder, TextEncoderError
+from kandinsky5.encoders.prompt_templates import TEMPLATES, template_for
+from kandinsky5.encoders.text_encoders import ClipEncoder, PromptEncoder, QwenEncoder, TextEncoderError
+from kandinsky5.model.tasks import TINY_CLIP_DIM, TINY_TEXT_DIM
 
 PROMPTS = ["A cat walks on the grass.", "Two people dance in a neon-lit street while rain falls, slow motion."]
 

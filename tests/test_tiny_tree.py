@@ -4,8 +4,8 @@ from pathlib import Path
 
 import torch
 
-from kandinsky5.checkpoint import load_dit
-from kandinsky5.tasks import TASKS
+from kandinsky5.model.checkpoint import load_dit
+from kandinsky5.model.tasks import TASKS
 from kandinsky5.tiny import build_tiny_tree
 
 EXPECTED = [

@@ -8,10 +8,10 @@ from safetensors.torch import load_file
 import kandinsky5_train_network
 from dataset.config import load_dataset_config
 from dataset.training_data import EpochBatches, find_samples, load_batch
-from kandinsky5.checkpoint import load_dit
-from kandinsky5.flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
-from kandinsky5.tasks import get_task
-from kandinsky5.train import training_loss
+from kandinsky5.model.checkpoint import load_dit
+from kandinsky5.model.tasks import get_task
+from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
+from kandinsky5.training.train import training_loss
 from networks.lora_files import read_lora
 from networks.lora_kandinsky import create_network
 from networks.lora_merge import merge_lora

@@ -5,7 +5,7 @@ import av
 import pytest
 
 import kandinsky5_train_network
-from kandinsky5.prompt_file import PromptFileError, parse_prompt_line, read_prompt_file
+from kandinsky5.inference.prompt_file import PromptFileError, parse_prompt_line, read_prompt_file
 
 from .training_helpers import ROOT, train_args
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLHunyuanVideo
 
-from kandinsky5.vae import VAEError, load_vae
+from kandinsky5.encoders.vae import VAEError, load_vae
 
 
 def pixels(batch, frames, height, width, seed=0):

@@ -156,3 +156,17 @@ class MagCache:
             f"MagCache skipped the visual blocks on {self.skipped_passes} of {self.passes} model passes "
             f"({blocks} of {self.passes * self.num_blocks} block passes)"
         )
+
+
+def magcache_for(options, task_name: str, steps: int, num_blocks: int) -> MagCache | None:
+    """A fresh MagCache for one sampling run of ``steps`` steps, or None without ``--magcache``."""
+    if not getattr(options, "magcache", False):
+        return None
+    return MagCache(
+        task_ratios(task_name),
+        steps,
+        num_blocks,
+        threshold=options.magcache_threshold,
+        max_skips=options.magcache_max_skips,
+        retention=options.magcache_retention,
+    )

@@ -15,13 +15,14 @@ that grow with the kept blocks too.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import cache
 
 import torch
 import torch.nn.functional as F
 
-from .tasks import NablaParams
+from kandinsky5.model.tasks import NablaParams, TaskPreset
 
 TILE = 8  # tokens per tile side
 BLOCK = TILE * TILE
@@ -146,3 +147,16 @@ def nabla_attention(q, k, v, grid: tuple[int, int, int], config: NablaParams) ->
     if q.device.type == "cuda":
         return flex_block_attention(q, k, v, blocks)
     return gathered_block_attention(q, k, v, blocks)
+
+
+def nabla_params(options, task: TaskPreset) -> NablaParams | None:
+    """The task's NABLA parameters (or defaults with --force_nabla_attention) with the scripts' options
+    (``nabla_P``, ``nabla_wT``, ...) applied; None for a dense task."""
+    base = task.nabla or (NablaParams(P=0.9) if getattr(options, "force_nabla_attention", False) else None)
+    if base is None:
+        return None
+    changes = {field: getattr(options, f"nabla_{field}", None) for field in ("P", "wT", "wH", "wW", "method")}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if getattr(options, "no_nabla_add_sta", False):
+        changes["add_sta"] = False
+    return dataclasses.replace(base, **changes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .tasks import TaskPreset
+from kandinsky5.model.tasks import TaskPreset
 
 # Sizes (height, width) the official pipelines allow, per resolution class.
 ALLOWED_SIZES = {

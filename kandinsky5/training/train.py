@@ -27,20 +27,19 @@ from tqdm import tqdm
 from dataset.cache_files import foreign_caches
 from dataset.config import load_dataset_config
 from dataset.training_data import EpochBatches, EpochOrder, find_samples, load_batch, samples_fingerprint
+from kandinsky5.inference.denoiser import i2v_channels, t2v_channels
+from kandinsky5.model.attention import attention_backend, check_backend
+from kandinsky5.model.checkpoint import load_dit
+from kandinsky5.model.nabla import nabla_params
+from kandinsky5.model.tasks import TaskPreset
+from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
+from kandinsky5.training.training_samples import TrainingSampler, check_sample_paths
+from kandinsky5.training.training_state import Position, load_state, remove_old, restore_rng, save_state
 from modules.atomic_save import remove_leftovers
 from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
+from modules.output_paths import check_writable_folder, plain_name
 from modules.prefetch import host_to_device, prefetch_to
 from networks.lora_kandinsky import LoRANetwork, create_network
-
-from .attention import check_backend
-from .checkpoint import load_dit
-from .cli import attention_backend, nabla_params
-from .denoiser import i2v_channels, t2v_channels
-from .flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
-from .output_paths import check_writable_folder, plain_name
-from .tasks import TaskPreset
-from .training_samples import TrainingSampler, check_sample_paths
-from .training_state import Position, load_state, remove_old, restore_rng, save_state
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

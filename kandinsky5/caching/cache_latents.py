@@ -25,11 +25,10 @@ from dataset.caching import CacheReport, prefetch, remove_stale
 from dataset.config import DatasetConfig, load_dataset_config
 from dataset.frames import clips, frames_needed, read_frames
 from dataset.sources import MediaItem, dataset_items
+from kandinsky5.encoders.vae import VAE, load_vae
+from kandinsky5.inference.media import load_image, resize_and_crop
+from kandinsky5.model.tasks import TaskPreset
 from modules.atomic_save import remove_leftovers
-
-from .media import load_image, resize_and_crop
-from .tasks import TaskPreset
-from .vae import VAE, load_vae
 
 
 @dataclass

@@ -15,9 +15,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .generate import build_jobs, default_paths, encode_images, encode_texts, job_metadata, sample_job, write_output
-from .tasks import TaskPreset
-from .vae import load_vae
+from kandinsky5.encoders.vae import load_vae
+from kandinsky5.inference.generate import (
+    build_jobs,
+    default_paths,
+    encode_images,
+    encode_texts,
+    job_metadata,
+    sample_job,
+    write_output,
+)
+from kandinsky5.model.tasks import TaskPreset
 
 SAMPLE_FRAMES, SAMPLE_STEPS = 17, 20
 

@@ -11,11 +11,10 @@ from dataset.cache_files import TEXT_SUFFIX, caption_hash, file_identity, is_cur
 from dataset.caching import CacheReport, remove_stale
 from dataset.config import DatasetConfig, load_dataset_config
 from dataset.sources import MediaItem, dataset_items
+from kandinsky5.encoders.prompt_templates import TEMPLATES
+from kandinsky5.encoders.text_encoders import PromptEncoder, load_prompt_encoder
+from kandinsky5.model.tasks import TaskPreset
 from modules.atomic_save import remove_leftovers
-
-from .prompt_templates import TEMPLATES
-from .tasks import TaskPreset
-from .text_encoders import PromptEncoder, load_prompt_encoder
 
 
 def template_name(dataset: DatasetConfig) -> str:

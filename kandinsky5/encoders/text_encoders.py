@@ -19,10 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from kandinsky5.encoders.clip_vocab import CLIP_MAX_LENGTH, packaged_clip_tokenizer
+from kandinsky5.encoders.prompt_templates import PromptTemplate, edit_prompt_text
 from modules.fp8 import quantize_linears
-
-from .clip_vocab import CLIP_MAX_LENGTH, packaged_clip_tokenizer
-from .prompt_templates import PromptTemplate, edit_prompt_text
 
 IMAGE_PAD = "<|image_pad|>"
 

@@ -85,7 +85,7 @@ def rms_norm_rotate(
     norm: torch.nn.RMSNorm, x: torch.Tensor, rope: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """``norm`` (RMSNorm over the last dimension) of ``x`` in fp32, then, if ``rope`` is given, the
-    rotation of its channel pairs (2j, 2j+1) by ``rope``'s complex factors (kandinsky5/rope.py),
+    rotation of its channel pairs (2j, 2j+1) by ``rope``'s complex factors (kandinsky5/model/rope.py),
     rounded to ``dtype``."""
     eps = torch.finfo(torch.float32).eps if norm.eps is None else norm.eps
     weight = None if norm.weight is None else norm.weight.float()

@@ -22,12 +22,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from kandinsky5.model.dit import DiffusionTransformer3D, keeps_fp32
+from kandinsky5.model.tasks import TASKS, TaskPreset
 from modules.atomic_save import save_safetensors_atomic
 from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8Linear, dequantize_weight, quantize_weight
 from modules.memory import LOADING_MMAP_THRESHOLD, RUNNING_MMAP_THRESHOLD, release_freed_memory, set_mmap_threshold
-
-from .dit import DiffusionTransformer3D, keeps_fp32
-from .tasks import TASKS, TaskPreset
 
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "module.")
 FP8_SCALE_SUFFIX = ".scale_weight"
@@ -224,6 +223,6 @@ def save_dit(model: DiffusionTransformer3D, path: str | Path, metadata: dict[str
     """Write the DiT's state dict as one safetensors file with the official key names."""
     meta = {"dit_params": json.dumps(model.config)}
     meta.update(metadata or {})
-    # packed projections share one buffer (kandinsky5/packed_projections.py); safetensors wants each alone
+    # packed projections share one buffer (kandinsky5/model/packed_projections.py); safetensors wants each alone
     state = {k: t if t.untyped_storage().nbytes() == t.nbytes else t.clone() for k, t in model.state_dict().items()}
     save_safetensors_atomic(state, path, metadata=meta)

@@ -28,15 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kandinsky5.model.attention import AUTO, DEFAULT_BACKEND, attention, auto_backend, check_backend
+from kandinsky5.model.fp32_steps import gated_add, modulate, rms_norm_rotate
+from kandinsky5.model.nabla import check_grid, fractal_order, nabla_attention, raster_order
+from kandinsky5.model.packed_projections import allocate_packed, packed_outputs
+from kandinsky5.model.rope import RopeCache, frequencies, text_angles, visual_angles
+from kandinsky5.model.tasks import NablaParams
 from modules.activation_offload import checkpoint_with_offload
 from modules.block_swap import BlockSwap, swap_plan
-
-from .attention import AUTO, DEFAULT_BACKEND, attention, auto_backend, check_backend
-from .fp32_steps import gated_add, modulate, rms_norm_rotate
-from .nabla import check_grid, fractal_order, nabla_attention, raster_order
-from .packed_projections import allocate_packed, packed_outputs
-from .rope import RopeCache, frequencies, text_angles, visual_angles
-from .tasks import NablaParams
 
 # Parameters whose names contain one of these stay fp32 whatever the compute dtype.
 FP32_PARAMETER_PATTERNS = ("time_embeddings", "modulation", "norm")
@@ -295,7 +294,7 @@ class DiffusionTransformer3D(nn.Module):
     def allocate_packed_projections(self, dtype: torch.dtype, device: torch.device | str) -> None:
         """Give every attention's q, k, v uninitialized parameters lying side by side, to be filled in
         place by a loader: from then on one matmul computes all three (see
-        kandinsky5/packed_projections.py). Names and shapes stay those of the checkpoints."""
+        kandinsky5/model/packed_projections.py). Names and shapes stay those of the checkpoints."""
         for module in self.modules():
             if isinstance(module, Attention):
                 allocate_packed((module.to_query, module.to_key, module.to_value), dtype, device)
@@ -363,7 +362,7 @@ class DiffusionTransformer3D(nn.Module):
         visual_blocks_hook: Callable[[torch.Tensor, Callable[[slice], torch.Tensor]], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the velocity for latents ``x`` at times ``time`` (sigma * 1000) given the text;
-        ``nabla`` makes the visual self-attention block-sparse (see kandinsky5/nabla.py).
+        ``nabla`` makes the visual self-attention block-sparse (see kandinsky5/model/nabla.py).
         ``visual_blocks_hook(visual, run_blocks)`` replaces the pass through the visual blocks:
         ``run_blocks(rows)`` runs them on a slice of the batch (MagCache uses it to skip them)."""
         self._check_input(x, text, pooled_text)

@@ -10,10 +10,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from kandinsky5.model.checkpoint import FP8_SCALE_SUFFIX, CheckpointError, checkpoint_files, is_fp8_target, read_layout
 from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8_DTYPE, quantize_weight
 from modules.safetensors_stream import PlannedTensor, write_streaming
-
-from .checkpoint import FP8_SCALE_SUFFIX, CheckpointError, checkpoint_files, is_fp8_target, read_layout
 
 FORMAT_NOTE = "block-scaled float8_e4m3fn (kandinsky5 toolkit)"
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .dit import DiffusionTransformer3D
-from .magcache import MagCache
+from kandinsky5.inference.magcache import MagCache
+from kandinsky5.model.dit import DiffusionTransformer3D
 
 CFG_EPSILON = 1e-6  # guidance within this of 1 means no unconditional pass, as the official code
 

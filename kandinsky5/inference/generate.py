@@ -21,15 +21,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from modules.atomic_save import save_safetensors_atomic
-from networks.lora_files import read_lora
-from networks.lora_merge import merge_plan
-
-from .attention import check_backend
-from .checkpoint import check_architecture, checkpoint_files, expected_shapes, load_dit, read_layout
-from .cli import attention_backend, magcache_for, nabla_params
-from .denoiser import Denoiser, TextCondition, i2i_channels, i2v_channels, t2v_channels
-from .media import (
+from kandinsky5.encoders.prompt_templates import template_for
+from kandinsky5.encoders.text_encoders import load_prompt_encoder
+from kandinsky5.encoders.vae import load_vae
+from kandinsky5.inference.denoiser import Denoiser, TextCondition, i2i_channels, i2v_channels, t2v_channels
+from kandinsky5.inference.magcache import magcache_for
+from kandinsky5.inference.media import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     image_to_pixels,
@@ -39,14 +36,17 @@ from .media import (
     write_image,
     write_video,
 )
-from .output_paths import check_output_file
-from .prompt_file import PromptLine, parse_prompt_line, read_prompt_file
-from .prompt_templates import template_for
-from .sampling import flow_schedule, sample_euler
-from .sizes import check_frames, check_size, i2v_size, nearest_allowed_size
-from .tasks import TASKS, TaskPreset
-from .text_encoders import load_prompt_encoder
-from .vae import load_vae
+from kandinsky5.inference.prompt_file import PromptLine, parse_prompt_line, read_prompt_file
+from kandinsky5.inference.sampling import flow_schedule, sample_euler
+from kandinsky5.inference.sizes import check_frames, check_size, i2v_size, nearest_allowed_size
+from kandinsky5.model.attention import attention_backend, check_backend
+from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, expected_shapes, load_dit, read_layout
+from kandinsky5.model.nabla import nabla_params
+from kandinsky5.model.tasks import TASKS, TaskPreset
+from modules.atomic_save import save_safetensors_atomic
+from modules.output_paths import check_output_file
+from networks.lora_files import read_lora
+from networks.lora_merge import merge_plan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LATENT_SUFFIX = ".latent.safetensors"
@@ -246,7 +246,7 @@ def sample_job(dit, task: TaskPreset, job: Job, texts, image_latent, args, devic
         first_frame,
         batched_cfg=not args.separate_cfg_passes,
         nabla=nabla_params(args, task),
-        magcache=magcache_for(args, task, job.steps, len(dit.visual_transformer_blocks)),
+        magcache=magcache_for(args, task.name, job.steps, len(dit.visual_transformer_blocks)),
     )
     sigmas = flow_schedule(job.steps, first_given(args.scheduler_scale, task.scheduler_scale), device)
     with tqdm(total=job.steps, desc=f"sampling {job.index + 1}", unit="step") as bar, torch.no_grad():

@@ -51,6 +51,15 @@ class AttentionBackendError(ValueError):
     """An attention backend that cannot run here: the scripts print it as one line, before loading."""
 
 
+# The command-line flag of each backend where it differs from the backend's name.
+FLAG_OF = {"sage": "sage_attn"}
+
+
+def attention_backend(options) -> str:
+    """The backend the scripts' options ask for (``--sdpa``, ``--flash_attn``, ...), else ``auto``."""
+    return next((name for name in BACKENDS if getattr(options, FLAG_OF.get(name, name), False)), AUTO)
+
+
 def _import_backend(backend: Backend):
     try:
         return importlib.import_module(backend.module)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .option_types import FINITE, FRAMES, NON_NEGATIVE_INT, SIDE, STEPS
+from modules.option_types import FINITE, FRAMES, NON_NEGATIVE_INT, SIDE, STEPS
 
 
 class PromptFileError(ValueError):
