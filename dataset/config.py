@@ -4,12 +4,13 @@ Keys and meanings follow musubi-tuner's dataset config, so an existing file load
 
     [general]            resolution, caption_extension, batch_size, num_repeats, enable_bucket, bucket_no_upscale
     [[datasets]]         the general keys, plus
-      images:            image_directory | image_jsonl_file, cache_directory
+      images:            image_directory | image_jsonl_file, cache_directory, control_directory
       videos:            video_directory | video_jsonl_file, cache_directory, target_frames, frame_extraction,
                          frame_stride, frame_sample, max_frames, source_fps
 
-A dataset value overrides the general one. Keys of other architectures (control images, FramePack)
-are accepted with a warning that they do nothing here. Every error names the file, the dataset and
+A dataset value overrides the general one. ``control_directory`` (image datasets) holds the source
+images of image-editing pairs, named as their targets. Keys of other architectures (FramePack,
+control options) are accepted with a warning that they do nothing here. Every error names the file, the dataset and
 the key, and says what was expected.
 """
 
@@ -152,6 +153,7 @@ class DatasetConfig:
     frame_sample: int = 1
     max_frames: int = 129
     source_fps: float | None = None
+    control_directory: Path | None = None  # image editing: the source image of each target, by name
 
     @property
     def source(self) -> Path:
@@ -227,13 +229,14 @@ def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
     datasets: list[DatasetConfig] = []
     for i, entry in enumerate(raw.get("datasets", [])):
         values = {**general, **entry}
+        kind = "video" if "video_directory" in values or "video_jsonl_file" in values else "image"
+        control = values.pop("control_directory", None) if kind == "image" else None  # image editing pairs
         for key in IGNORED_KEYS:
             if key in values:
                 warnings.warn(
                     f"{path}: [[datasets]] number {i + 1}: {key!r} has no effect for Kandinsky 5", stacklevel=2
                 )
                 values.pop(key)
-        kind = "video" if "video_directory" in values or "video_jsonl_file" in values else "image"
         directory, jsonl = values.pop(f"{kind}_directory", None), values.pop(f"{kind}_jsonl_file", None)
         where = f"{path}: [[datasets]] number {i + 1}"
         if "target_frames" in values:
@@ -255,6 +258,8 @@ def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
             raise DatasetConfigError(f"{where}: a JSONL dataset needs a cache_directory")
         if Path(cache).exists() and not Path(cache).is_dir():
             raise DatasetConfigError(f"{where}: cache_directory {cache!r} is a file, not a folder")
+        if control is not None and not Path(control).is_dir():
+            raise DatasetConfigError(f"{where}: control_directory {str(control)!r} is not a folder")
         if not values.get("enable_bucket", False):
             values["bucket_no_upscale"] = False
         dataset = DatasetConfig(
@@ -263,6 +268,7 @@ def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
             directory=Path(directory) if directory else None,
             jsonl_file=Path(jsonl) if jsonl else None,
             cache_directory=Path(cache),
+            control_directory=Path(control) if control is not None else None,
             **values,
         )
         if dataset.frame_extraction == "uniform" and dataset.frame_sample == 1:

@@ -22,6 +22,7 @@ class MediaItem:
     path: Path  # a file, or a folder of frames for a video
     caption: str | None
     error: str | None = None
+    control: Path | None = None  # image editing: the source image this target was made from
 
     @property
     def key(self) -> str:
@@ -59,8 +60,16 @@ def _from_directory(dataset: DatasetConfig) -> list[MediaItem]:
     items = []
     for path in sorted(paths):
         caption, error = _caption(path, dataset.caption_extension)
-        items.append(MediaItem(path, caption, error))
+        items.append(MediaItem(path, caption, error, _control(path, dataset.control_directory)))
     return items
+
+
+def _control(target: Path, folder: Path | None) -> Path | None:
+    """The source image of ``target`` in ``folder``: the same base name, any image extension."""
+    if folder is None:
+        return None
+    found = [p for p in sorted(folder.glob(f"{target.stem}.*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return found[0] if found else None
 
 
 def _from_jsonl(dataset: DatasetConfig) -> list[MediaItem]:
@@ -92,7 +101,14 @@ def _from_jsonl(dataset: DatasetConfig) -> list[MediaItem]:
             path = dataset.jsonl_file.parent / path  # relative to the JSONL file
         caption = entry.get("caption")
         error = None if isinstance(caption, str) else f"line {number} has no 'caption' text"
-        items.append(MediaItem(path, caption.strip() if isinstance(caption, str) else None, error))
+        control = entry.get("control_path")
+        if control is not None and not (isinstance(control, str) and control):
+            error = f"line {number}: 'control_path' must be a path (text), got {control!r}"
+        elif control is not None:
+            control = Path(control)
+            if not control.is_absolute() and not control.exists():
+                control = dataset.jsonl_file.parent / control
+        items.append(MediaItem(path, caption.strip() if isinstance(caption, str) else None, error, control or None))
     return items
 
 

@@ -67,15 +67,18 @@ def epoch_batches(datasets: list[DatasetSamples], epoch: int, seed: int) -> list
 
 
 def load_batch(samples: list[TrainingSample]) -> dict:
-    """latents (B, T, h, w, 16), first_frame (B, 1, h, w, 16) when cached, text (B, L, D) padded,
+    """latents (B, T, h, w, 16), first_frame (B, 1, h, w, 16) and control (B, 1, h, w, 16: an edit's
+    source) when cached, text (B, L, D) padded,
     text_mask (B, L), pooled (B, D2), text_padded: whether any text is padded (known on the host,
     so that the training step need not ask the device), and files: the latent cache files' paths."""
-    latents, firsts, texts, pooled = [], [], [], []
+    latents, firsts, controls, texts, pooled = [], [], [], [], []
     for sample in samples:
         with safe_open(str(sample.latent_file), framework="pt") as f:
             latents.append(f.get_tensor("latent"))
             if "first_frame" in f.keys():
                 firsts.append(f.get_tensor("first_frame"))
+            if "control" in f.keys():
+                controls.append(f.get_tensor("control"))
         with safe_open(str(sample.text_file), framework="pt") as f:
             texts.append(f.get_tensor("text"))
             pooled.append(f.get_tensor("pooled"))
@@ -89,6 +92,8 @@ def load_batch(samples: list[TrainingSample]) -> dict:
     batch["files"] = [str(sample.latent_file) for sample in samples]  # named when the loss goes bad
     if len(firsts) == len(samples):
         batch["first_frame"] = torch.stack(firsts)
+    if len(controls) == len(samples):
+        batch["control"] = torch.stack(controls)
     return batch
 
 

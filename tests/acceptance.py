@@ -178,7 +178,7 @@ def check(result: subprocess.CompletedProcess, text: str) -> None:
 
 def make_workspace(tiny_tree: Path, folder: Path) -> Path:
     """A folder laid out as the docs assume: ``weights/`` (the tiny tree), ``data/`` with clips,
-    photos and captions, a first frame, a photo to edit and a prompt file."""
+    photos, editing pairs and captions, a first frame, a photo to edit and a prompt file."""
     shutil.copytree(tiny_tree, folder / "weights")
     for name, (kind, count) in {"clips": ("video", 2), "photos": ("image", 2), "videos": ("video", 1)}.items():
         directory = folder / "data" / name
@@ -190,6 +190,12 @@ def make_workspace(tiny_tree: Path, folder: Path) -> Path:
                 media = write_image(directory / f"photo_{i + 1:03d}.png", 64, 48, seed=i)
             caption(media, f"A man in a red coat walks along a pier, take {i + 1}")
     (folder / "data" / "images").symlink_to(folder / "data" / "photos")
+    for name in ("targets", "sources"):  # image-editing pairs: a source and its edited target, by name
+        (folder / "data" / "edits" / name).mkdir(parents=True)
+    for i in range(2):
+        write_image(folder / "data" / "edits" / "sources" / f"cat_{i + 1:03d}.jpg", 64, 48, seed=10 + i)
+        target = write_image(folder / "data" / "edits" / "targets" / f"cat_{i + 1:03d}.png", 64, 48, seed=20 + i)
+        caption(target, "Make it winter")
     write_image(folder / "first.png", 64, 48, seed=7)
     write_image(folder / "photo.jpg", 64, 48, seed=8)
     (folder / "prompts.txt").write_text("a red fox in the snow --f 9 --s 2 --w 64 --h 64\na boat at sea --s 2\n")

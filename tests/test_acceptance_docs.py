@@ -41,7 +41,7 @@ NOT_RUN = {
     "... --sample_prompts": "options to add to a training command ('...')",
 }
 # TOML examples and the file the text puts them in.
-TOML_FILES = {"dataset_config.md": "data.toml", "training.md": "data/clips.toml"}
+TOML_FILES = {"dataset_config.md": ["data.toml"], "training.md": ["data/clips.toml", "data/edits.toml"]}
 
 
 def fenced(path: Path, languages: tuple[str, ...]) -> list[str]:
@@ -77,9 +77,9 @@ def docs_workspace(tiny_tree, tmp_path_factory):
     folder = make_workspace(tiny_tree, tmp_path_factory.mktemp("docs"))
     write_lora(folder / "weights", "tiny-t2v", "tiny_t2v", folder / "my_lora.safetensors")
     lora_tools(["to-diffusers", str(folder / "my_lora.safetensors"), str(folder / "some_peft_lora.safetensors")])
-    for name, target in TOML_FILES.items():
-        (toml,) = fenced(ROOT / "docs" / name, ("toml",))
-        (folder / target).write_text(small_toml(toml))
+    for name, targets in TOML_FILES.items():
+        for toml, target in zip(fenced(ROOT / "docs" / name, ("toml",)), targets, strict=True):
+            (folder / target).write_text(small_toml(toml))
     return folder
 
 
@@ -111,6 +111,8 @@ def test_the_examples_wrote_what_the_docs_say(docs_workspace):
         "my_lora_official",
         "as_kohya.safetensors",
         "lite_with_my_lora.safetensors",
+        "output/winter_edit.safetensors",
+        "winter_edit.png",
     ]
     missing = [name for name in expected if not (docs_workspace / name).exists()]
     assert not missing, missing

@@ -122,9 +122,24 @@ def test_missing_file_and_wrong_extension(tmp_path):
 
 
 def test_keys_of_other_architectures_are_accepted_with_a_warning(tmp_path):
-    config = write(tmp_path, '[[datasets]]\nimage_directory = "ROOT/images"\ncontrol_directory = "x"')
-    with pytest.warns(UserWarning, match="'control_directory' has no effect for Kandinsky 5"):
+    config = write(tmp_path, '[[datasets]]\nimage_directory = "ROOT/images"\ncontrol_resolution = [512, 512]')
+    with pytest.warns(UserWarning, match="'control_resolution' has no effect for Kandinsky 5"):
         load_dataset_config(config)
+    config = write(tmp_path, '[[datasets]]\nvideo_directory = "ROOT/videos"\ncontrol_directory = "x"')
+    with pytest.warns(UserWarning, match="'control_directory' has no effect for Kandinsky 5"):
+        load_dataset_config(config)  # a video dataset has no editing pairs
+
+
+def test_an_image_dataset_takes_a_control_directory_of_sources(tmp_path):
+    (tmp_path / "sources").mkdir()
+    (image,) = load_dataset_config(
+        write(tmp_path, '[[datasets]]\nimage_directory = "ROOT/images"\ncontrol_directory = "ROOT/sources"')
+    )
+    assert image.control_directory == tmp_path / "sources"
+    with pytest.raises(DatasetConfigError, match="number 1: control_directory '.*nowhere' is not a folder"):
+        load_dataset_config(
+            write(tmp_path, '[[datasets]]\nimage_directory = "ROOT/images"\ncontrol_directory = "ROOT/nowhere"')
+        )
 
 
 def test_target_frames_not_4k_plus_1_are_rounded_down_with_a_warning_as_musubi_does(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from dataset.buckets import choose_bucket
@@ -26,7 +27,7 @@ from dataset.config import DatasetConfig, load_dataset_config
 from dataset.frames import clips, frames_needed, read_frames
 from dataset.sources import MediaItem, dataset_items
 from kandinsky5.encoders.vae import VAE, load_vae
-from kandinsky5.inference.media import load_image, resize_and_crop
+from kandinsky5.inference.media import MediaError, load_image, resize_and_crop
 from kandinsky5.model.tasks import TaskPreset
 from modules.atomic_save import remove_leftovers
 
@@ -40,6 +41,7 @@ class Unit:
     frames: np.ndarray  # (F, H, W, 3) uint8, F = the clip's frames
     is_clip: bool
     source: Path  # the image or video it comes from
+    control: np.ndarray | None = None  # image editing: the source image, (1, H, W, 3) uint8
 
 
 def _pixels(frames: np.ndarray) -> torch.Tensor:
@@ -68,6 +70,10 @@ def load_units(item: MediaItem, dataset: DatasetConfig, task: TaskPreset, base: 
     )
     frames = np.stack([np.asarray(resize_and_crop(image, *size), dtype=np.uint8) for image in images])
     source = source_fingerprint(item.path)
+    control = None
+    if task.kind == "i2i":
+        control = edit_source(item, images[0], size, dataset.control_directory)
+        source["control"] = source_fingerprint(item.control)
     units = []
     for clip in clip_list:
         fingerprint = {
@@ -79,8 +85,27 @@ def load_units(item: MediaItem, dataset: DatasetConfig, task: TaskPreset, base: 
         }
         path = dataset.cache_directory / latent_cache_name(item.key, size, clip)
         chosen = frames if clip is None else frames[clip[0] : clip[0] + clip[1]]
-        units.append(Unit(path, fingerprint, chosen, clip is not None, item.path))
+        units.append(Unit(path, fingerprint, chosen, clip is not None, item.path, control))
     return units
+
+
+def edit_source(item: MediaItem, target: Image.Image, size: tuple[int, int], folder: Path | None) -> np.ndarray:
+    """The source image of an editing pair, resized and cropped to the target's bucket as generation
+    prepares --image: (1, H, W, 3) uint8. A missing, unreadable or differently sized source is an
+    error of this item naming both files."""
+    if item.control is None:
+        where = f"no {item.path.stem}.<image extension> in {folder}" if folder else "no control_path on its line"
+        raise ValueError(f"image editing needs the source image of this target: {where}")
+    try:
+        source = load_image(item.control)
+    except MediaError as error:
+        raise ValueError(f"its source {item.control}: {error}") from None
+    if source.size != target.size:
+        raise ValueError(
+            f"its source {item.control} is {source.width}x{source.height}, the target {target.width}x"
+            f"{target.height}: the two images of a pair must have one size"
+        )
+    return np.asarray(resize_and_crop(source, *size), dtype=np.uint8)[None]
 
 
 def encode_units(vae: VAE, units: list[Unit], seed: int) -> list[tuple[Unit, str]]:
@@ -89,14 +114,20 @@ def encode_units(vae: VAE, units: list[Unit], seed: int) -> list[tuple[Unit, str
     written."""
     generator = torch.Generator().manual_seed(seed + zlib.crc32(units[0].path.name.encode()))
     latents = vae.encode(torch.stack([_pixels(u.frames) for u in units]), generator=generator).cpu()
-    first = None
+    first = control = None
     if units[0].is_clip:  # the first frame alone, as I2V generation encodes its image
         first = vae.encode(torch.stack([_pixels(u.frames[:1]) for u in units]), generator=generator).cpu()
+    if units[0].control is not None:  # an edit's source, encoded as I2I generation encodes --image (seeded alone)
+        control = torch.cat(
+            [vae.encode(_pixels(u.control)[None], generator=torch.Generator().manual_seed(seed)).cpu() for u in units]
+        )
     failures = []
     for i, unit in enumerate(units):
         tensors = {"latent": latents[i]}
         if first is not None:
             tensors["first_frame"] = first[i]
+        if control is not None:
+            tensors["control"] = control[i]
         if not all(torch.isfinite(t).all() for t in tensors.values()):
             failures.append((unit, "the VAE gave NaN or infinite latents (not written)"))
             continue

@@ -5,21 +5,47 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
-from dataset.cache_files import TEXT_SUFFIX, caption_hash, file_identity, is_current, text_cache_name, write_cache
+from dataset.buckets import choose_bucket
+from dataset.cache_files import (
+    TEXT_SUFFIX,
+    caption_hash,
+    file_identity,
+    is_current,
+    source_fingerprint,
+    text_cache_name,
+    write_cache,
+)
 from dataset.caching import CacheReport, remove_stale
 from dataset.config import DatasetConfig, load_dataset_config
 from dataset.sources import MediaItem, dataset_items
+from kandinsky5.caching.cache_latents import edit_source
 from kandinsky5.encoders.prompt_templates import TEMPLATES
 from kandinsky5.encoders.text_encoders import PromptEncoder, load_prompt_encoder
+from kandinsky5.inference.media import MediaError, load_image, resize_and_crop
 from kandinsky5.model.tasks import TaskPreset
 from modules.atomic_save import remove_leftovers
 
 
-def template_name(dataset: DatasetConfig) -> str:
-    """Videos are encoded as generation encodes video prompts, images as it encodes 1-frame prompts."""
+def template_name(dataset: DatasetConfig, task: TaskPreset) -> str:
+    """Videos are encoded as generation encodes video prompts, images as it encodes 1-frame prompts,
+    and the captions of editing pairs as it encodes an edit: with the source image."""
+    if task.kind == "i2i":
+        return "image_edit"
     return "video" if dataset.kind == "video" else "image"
+
+
+def edit_prompt_image(item: MediaItem, dataset: DatasetConfig, task: TaskPreset) -> tuple[Image.Image, list[int]]:
+    """The source image Qwen sees with an edit's caption, as I2I generation shows it --image: at half
+    the target's bucket size; and that bucket. The pair is checked as latent caching checks it."""
+    target = load_image(item.path)
+    size = choose_bucket(
+        *target.size, dataset.resolution, dataset.enable_bucket, dataset.bucket_no_upscale, task.size_multiple
+    )
+    edit_source(item, target, size, dataset.control_directory)
+    return resize_and_crop(load_image(item.control), size[0] // 2, size[1] // 2), list(size)
 
 
 def cache_dataset(
@@ -30,7 +56,7 @@ def cache_dataset(
     base: dict,
     report: CacheReport,
 ) -> None:
-    template = TEMPLATES[template_name(dataset)]
+    template = TEMPLATES[template_name(dataset, task)]
     settings = {
         **base,
         "template": template.name,
@@ -41,25 +67,34 @@ def cache_dataset(
     remove_leftovers(dataset.cache_directory)  # hidden files of writes that were killed
     produced: set[Path] = set()
     failed: set[str] = set()
-    todo: list[tuple[MediaItem, Path, dict]] = []
+    todo: list[tuple[MediaItem, Path, dict, Image.Image | None]] = []
     for item in dataset_items(dataset):
-        if item.error or not item.path.exists():
-            report.fail(item.path, item.error or "file not found")
+        image = None
+        try:
+            if item.error or not item.path.exists():
+                raise ValueError(item.error or "file not found")
+            fingerprint = {**settings, "caption": caption_hash(item.caption)}
+            if task.kind == "i2i":  # the source image is part of the text features
+                image, fingerprint["bucket"] = edit_prompt_image(item, dataset, task)
+                fingerprint["control"] = source_fingerprint(item.control)
+        except (ValueError, MediaError) as error:
+            report.fail(item.path, str(error))
             failed.add(item.key)
             continue
         path = dataset.cache_directory / text_cache_name(item.key)
-        fingerprint = {**settings, "caption": caption_hash(item.caption)}
         produced.add(path)
         if args.skip_existing and is_current(path, fingerprint):
             report.skipped += 1
         else:
-            todo.append((item, path, fingerprint))
-    batch_size = args.batch_size or dataset.batch_size
+            todo.append((item, path, fingerprint, image))
+    # captions with a source image are encoded one at a time (their image tokens differ in number)
+    batch_size = 1 if task.kind == "i2i" else args.batch_size or dataset.batch_size
     with tqdm(total=len(todo), desc=f"captions: {dataset.name}", unit="caption") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            encoded = encoder.encode([item.caption for item, _, _ in batch], template, task.qwen_max_length)
-            for i, (item, path, fingerprint) in enumerate(batch):
+            images = [image for *_, image in batch] if task.kind == "i2i" else None
+            encoded = encoder.encode([item.caption for item, *_ in batch], template, task.qwen_max_length, images)
+            for i, (item, path, fingerprint, _) in enumerate(batch):
                 length = int(encoded.mask[i].sum())
                 if length >= task.qwen_max_length:
                     tqdm.write(

@@ -3,7 +3,8 @@ schedule, then the loop (forward, backward, step, log, save).
 
 The DiT sees exactly what generation gives it: time t * 1000, the text once with its mask, and for
 I2V the clean first frame in frame 0 with the mask channel set (frame 0 is left out of the loss,
-as generation overwrites it).
+as generation overwrites it), for I2I the clean source latent and a mask of ones beside the noisy
+target (the loss is on the target).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from dataset.cache_files import foreign_caches
 from dataset.config import load_dataset_config
 from dataset.training_data import EpochBatches, EpochOrder, find_samples, load_batch, samples_fingerprint
-from kandinsky5.inference.denoiser import i2v_channels, t2v_channels
+from kandinsky5.inference.denoiser import i2i_channels, i2v_channels, t2v_channels
 from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import load_dit
 from kandinsky5.model.nabla import nabla_params
@@ -48,11 +49,9 @@ class TrainingError(ValueError):
     pass
 
 
-def refuse_unavailable(args: argparse.Namespace, task: TaskPreset) -> None:
+def refuse_unavailable(args: argparse.Namespace) -> None:
     if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
         raise TrainingError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
-    if task.kind == "i2i":
-        raise TrainingError(f"training task {task.name} (image editing) needs source/target pairs, not supported yet")
 
 
 def training_loss(
@@ -81,6 +80,8 @@ def training_loss(
         channels = i2v_channels(shape, device)
         frame_weight = torch.ones(x0.shape[1], device=device)
         frame_weight[0] = 0.0
+    elif task.kind == "i2i":  # the clean source beside the noisy target, with a mask of ones, as I2I generation
+        channels = i2i_channels(batch["control"].to(device, torch.float32))
     elif dit.in_channels == 33:
         channels = t2v_channels(shape, device)
     model_input = x_t if channels is None else torch.cat([x_t, channels], dim=-1)
@@ -264,11 +265,17 @@ class StopRequest:
 
 
 def check_latent_kind(datasets, task: TaskPreset) -> None:
-    """The caches fit the task: latents of its VAE and, for NABLA tasks, frames NABLA can tile."""
+    """The caches fit the task: latents of its VAE, editing pairs for I2I and, for NABLA tasks,
+    frames NABLA can tile."""
     for entry in datasets:
         for sample in entry.samples[:1]:
             with safe_open(str(sample.latent_file), framework="pt") as f:
-                vae = (f.metadata() or {}).get("vae")
+                vae, paired = (f.metadata() or {}).get("vae"), "control" in f.keys()
+            if task.kind == "i2i" and not paired:
+                raise TrainingError(
+                    f"{sample.latent_file} holds no source image: task {task.name} trains on editing pairs; give the "
+                    f"dataset a control_directory and cache with --task {task.name}"
+                )
             if vae != task.vae:
                 raise TrainingError(
                     f"{sample.latent_file} was cached with the {vae} VAE, but task {task.name} "
@@ -288,7 +295,7 @@ def check_latent_kind(datasets, task: TaskPreset) -> None:
 
 def train(args: argparse.Namespace) -> Path:
     task = args.task
-    refuse_unavailable(args, task)
+    refuse_unavailable(args)
     log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
     # Several processes without CUDA (accelerate launch --multi_gpu --num_processes N on a CPU machine): gloo.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
