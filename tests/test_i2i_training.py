@@ -20,15 +20,13 @@ from kandinsky5.inference.sampling import flow_schedule
 from kandinsky5.model.checkpoint import load_dit
 from kandinsky5.model.dit import DiffusionTransformer3D
 from kandinsky5.model.tasks import get_task
-from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
+from kandinsky5.training.flow_matching import noisy_latents, sample_timesteps
 from kandinsky5.training.train import training_loss
-from networks.lora_files import read_lora
-from networks.lora_merge import merge_lora
 
 from .generation_helpers import accelerate_launch, generate
 from .media_factory import caption, write_image
 from .test_mixed_precision import training_args
-from .training_helpers import ROOT
+from .training_helpers import ROOT, fixed_noise_loss
 
 TASK = "tiny-i2i"
 EDIT = "make the picture negative"
@@ -141,21 +139,9 @@ def test_the_training_loss_gives_the_dit_what_i2i_generation_gives_it(tiny_tree,
 
 def edit_loss(tree, config, lora=None) -> float:
     """The flow-matching loss of the pairs at fixed noise and times, with the LoRA merged."""
-    dit = load_dit(tree / "model/tiny_i2i.safetensors", get_task(TASK), dtype=torch.float32)
-    if lora:
-        merge_lora(dit, read_lora(lora), 1.0)
-    (entry,) = [find_samples(d) for d in load_dataset_config(config)]
-    batch = load_batch(entry.samples)
-    g = torch.Generator().manual_seed(11)
-    losses = []
-    for _ in range(8):
-        x0 = batch["latents"]
-        noise, t = torch.randn(x0.shape, generator=g), torch.rand(1, generator=g) * 0.8 + 0.1
-        x_in = torch.cat([noisy_latents(x0, noise, t), i2i_channels(batch["control"])], dim=-1)
-        with torch.no_grad():
-            prediction = dit(x_in, batch["text"], batch["pooled"], t * 1000, text_mask=batch["text_mask"])
-        losses.append(flow_matching_loss(prediction, x0, noise).item())
-    return sum(losses) / len(losses)
+    return fixed_noise_loss(
+        tree, config, TASK, "tiny_i2i.safetensors", lambda batch: i2i_channels(batch["control"]), lora
+    )
 
 
 def test_bf16_training_through_accelerate_learns_the_edit_and_generation_uses_the_lora(tiny_tree, pairs, tmp_path):

@@ -10,36 +10,21 @@ from dataset.config import load_dataset_config
 from dataset.training_data import EpochBatches, find_samples, load_batch
 from kandinsky5.model.checkpoint import load_dit
 from kandinsky5.model.tasks import get_task
-from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
+from kandinsky5.training.flow_matching import flow_matching_loss, sample_timesteps
 from kandinsky5.training.train import training_loss
-from networks.lora_files import read_lora
 from networks.lora_kandinsky import create_network
-from networks.lora_merge import merge_lora
 
 from .generation_helpers import accelerate_launch, sampled_latent
 from .media_factory import caption, write_image
-from .training_helpers import ROOT, cache_both, train_args
+from .training_helpers import ROOT, cache_both, fixed_noise_loss, train_args
 
 
 def fixed_loss(tree, config, lora_file=None, multiplier=1.0) -> float:
     """Flow-matching loss on the cached clip at fixed noise and timesteps, with the LoRA merged."""
-    dit = load_dit(tree / "model/tiny_t2v.safetensors", get_task("tiny-t2v"), dtype=torch.float32)
-    if lora_file:
-        merge_lora(dit, read_lora(lora_file), multiplier)
-    (entry,) = [find_samples(d) for d in load_dataset_config(config)]
-    batch = load_batch(entry.samples)
-    g = torch.Generator().manual_seed(123)
-    losses = []
-    for _ in range(8):
-        x0 = batch["latents"]
-        noise, t = torch.randn(x0.shape, generator=g), torch.rand(1, generator=g) * 0.8 + 0.1
-        x_t = torch.cat([noisy_latents(x0, noise, t), torch.zeros(*x0.shape[:4], 17)], dim=-1)
-        with torch.no_grad():
-            prediction = dit(
-                x_t, batch["text"], batch["pooled"], t * 1000, text_mask=batch["text_mask"], rope_scale=(1.0, 2.0, 2.0)
-            )
-        losses.append(flow_matching_loss(prediction, x0, noise).item())
-    return sum(losses) / len(losses)
+    return fixed_noise_loss(
+        tree, config, "tiny-t2v", "tiny_t2v.safetensors", lambda batch: torch.zeros(*batch["latents"].shape[:4], 17),
+        lora_file, multiplier, rope_scale=(1.0, 2.0, 2.0),
+    )  # fmt: skip
 
 
 def test_accelerate_launch_training_memorizes_and_the_lora_works_in_generation(tiny_tree, cached_dataset, tmp_path):

@@ -76,3 +76,44 @@ def train_args(tree, config, out, *extra):
         "0",
         *extra,
     ]
+
+
+def fixed_noise_loss(
+    tree: Path,
+    config: Path,
+    task: str,
+    dit_file: str,
+    channels,
+    lora_file=None,
+    multiplier=1.0,
+    rope_scale=(1.0, 1.0, 1.0),
+) -> float:
+    """The flow-matching loss of a config's one cached dataset at fixed noise and timesteps, with the
+    LoRA merged; ``channels(batch)`` gives the conditioning channels beside the noisy latent."""
+    import torch
+
+    from dataset.config import load_dataset_config
+    from dataset.training_data import find_samples, load_batch
+    from kandinsky5.model.checkpoint import load_dit
+    from kandinsky5.model.tasks import get_task
+    from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents
+    from networks.lora_files import read_lora
+    from networks.lora_merge import merge_lora
+
+    dit = load_dit(tree / "model" / dit_file, get_task(task), dtype=torch.float32)
+    if lora_file:
+        merge_lora(dit, read_lora(lora_file), multiplier)
+    (entry,) = [find_samples(d) for d in load_dataset_config(config)]
+    batch = load_batch(entry.samples)
+    g = torch.Generator().manual_seed(123)
+    losses = []
+    for _ in range(8):
+        x0 = batch["latents"]
+        noise, t = torch.randn(x0.shape, generator=g), torch.rand(1, generator=g) * 0.8 + 0.1
+        x_t = torch.cat([noisy_latents(x0, noise, t), channels(batch)], dim=-1)
+        with torch.no_grad():
+            prediction = dit(
+                x_t, batch["text"], batch["pooled"], t * 1000, text_mask=batch["text_mask"], rope_scale=rope_scale
+            )
+        losses.append(flow_matching_loss(prediction, x0, noise).item())
+    return sum(losses) / len(losses)
