@@ -171,3 +171,17 @@ def test_bf16_training_through_accelerate_learns_the_edit_and_generation_uses_th
         "--lora_weight", str(out / "edit.safetensors"), "--output", str(tmp_path / "edited.png"),
     )  # fmt: skip
     assert Image.open(tmp_path / "edited.png").size[0] > 0
+
+
+def test_an_image_dataset_without_sources_says_what_i2i_caching_needs(tiny_tree, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    caption(write_image(tmp_path / "images" / "a.png", 64, 64), EDIT)
+    config = tmp_path / "plain.toml"
+    config.write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "images"}"\nresolution = 64\n')
+    with pytest.raises(SystemExit):
+        kandinsky5_cache_latents.main(
+            ["--dataset_config", str(config), "--task", TASK, "--vae", str(tiny_tree / "flux/vae")]
+        )
+    assert "a.png: image editing needs the source image of this target: give the dataset a control_directory" in (
+        capsys.readouterr().out
+    )

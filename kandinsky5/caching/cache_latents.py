@@ -94,7 +94,11 @@ def edit_source(item: MediaItem, target: Image.Image, size: tuple[int, int], fol
     prepares --image: (1, H, W, 3) uint8. A missing, unreadable or differently sized source is an
     error of this item naming both files."""
     if item.control is None:
-        where = f"no {item.path.stem}.<image extension> in {folder}" if folder else "no control_path on its line"
+        where = (
+            f"no {item.path.stem}.<image extension> in {folder}"
+            if folder
+            else "give the dataset a control_directory (or its JSONL lines a control_path)"
+        )
         raise ValueError(f"image editing needs the source image of this target: {where}")
     try:
         source = load_image(item.control)
