@@ -3,8 +3,8 @@
 ``integer(low, high)`` and ``number(low, high)`` make argparse types that accept a value only inside
 its range (bounds inclusive unless the ``*_open`` flag says otherwise; numbers must be finite), so
 every numeric option states its range once, where it is declared, and a bad value stops the command
-before anything loads with argparse's message naming the option: ``argument --steps: 0 is out of
-range: an integer >= 1``. ``describe`` gives the range in words for the help texts.
+before anything loads with argparse's message naming the option: ``argument --steps: '0' is out of
+range: expected an integer in [1, 1000]``. ``annotate_ranges`` adds each range to the help texts.
 """
 
 from __future__ import annotations
@@ -63,11 +63,6 @@ def number(
     low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
 ) -> Callable[[str], float]:
     return _checked(float, _Range("a number", low, high, low_open, high_open))
-
-
-def describe(option_type: Callable) -> str:
-    """The range of a type made here, in words (for help texts)."""
-    return str(option_type.range)
 
 
 POSITIVE_INT = integer(1)
