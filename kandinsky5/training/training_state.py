@@ -11,6 +11,7 @@ A folder is written under a temporary name and renamed, so a crash never leaves 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -40,10 +41,10 @@ def save_state(
     tmp = temporary_folder(folder)
     try:
         network.save(tmp / "lora.safetensors", metadata)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _save_pt(optimizer.state_dict(), tmp / "optimizer.pt")
+        _save_pt(scheduler.state_dict(), tmp / "scheduler.pt")
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        torch.save({"torch": torch.get_rng_state(), "cuda": cuda}, tmp / "rng.pt")
+        _save_pt({"torch": torch.get_rng_state(), "cuda": cuda}, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(position), indent=2))
         sync_tree(tmp)
         # an old state is moved aside, the new one renamed in, and only then the old one deleted:
@@ -56,6 +57,15 @@ def save_state(
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_pt(value, path: Path) -> None:
+    """torch.save, whose failed writes (a full disk) are RuntimeErrors, failing as an OSError."""
+    try:
+        torch.save(value, path)
+    except RuntimeError as error:
+        code = errno.ENOSPC if shutil.disk_usage(path.parent).free == 0 else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} ({error})", str(path)) from None
 
 
 def aside(folder: Path) -> Path:
