@@ -72,7 +72,9 @@ def load_units(item: MediaItem, dataset: DatasetConfig, task: TaskPreset, base: 
     source = source_fingerprint(item.path)
     control = None
     if task.kind == "i2i":
-        control = edit_source(item, images[0], size, dataset.control_directory)
+        # resized and cropped to the target's bucket, as generation prepares --image: (1, H, W, 3) uint8
+        source_image = edit_source(item, images[0], dataset.control_directory)
+        control = np.asarray(resize_and_crop(source_image, *size), dtype=np.uint8)[None]
         source["control"] = source_fingerprint(item.control)
     units = []
     for clip in clip_list:
@@ -89,10 +91,9 @@ def load_units(item: MediaItem, dataset: DatasetConfig, task: TaskPreset, base: 
     return units
 
 
-def edit_source(item: MediaItem, target: Image.Image, size: tuple[int, int], folder: Path | None) -> np.ndarray:
-    """The source image of an editing pair, resized and cropped to the target's bucket as generation
-    prepares --image: (1, H, W, 3) uint8. A missing, unreadable or differently sized source is an
-    error of this item naming both files."""
+def edit_source(item: MediaItem, target: Image.Image, folder: Path | None) -> Image.Image:
+    """The source image of an editing pair, checked against its target: a missing, unreadable or
+    differently sized source is an error of this item naming both files."""
     if item.control is None:
         where = (
             f"no {item.path.stem}.<image extension> in {folder}"
@@ -109,7 +110,7 @@ def edit_source(item: MediaItem, target: Image.Image, size: tuple[int, int], fol
             f"its source {item.control} is {source.width}x{source.height}, the target {target.width}x"
             f"{target.height}: the two images of a pair must have one size"
         )
-    return np.asarray(resize_and_crop(source, *size), dtype=np.uint8)[None]
+    return source
 
 
 def encode_units(vae: VAE, units: list[Unit], seed: int) -> list[tuple[Unit, str]]:

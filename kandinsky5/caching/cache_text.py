@@ -44,8 +44,8 @@ def edit_prompt_image(item: MediaItem, dataset: DatasetConfig, task: TaskPreset)
     size = choose_bucket(
         *target.size, dataset.resolution, dataset.enable_bucket, dataset.bucket_no_upscale, task.size_multiple
     )
-    edit_source(item, target, size, dataset.control_directory)
-    return resize_and_crop(load_image(item.control), size[0] // 2, size[1] // 2), list(size)
+    source = edit_source(item, target, dataset.control_directory)
+    return resize_and_crop(source, size[0] // 2, size[1] // 2), list(size)
 
 
 def cache_dataset(
