@@ -1,18 +1,25 @@
-"""Peak anonymous memory of loading and running a full-size Lite DiT in bf16 and in fp8, and of
+"""Peak anonymous memory of loading and running a full-size DiT in bf16 and in fp8, and of
 converting it with _make_fp8_ckpt.py; the fp8/bf16 forward time ratio.
 
-Writes a Lite-sized checkpoint of random bf16 weights (about 4 GB, streamed to disk), then runs each
-case in a process of its own, sampling RssAnon from /proc/self/status every 5 ms in a thread
-(memory-mapped file pages are page cache, not anonymous memory, and do not count). Forward: 2
-latent frames of 16x16 latents, 32 text tokens.
+Lite (default): writes a Lite-sized checkpoint of random bf16 weights (about 4 GB, streamed to
+disk), then runs each case in a process of its own, sampling RssAnon from /proc/self/status every
+5 ms in a thread (the checkpoint's pages are page cache, not anonymous memory, and do not count).
+Forward: 2 latent frames of 16x16 latents, 32 text tokens.
 
-    python benchmarks/memory.py [--workdir /tmp] [--runs 3]
+Pro (--model pro): writes a Pro-sized checkpoint of random bf16 weights (38.6 GB; the values come
+from one seeded random pool, which keeps writing it to the disk's speed), loads it with --fp8_base
+and runs one forward (256 visual + 32 text tokens), reporting the peak memory against the fp8
+weights and the load time. A loader that read the whole file first would need 38.6 GB; bf16 is not
+run (it needs that much memory). The checkpoint is deleted afterwards.
+
+    python benchmarks/memory.py [--model lite|pro] [--workdir /tmp] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -31,8 +38,10 @@ from kandinsky5.model.checkpoint import expected_shapes, load_dit  # noqa: E402
 from kandinsky5.model.tasks import get_task  # noqa: E402
 from modules.safetensors_stream import PlannedTensor, write_streaming  # noqa: E402
 
-TASK = "k5-lite-t2v-5s-sd"
+TASKS = {"lite": "k5-lite-t2v-5s-sd", "pro": "k5-pro-t2v-5s-sd"}
+TASK = TASKS["lite"]
 GIB = 2**30
+POOL_SIZE = 1 << 26  # values of the Pro checkpoint's random pool (128 MiB in bf16)
 
 
 def rss_anon() -> int:
@@ -63,18 +72,28 @@ class PeakSampler:
         return max(self.peak, rss_anon())
 
 
-def write_checkpoint(path: Path) -> int:
+def write_checkpoint(path: Path, task: str = TASK, pooled: bool = False) -> int:
+    """Random bf16 weights for ``task``'s DiT; with ``pooled`` each tensor is a slice (at a seeded
+    offset) of one random pool repeated, which costs a copy instead of a random draw per value."""
     generator = torch.Generator().manual_seed(0)
-    plan = []
-    for name, shape in expected_shapes(get_task(TASK).dit_params).items():
-        plan.append(
-            PlannedTensor(
-                name,
-                torch.bfloat16,
-                tuple(shape),
-                lambda shape=shape: (torch.randn(shape, generator=generator) * 0.02).bfloat16(),
-            )
+    pool = (torch.randn(POOL_SIZE, generator=generator) * 0.02).bfloat16() if pooled else None
+
+    def values(shape) -> torch.Tensor:
+        if pool is None:
+            return (torch.randn(shape, generator=generator) * 0.02).bfloat16()
+        count = math.prod(shape)
+        start = int(torch.randint(POOL_SIZE, (), generator=generator))
+        repeats = (start + count) // POOL_SIZE + 1
+        return (
+            pool.repeat(repeats)[start : start + count].view(shape)
+            if repeats > 1
+            else pool[start : start + count].view(shape)
         )
+
+    plan = [
+        PlannedTensor(name, torch.bfloat16, tuple(shape), lambda shape=shape: values(shape))
+        for name, shape in expected_shapes(get_task(task).dit_params).items()
+    ]
     write_streaming(path, plan, {})
     return path.stat().st_size
 
@@ -88,12 +107,15 @@ def child(args: argparse.Namespace) -> None:
         convert_to_fp8(args.checkpoint, args.output)
         print(json.dumps({"peak": sampler.stop() - start_anon}))
         return
-    model = load_dit(args.checkpoint, get_task(TASK), dtype=torch.bfloat16, fp8=args.child == "fp8")
+    task = get_task(TASKS[args.model])
+    began = time.perf_counter()
+    model = load_dit(args.checkpoint, task, dtype=torch.bfloat16, fp8=args.child == "fp8")
+    load_s = time.perf_counter() - began
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     load_peak, after_load = sampler.peak - start_anon, sampler.reset() - start_anon
-    params = get_task(TASK).dit_params
+    params = task.dit_params
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 2, 16, 16, 33, generator=g).bfloat16()
+    x = torch.randn(1, 2, 16, 16 * (1 + (args.model == "pro")), 33, generator=g).bfloat16()
     text = torch.randn(1, 32, params["in_text_dim"], generator=g).bfloat16()
     pooled = torch.randn(1, params["in_text_dim2"], generator=g).bfloat16()
     times = []
@@ -113,6 +135,7 @@ def child(args: argparse.Namespace) -> None:
                 "after_load": after_load,
                 "forward_peak": forward_peak,
                 "forward_s": statistics.median(times),
+                "load_s": load_s,
             }
         )
     )
@@ -146,8 +169,9 @@ def swap_timing(checkpoint: Path, device: str, counts: list[int], runs: int) -> 
         del model
 
 
-def run_child(case: str, checkpoint: Path, runs: int, output: Path | None = None) -> dict:
+def run_child(case: str, checkpoint: Path, runs: int, output: Path | None = None, model: str = "lite") -> dict:
     command = [sys.executable, __file__, "--child", case, "--checkpoint", str(checkpoint), "--runs", str(runs)]
+    command += ["--model", model]
     if output:
         command += ["--output", str(output)]
     return child_result(command)
@@ -155,7 +179,12 @@ def run_child(case: str, checkpoint: Path, runs: int, output: Path | None = None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default=tempfile.gettempdir(), help="where the 4 GB checkpoint is written")
+    parser.add_argument(
+        "--model", choices=sorted(TASKS), default="lite", help="lite: the full Lite study; pro: Pro with --fp8_base"
+    )
+    parser.add_argument(
+        "--workdir", default=tempfile.gettempdir(), help="where the checkpoint is written (Lite 4 GB, Pro 38.6 GB)"
+    )
     parser.add_argument("--runs", type=int, default=3, help="timed forwards per case")
     parser.add_argument("--device", default="cpu", help="cuda: also time forwards with 0/8/16/31 swapped blocks")
     parser.add_argument("--swap_counts", type=int, nargs="*", default=[0, 8, 16, 31], help=argparse.SUPPRESS)
@@ -165,6 +194,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.model == "pro":
+        pro(args)
         return
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         checkpoint = Path(tmp) / "lite_bf16.safetensors"
@@ -195,6 +227,25 @@ def main() -> None:
         )
         if args.device != "cpu":
             swap_timing(checkpoint, args.device, args.swap_counts, args.runs)
+
+
+def pro(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        checkpoint = Path(tmp) / "pro_bf16.safetensors"
+        began = time.perf_counter()
+        size = write_checkpoint(checkpoint, TASKS["pro"], pooled=True)
+        print(
+            f"Pro DiT checkpoint of random bf16 weights: {size / 1e9:.1f} GB ({size / GIB:.2f} GiB) written in "
+            f"{time.perf_counter() - began:.0f} s; torch {torch.__version__}, {torch.get_num_threads()} threads"
+        )
+        r = run_child("fp8", checkpoint, 1, model="pro")  # a Pro forward takes minutes on a CPU
+        activations = r["forward_peak"] - r["after_load"]
+        print(
+            f"--fp8_base: weights {r['weights'] / GIB:.2f} GiB, loaded in {r['load_s']:.0f} s; peak anonymous memory "
+            f"while loading {r['load_peak'] / GIB:.2f} GiB = {r['load_peak'] / r['weights']:.3f} x the fp8 weights "
+            f"(target <= 1.1), with a forward {r['forward_peak'] / GIB:.2f} GiB (activations {activations / GIB:.2f} "
+            f"GiB); forward {r['forward_s']:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ class CacheReport:
         self.failures.append((str(what), reason))
         tqdm.write(f"failed: {what}: {reason}")
 
-    def summary(self) -> str:
+    def summary(self, processes: int = 1) -> str:
         lines = [
             f"cached {self.written}, already up to date {self.skipped}, failed {len(self.failures)}, "
-            f"stale caches deleted {self.deleted}"
+            f"stale caches deleted {self.deleted}" + (f" (by {processes} processes)" if processes > 1 else "")
         ]
         lines += [f"  {what}: {reason}" for what, reason in self.failures]
         return "\n".join(lines)

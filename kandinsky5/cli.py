@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dataset.process_share import Processes
 from kandinsky5.inference.magcache import DEFAULT_MAX_SKIPS, DEFAULT_RETENTION, DEFAULT_THRESHOLD
 from kandinsky5.model.tasks import TASKS, TaskPreset, UnknownTaskError, get_task
 from modules.option_types import NON_NEGATIVE, NON_NEGATIVE_INT, number
@@ -57,12 +58,17 @@ def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_caching(cache, args: argparse.Namespace) -> None:
-    """Run a caching job, print its summary and exit 1 if any item failed (input errors exit with a message)."""
+    """Run a caching job, print its summary and exit 1 if any item failed (input errors exit with a
+    message). Under ``accelerate launch --num_processes N`` the processes split the items and the
+    first prints the summary of all."""
+    processes = Processes.from_environment()
+    args.device = processes.device(args.device)
     try:
-        report = cache(args, args.task)
+        report = processes.merge(cache(args, args.task, processes))
     except ValueError as error:  # the toolkit's input errors: config, weights, encoders
         sys.exit(f"error: {error}")
-    print(report.summary())
+    if processes.main:
+        print(report.summary(processes.count))
     if report.failures:
         sys.exit(1)
 

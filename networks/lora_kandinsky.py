@@ -25,6 +25,7 @@ from torch import nn
 
 from modules.atomic_save import save_safetensors_atomic
 from modules.fp8 import FP8Linear
+from modules.sharded_tensors import shaped_like, whole
 
 from .lora_files import LoRAFileError, read_lora
 
@@ -141,11 +142,15 @@ class LoRANetwork(nn.Module):
         self.loras = nn.ModuleDict({m.name: m for m in modules})
         self.loraplus_lr_ratio = loraplus_lr_ratio
 
+    def targets(self, model: nn.Module) -> list[tuple[LoRAModule, nn.Module]]:
+        """Each LoRA module with the layer of ``model`` it adapts."""
+        paths = {PREFIX + name.replace(".", "_"): name for name, _ in model.named_modules()}
+        return [(lora, model.get_submodule(paths[lora.name])) for lora in self.loras.values()]
+
     def apply_to(self, model: nn.Module) -> None:
         """Route the targeted layers' forward through their LoRA."""
-        paths = {PREFIX + name.replace(".", "_"): name for name, _ in model.named_modules()}
-        for lora in self.loras.values():
-            model.get_submodule(paths[lora.name]).forward = lora.forward
+        for lora, layer in self.targets(model):
+            layer.forward = lora.forward
 
     def parameter_groups(self, learning_rate: float) -> list[dict]:
         """One group, or with LoRA+ the up matrices in a second group at ``learning_rate * ratio``."""
@@ -156,10 +161,12 @@ class LoRANetwork(nn.Module):
         return [{"params": down, "lr": learning_rate}, {"params": up, "lr": learning_rate * self.loraplus_lr_ratio}]
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The weights in kohya keys; a LoRA sharded over processes (FSDP) is gathered, so every
+        process must call this together."""
         state = {}
         for name, lora in self.loras.items():
-            state[f"{name}.lora_down.weight"] = lora.lora_down.weight.detach().to("cpu", dtype)
-            state[f"{name}.lora_up.weight"] = lora.lora_up.weight.detach().to("cpu", dtype)
+            state[f"{name}.lora_down.weight"] = whole(lora.lora_down.weight.detach()).to("cpu", dtype)
+            state[f"{name}.lora_up.weight"] = whole(lora.lora_up.weight.detach()).to("cpu", dtype)
             state[f"{name}.alpha"] = lora.alpha.detach().to("cpu", dtype)
         return state
 
@@ -185,8 +192,8 @@ class LoRANetwork(nn.Module):
                     f"--network_weights {path}: {name} has rank {weights.rank}, the network "
                     f"{module.rank} (set --network_dim {weights.rank})"
                 )
-            module.lora_down.weight.copy_(weights.down)
-            module.lora_up.weight.copy_(weights.up)
+            module.lora_down.weight.copy_(shaped_like(weights.down, module.lora_down.weight))
+            module.lora_up.weight.copy_(shaped_like(weights.up, module.lora_up.weight))
             module.alpha.fill_(weights.alpha)
 
 

@@ -56,12 +56,16 @@ def sampled_latent(tree: Path, folder: Path, name: str, *extra: str, prompt: str
     return load_file(str(folder / f"{name}.mp4.latent.safetensors"))["latent"]
 
 
-def accelerate_launch(processes: int, *args: str) -> list[str]:
-    """The command starting kandinsky5_train_network.py with ``processes`` processes on this machine
-    (--multi_gpu without CUDA: the processes talk over gloo on the CPU)."""
+def accelerate_launch(
+    processes: int, *args: str, script: str = "kandinsky5_train_network.py", config_file: Path | None = None
+) -> list[str]:
+    """The command starting ``script`` with ``processes`` processes on this machine (--multi_gpu
+    without CUDA: the processes talk over gloo on the CPU), or with an accelerate ``config_file``."""
     import sys
 
     mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    if config_file is not None:
+        mode = ["--config_file", str(config_file)]
     return [
         sys.executable,
         "-m",
@@ -75,6 +79,6 @@ def accelerate_launch(processes: int, *args: str) -> list[str]:
         "no",
         "--dynamo_backend",
         "no",
-        "kandinsky5_train_network.py",
+        script,
         *args,
     ]

@@ -37,6 +37,11 @@ NOT_RUN = {
     "python benchmarks/run_all.py": "full-size benchmarks, minutes a case (tests/test_benchmarks.py runs them small)",
     "accelerate launch kandinsky5_train_network.py ...same options...": "'...' stands for a training command's options",
     "accelerate launch --multi_gpu --num_processes 4": "needs 4 GPUs ('...' stands for the options)",
+    "accelerate launch --config_file examples/accelerate/ddp.yaml": "'...' stands for the options (tests/test_fsdp.py "
+    "runs this config with 2 CPU processes)",
+    "accelerate launch --config_file examples/accelerate/fsdp.yaml": "'...' stands for the options (tests/test_fsdp.py "
+    "runs this config with 2 CPU processes)",
+    "accelerate launch --config_file examples/accelerate/fsdp_two_nodes.yaml": "needs two machines",
     "accelerate launch --multi_gpu --num_machines 2": "needs two machines",
     "... --sample_prompts": "options to add to a training command ('...')",
 }

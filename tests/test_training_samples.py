@@ -142,3 +142,20 @@ def test_samples_without_encoder_paths_name_the_missing_default_before_the_dit_l
         "error: --sample_prompts needs the text encoders and the VAE: weights/text_encoder "
         "(the default of --text_encoder_qwen, which was not given) does not exist"
     )
+
+
+def test_samples_leave_training_unchanged(tiny_tree, cached_dataset, tmp_path):
+    """Loading the encoders and sampling draw random numbers; training's own stay as they were, so a run
+    with samples trains the LoRA of a run without (under FSDP every process samples, under DDP one)."""
+    import torch
+    from safetensors.torch import load_file
+
+    _, _, video_only = cached_dataset
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --f 5 --s 2\n")
+    common = ["--max_train_steps", "3", "--network_dropout", "0.1"]
+    kandinsky5_train_network.main(train_args(tiny_tree, video_only, tmp_path / "plain", *common))
+    sampled = [*common, "--sample_at_first", "--sample_every_n_steps", "2", *sampling_args(tiny_tree, prompts)]
+    kandinsky5_train_network.main(train_args(tiny_tree, video_only, tmp_path / "sampled", *sampled))
+    plain, with_samples = (load_file(str(tmp_path / n / "lora.safetensors")) for n in ("plain", "sampled"))
+    assert all(torch.equal(plain[k], with_samples[k]) for k in plain)

@@ -25,6 +25,7 @@ from dataset.cache_files import (
 from dataset.caching import CacheReport, prefetch, remove_stale
 from dataset.config import DatasetConfig, load_dataset_config
 from dataset.frames import clips, frames_needed, read_frames
+from dataset.process_share import ONE_PROCESS, Processes
 from dataset.sources import MediaItem, dataset_items
 from kandinsky5.encoders.vae import VAE, load_vae
 from kandinsky5.inference.media import MediaError, load_image, resize_and_crop
@@ -144,11 +145,19 @@ def encode_units(vae: VAE, units: list[Unit], seed: int) -> list[tuple[Unit, str
 
 
 def cache_dataset(
-    dataset: DatasetConfig, task: TaskPreset, vae: VAE, args: argparse.Namespace, base: dict, report: CacheReport
+    dataset: DatasetConfig,
+    task: TaskPreset,
+    vae: VAE,
+    args: argparse.Namespace,
+    base: dict,
+    report: CacheReport,
+    processes: Processes,
 ) -> None:
-    items = dataset_items(dataset)
+    items = processes.share(dataset_items(dataset))
     dataset.cache_directory.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(dataset.cache_directory)  # hidden files of writes that were killed
+    if processes.main:
+        remove_leftovers(dataset.cache_directory)  # hidden files of writes that were killed
+    processes.barrier()  # before any process starts writing there
     produced: set[Path] = set()
     failed: set[str] = set()
     pending: dict[tuple, list[Unit]] = {}
@@ -161,7 +170,8 @@ def cache_dataset(
             failed.add(item_key_of(unit.path))  # its older cache, if any, is kept
 
     loaded = prefetch(lambda item: load_units(item, dataset, task, base), items, args.num_workers)
-    for item, result in tqdm(loaded, total=len(items), desc=f"latents: {dataset.name}", unit="item"):
+    bar = tqdm(loaded, total=len(items), desc=f"latents: {dataset.name}", unit="item", disable=not processes.main)
+    for item, result in bar:
         if isinstance(result, Exception):
             report.fail(item.path, str(result))
             failed.add(item.key)
@@ -178,18 +188,13 @@ def cache_dataset(
                 flush(shape)
     for shape in list(pending):
         flush(shape)
-    remove_stale(
-        dataset.cache_directory,
-        f"*{LATENT_SUFFIX}",
-        produced,
-        failed,
-        args.keep_cache,
-        report,
-        f"latents of {dataset.name}",
-    )
+    produced, failed = processes.union(produced), processes.union(failed)
+    if processes.main:
+        label = f"latents of {dataset.name}"
+        remove_stale(dataset.cache_directory, f"*{LATENT_SUFFIX}", produced, failed, args.keep_cache, report, label)
 
 
-def cache_latents(args: argparse.Namespace, task: TaskPreset) -> CacheReport:
+def cache_latents(args: argparse.Namespace, task: TaskPreset, processes: Processes = ONE_PROCESS) -> CacheReport:
     datasets = load_dataset_config(args.dataset_config)
     vae = load_vae(args.vae, task.vae, device=args.device, dtype=args.vae_dtype, task_name=task.name)
     if args.vae_tiling:
@@ -203,5 +208,5 @@ def cache_latents(args: argparse.Namespace, task: TaskPreset) -> CacheReport:
     }
     report = CacheReport()
     for dataset in datasets:
-        cache_dataset(dataset, task, vae, args, base, report)
+        cache_dataset(dataset, task, vae, args, base, report, processes)
     return report

@@ -20,6 +20,7 @@ from dataset.cache_files import (
 )
 from dataset.caching import CacheReport, remove_stale
 from dataset.config import DatasetConfig, load_dataset_config
+from dataset.process_share import ONE_PROCESS, Processes
 from dataset.sources import MediaItem, dataset_items
 from kandinsky5.caching.cache_latents import edit_source
 from kandinsky5.encoders.prompt_templates import TEMPLATES
@@ -55,6 +56,7 @@ def cache_dataset(
     args: argparse.Namespace,
     base: dict,
     report: CacheReport,
+    processes: Processes,
 ) -> None:
     template = TEMPLATES[template_name(dataset, task)]
     settings = {
@@ -64,11 +66,13 @@ def cache_dataset(
         "crop": encoder.qwen.crop_length(template),
     }
     dataset.cache_directory.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(dataset.cache_directory)  # hidden files of writes that were killed
+    if processes.main:
+        remove_leftovers(dataset.cache_directory)  # hidden files of writes that were killed
+    processes.barrier()  # before any process starts writing there
     produced: set[Path] = set()
     failed: set[str] = set()
     todo: list[tuple[MediaItem, Path, dict, Image.Image | None]] = []
-    for item in dataset_items(dataset):
+    for item in processes.share(dataset_items(dataset)):
         image = None
         try:
             if item.error or not item.path.exists():
@@ -89,7 +93,7 @@ def cache_dataset(
             todo.append((item, path, fingerprint, image))
     # captions with a source image are encoded one at a time (their image tokens differ in number)
     batch_size = 1 if task.kind == "i2i" else args.batch_size or dataset.batch_size
-    with tqdm(total=len(todo), desc=f"captions: {dataset.name}", unit="caption") as bar:
+    with tqdm(total=len(todo), desc=f"captions: {dataset.name}", unit="caption", disable=not processes.main) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             images = [image for *_, image in batch] if task.kind == "i2i" else None
@@ -112,12 +116,13 @@ def cache_dataset(
                     continue
                 report.written += 1
             bar.update(len(batch))
-    remove_stale(
-        dataset.cache_directory, f"*{TEXT_SUFFIX}", produced, failed, args.keep_cache, report, f"text of {dataset.name}"
-    )
+    produced, failed = processes.union(produced), processes.union(failed)
+    if processes.main:
+        label = f"text of {dataset.name}"
+        remove_stale(dataset.cache_directory, f"*{TEXT_SUFFIX}", produced, failed, args.keep_cache, report, label)
 
 
-def cache_text(args: argparse.Namespace, task: TaskPreset) -> CacheReport:
+def cache_text(args: argparse.Namespace, task: TaskPreset, processes: Processes = ONE_PROCESS) -> CacheReport:
     datasets = load_dataset_config(args.dataset_config)
     encoder = load_prompt_encoder(
         args.text_encoder_qwen, args.text_encoder_clip, task.dit_params, args.device, args.text_encoder_dtype
@@ -129,5 +134,5 @@ def cache_text(args: argparse.Namespace, task: TaskPreset) -> CacheReport:
     }
     report = CacheReport()
     for dataset in datasets:
-        cache_dataset(dataset, encoder, task, args, base, report)
+        cache_dataset(dataset, encoder, task, args, base, report, processes)
     return report

@@ -3,7 +3,7 @@
 Accepted: a ``.safetensors`` file; a ``*.safetensors.index.json`` (sharded); a folder holding one
 of those, or a diffusers model folder with a ``transformer/`` subfolder. A common key prefix
 (``model.diffusion_model.``, ``diffusion_model.``, ``transformer.``, ``model.``, ``module.``) is
-stripped. Tensors are read one at a time from the memory-mapped file straight into their final
+stripped. Tensors are read one at a time from the file (plain reads) straight into their final
 dtype and device, into a model built on the ``meta`` device, so no full-size copy in another
 dtype ever exists. A checkpoint of another architecture fails with the first differing key and
 the tasks whose architecture the checkpoint does fit.
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from kandinsky5.model.dit import DiffusionTransformer3D, keeps_fp32
@@ -27,6 +26,7 @@ from kandinsky5.model.tasks import TASKS, TaskPreset
 from modules.atomic_save import save_safetensors_atomic
 from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8Linear, dequantize_weight, quantize_weight
 from modules.memory import LOADING_MMAP_THRESHOLD, RUNNING_MMAP_THRESHOLD, release_freed_memory, set_mmap_threshold
+from modules.safetensors_read import SafetensorsFile, SafetensorsFormatError
 
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "module.")
 FP8_SCALE_SUFFIX = ".scale_weight"
@@ -83,10 +83,10 @@ def read_layout(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]
     raw: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as f:
+            with SafetensorsFile(file) as f:
                 for key in f.keys():
-                    raw[key] = (file, tuple(f.get_slice(key).get_shape()))
-        except Exception as error:  # safetensors raises its own error types for damaged headers
+                    raw[key] = (file, f.shape(key))
+        except (OSError, SafetensorsFormatError) as error:
             raise CheckpointError(f"cannot read {file} as safetensors: {error}") from None
     prefix = _common_prefix(list(raw))
     return {key[len(prefix) :]: (file, key, shape) for key, (file, shape) in raw.items()}
@@ -180,8 +180,8 @@ def load_dit(
         model.allocate_packed_projections(dtype, device)
     quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with contextlib.ExitStack() as stack:
-        where = "cpu" if device.type == "cpu" else str(device)  # safetensors refuses "cpu:0"
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device=where)) for f in files}
+        # read tensor by tensor, not memory-mapped: a mapping of a file larger than the memory can fail
+        handles = {f: stack.enter_context(SafetensorsFile(f, device)) for f in files}
         for key, (file, file_key, _) in layout.items():
             if key.endswith(FP8_SCALE_SUFFIX):
                 continue

@@ -1,27 +1,24 @@
 """Convert a DiT checkpoint to fp8: the block Linear weights become block-scaled float8_e4m3fn with
 ``<module>.scale_weight`` beside them; everything else is copied as it is. Streams one tensor at a
-time (memory-mapped in, written out), so memory use does not grow with the model."""
+time (read, converted, written out), so memory use does not grow with the model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from kandinsky5.model.checkpoint import FP8_SCALE_SUFFIX, CheckpointError, checkpoint_files, is_fp8_target, read_layout
 from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8_DTYPE, quantize_weight
+from modules.safetensors_read import SafetensorsFile
 from modules.safetensors_stream import PlannedTensor, write_streaming
 
 FORMAT_NOTE = "block-scaled float8_e4m3fn (kandinsky5 toolkit)"
 
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 def _read(file: Path, key: str) -> torch.Tensor:
-    with safe_open(str(file), framework="pt") as f:
+    with SafetensorsFile(file) as f:
         return f.get_tensor(key)
 
 
@@ -48,8 +45,8 @@ def _quantized(name: str, file: Path, key: str, shape: tuple, block_size: int, d
 
 
 def _copied(name: str, file: Path, key: str, shape: tuple, done, delta=None) -> PlannedTensor:
-    with safe_open(str(file), framework="pt") as f:
-        dtype = SAFETENSORS_DTYPES[f.get_slice(key).get_dtype()]
+    with SafetensorsFile(file) as f:
+        dtype = f.dtype(key)
 
     def tensor() -> torch.Tensor:
         done()
@@ -74,8 +71,8 @@ def rewrite_checkpoint(
         raise CheckpointError(f"{source} is already an fp8 checkpoint")
     if deltas and any(key.endswith(FP8_SCALE_SUFFIX) for key in layout):
         raise CheckpointError(f"{source} is an fp8 checkpoint: merge LoRAs into the original, then convert")
-    with safe_open(str(files[0]), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
+    with SafetensorsFile(files[0]) as f:
+        metadata = f.metadata()
     if fp8:
         metadata.update({"fp8_format": FORMAT_NOTE, "fp8_block_size": str(block_size)})
     bar = tqdm(total=len(layout), desc="writing", unit="tensor")

@@ -34,12 +34,14 @@ from kandinsky5.model.checkpoint import load_dit
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import TaskPreset
 from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
+from kandinsky5.training.sharding import base_weight_bytes, check_fsdp_options, fsdp_settings, shard_dit
 from kandinsky5.training.training_samples import TrainingSampler, check_sample_paths
 from kandinsky5.training.training_state import Position, load_state, remove_old, restore_rng, save_state
-from modules.atomic_save import remove_leftovers
+from modules.atomic_save import remove_leftovers, save_safetensors_atomic
 from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
 from modules.output_paths import check_writable_folder, plain_name
 from modules.prefetch import host_to_device, prefetch_to
+from modules.sharded_tensors import whole
 from networks.lora_kandinsky import LoRANetwork, create_network
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,6 +49,14 @@ PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class TrainingError(ValueError):
     pass
+
+
+def untouched_random_state(device):
+    """Samples and validation leave the random state of training as they found it: the LoRA does not
+    depend on whether (or on which processes) they run."""
+    if torch.device(device).type == "cuda":
+        return torch.random.fork_rng(devices=[torch.device(device)], device_type="cuda")
+    return torch.random.fork_rng(devices=[])
 
 
 def refuse_unavailable(args: argparse.Namespace) -> None:
@@ -189,32 +199,39 @@ def _stop_when_unwritable(path: Path):
 
 class Checkpoints:
     """What output_dir receives: LoRA files per epoch, per step (with rotation) and at the end, each
-    with a state folder when asked (--save_state), and a state when training is interrupted."""
+    with a state folder when asked (--save_state), and a state when training is interrupted. Every
+    process calls these methods (a LoRA sharded by FSDP is gathered for saving); the main one writes."""
 
-    def __init__(self, args: argparse.Namespace, network: LoRANetwork, optimizer, scheduler, metadata):
+    def __init__(self, args: argparse.Namespace, network: LoRANetwork, optimizer, scheduler, metadata, main: bool):
         self.args, self.network, self.optimizer, self.scheduler = args, network, optimizer, scheduler
-        self.metadata, self.directory = metadata, Path(args.output_dir)
+        self.metadata, self.directory, self.main = metadata, Path(args.output_dir), main
         self.written: set[Path] = set()  # rotation deletes only what this run wrote
 
     def _save(self, name: str, position: Position, with_state: bool) -> Path:
         path = self.directory / f"{name}.safetensors"
-        with _stop_when_unwritable(path):
-            self.network.save(path, self.metadata(position))
-        self.written.add(path)
-        tqdm.write(f"saved {path}")
+        weights = self.network.kohya_state_dict()
+        if self.main:
+            with _stop_when_unwritable(path):
+                save_safetensors_atomic(weights, path, metadata=self.metadata(position))
+            self.written.add(path)
+            tqdm.write(f"saved {path}")
         if with_state:
             self.save_state(f"{name}-state", position)
         return path
 
     def save_state(self, name: str, position: Position) -> Path:
         folder = self.directory / name
+        metadata = self.metadata(position)
         with _stop_when_unwritable(folder):
-            save_state(folder, self.network, self.metadata(position), self.optimizer, self.scheduler, position)
-        self.written.add(folder)
-        tqdm.write(f"saved training state {folder}")
+            save_state(folder, self.network, metadata, self.optimizer, self.scheduler, position, write=self.main)
+        if self.main:
+            self.written.add(folder)
+            tqdm.write(f"saved training state {folder}")
         return folder
 
     def _rotate(self, name: str) -> None:
+        if not self.main:
+            return
         file, folder = self.directory / f"{name}.safetensors", self.directory / f"{name}-state"
         if file in self.written:
             file.unlink(missing_ok=True)
@@ -263,6 +280,13 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def requested_anywhere(self, accelerator: Accelerator) -> bool:
+        """Whether any process was asked to stop: all stop at the same step (saving takes them all)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())
+
 
 def check_latent_kind(datasets, task: TaskPreset) -> None:
     """The caches fit the task: latents of its VAE, editing pairs for I2I and, for NABLA tasks,
@@ -299,6 +323,12 @@ def train(args: argparse.Namespace) -> Path:
     log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
     # Several processes without CUDA (accelerate launch --multi_gpu --num_processes N on a CPU machine): gloo.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    fsdp = fsdp_settings()  # accelerate launch with an FSDP config: the DiT and LoRA are sharded
+    if fsdp:
+        check_fsdp_options(args, args.mixed_precision)
+        if fsdp.activation_checkpointing and not args.gradient_checkpointing:
+            print("FSDP config: fsdp_activation_checkpointing: true, so --gradient_checkpointing is on")
+            args.gradient_checkpointing = True
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, log_with=log_with, project_dir=args.logging_dir, cpu=cpu_processes
     )
@@ -349,7 +379,8 @@ def train(args: argparse.Namespace) -> Path:
     )
 
     # model and LoRA
-    load_device = "cpu" if args.blocks_to_swap else device  # swapped blocks stay in CPU memory
+    # swapped blocks stay in CPU memory; FSDP moves each process's shards to its device
+    load_device = "cpu" if args.blocks_to_swap or fsdp else device
     dit = load_dit(args.dit, task, device=load_device, dtype=PRECISION[accelerator.mixed_precision], fp8=args.fp8_base)
     if args.blocks_to_swap:
         print(f"block swap: {dit.enable_block_swap(args.blocks_to_swap, device)} blocks in CPU memory")
@@ -360,6 +391,13 @@ def train(args: argparse.Namespace) -> Path:
     if args.network_weights:
         network.load_weights(args.network_weights)
     network.apply_to(dit)
+    if fsdp:
+        shard_dit(dit, network, torch.device(device), fsdp)
+        held, total = base_weight_bytes(dit)
+        print(
+            f"FSDP: process {accelerator.process_index} holds {held / 2**20:.2f} MiB of the {total / 2**20:.2f} MiB "
+            f"of base weights ({held / total:.1%}) and its share of the LoRA"
+        )
     network.to(device).train()
     if args.compile:
         dit.compile_blocks()
@@ -400,21 +438,29 @@ def train(args: argparse.Namespace) -> Path:
         optimizer,
         scheduler,
         lambda p: lora_metadata(args, task, p.epoch if p.next_batch else p.epoch - 1, p.step, started, datasets),
+        main,
     )
     if log_with:
         accelerator.init_trackers(args.log_tracker_name, config={"task": task.name, "network_dim": args.network_dim})
     parameters = [p for p in network.parameters() if p.requires_grad]
-    sampler = TrainingSampler(args, task, device) if args.sample_prompts and main else None
-    validation = Validation(args.validation_dataset_config, args.seed) if args.validation_dataset_config else None
+    # a sharded DiT runs only with every process taking part: then all sample and validate, the main one writes
+    everyone = fsdp is not None
+    with untouched_random_state(device):  # loading the encoders and VAE draws random initial weights
+        sampling = args.sample_prompts and (main or everyone)
+        sampler = TrainingSampler(args, task, device, write=main) if sampling else None
+        validation = Validation(args.validation_dataset_config, args.seed) if args.validation_dataset_config else None
 
     def validate() -> None:
-        if validation is not None and main and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
-            value = validation.loss(dit, network, task, args, device, accelerator.autocast)
-            tqdm.write(f"step {step}: validation loss {value:.5f}")
+        due = args.validate_every_n_steps and step % args.validate_every_n_steps == 0
+        if validation is not None and (main or everyone) and due:
+            with untouched_random_state(device):
+                value = validation.loss(dit, network, task, args, device, accelerator.autocast)
+            if main:
+                tqdm.write(f"step {step}: validation loss {value:.5f}")
             if log_with:
                 accelerator.log({"loss/validation": value}, step=step)
 
-    tracker = accelerator.get_tracker("tensorboard", unwrap=True) if log_with and sampler else None
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True) if log_with and sampler and main else None
 
     def sample(epoch_done: int | None = None) -> None:
         every_step, every_epoch = args.sample_every_n_steps, args.sample_every_n_epochs
@@ -422,10 +468,12 @@ def train(args: argparse.Namespace) -> Path:
             epoch_done is not None and every_epoch and epoch_done % every_epoch == 0
         )
         if sampler is not None and due:
-            sampler.sample(dit, network, step, tracker)
+            with untouched_random_state(device):
+                sampler.sample(dit, network, step, tracker)
 
     if sampler is not None and args.sample_at_first and not args.resume:
-        sampler.sample(dit, network, 0, tracker)
+        with untouched_random_state(device):
+            sampler.sample(dit, network, 0, tracker)
     if rng_states is not None:
         restore_rng(rng_states)
 
@@ -447,7 +495,7 @@ def train(args: argparse.Namespace) -> Path:
                 micro_steps += 1
                 if (i + 1) % accumulation and i + 1 < total:
                     continue
-                if accelerator.num_processes > 1:
+                if accelerator.num_processes > 1 and not fsdp:  # FSDP averages them in the backward
                     for p in parameters:
                         p.grad = accelerator.reduce(p.grad, reduction="mean")
                 if args.max_grad_norm:
@@ -476,27 +524,24 @@ def train(args: argparse.Namespace) -> Path:
                         {"loss/current": recent[-1], "loss/average": average, "lr": scheduler.get_last_lr()[0]},
                         step=step,
                     )
-                if main:
-                    checkpoints.after_step(position)
-                    sample()
-                    validate()
-                if stop.requested:
+                checkpoints.after_step(position)
+                sample()
+                validate()
+                if stop.requested_anywhere(accelerator):
                     folder = Path(args.output_dir) / f"{args.output_name}-step{step:08d}-state"
-                    if main:
-                        checkpoints.save_state(folder.name, position)
+                    checkpoints.save_state(folder.name, position)
                     raise TrainingInterrupted(f"interrupted at step {step}; continue with --resume {folder}")
                 if step >= args.max_train_steps:
                     break
-            if main:
-                checkpoints.after_epoch(epoch, position, last=step >= args.max_train_steps or epoch == epochs)
-                sample(epoch_done=epoch)
+            checkpoints.after_epoch(epoch, position, last=step >= args.max_train_steps or epoch == epochs)
+            sample(epoch_done=epoch)
             if step >= args.max_train_steps:
                 break
         bar.close()
         # still inside StopRequest: Ctrl-C now waits for the finished run to be saved
-        final = checkpoints.final(position) if main else Path(args.output_dir) / f"{args.output_name}.safetensors"
-    if accelerator.num_processes > 1:  # every process holds the same LoRA; this shows it
-        checksum = sum(float(p.double().sum()) for p in network.parameters())
+        final = checkpoints.final(position)
+    if accelerator.num_processes > 1:  # every process holds the same LoRA (gathered whole under FSDP); this shows it
+        checksum = sum(float(whole(p.detach()).double().sum()) for p in network.parameters())
         print(f"process {accelerator.process_index}: LoRA checksum {checksum:.12e}")
     if log_with:
         accelerator.end_training()

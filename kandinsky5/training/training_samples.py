@@ -50,9 +50,12 @@ def check_sample_paths(args: argparse.Namespace, task: TaskPreset) -> None:
 
 
 class TrainingSampler:
-    def __init__(self, args: argparse.Namespace, task: TaskPreset, device: torch.device):
+    """``write``: this process decodes and writes the samples. Under FSDP every process samples (the
+    sharded DiT runs only with all of them) and only the main one writes."""
+
+    def __init__(self, args: argparse.Namespace, task: TaskPreset, device: torch.device, write: bool = True):
         paths = sample_paths(args, task)
-        self.task, self.device, self.folder = task, device, Path(args.output_dir) / "sample"
+        self.task, self.device, self.folder, self.write = task, device, Path(args.output_dir) / "sample", write
         self.settings = argparse.Namespace(
             from_file=args.sample_prompts,
             output=str(self.folder),
@@ -87,6 +90,8 @@ class TrainingSampler:
         written = []
         for job, texts, image_latent in zip(self.jobs, self.texts, self.image_latents, strict=True):
             latent = sample_job(dit, self.task, job, texts, image_latent, self.settings, self.device)
+            if not self.write:
+                continue
             pixels = self.vae.decode(latent)[0]
             path = self.folder / f"step{step:08d}" / job.output.name
             write_output(path, pixels, self.settings.fps, {**job_metadata(self.settings, self.task, job), "step": step})
@@ -96,5 +101,6 @@ class TrainingSampler:
                 tracker.add_image(f"sample/{job.index:03d}", first_frame, step)
         self.vae.model.to("cpu")
         network.train()
-        tqdm.write(f"samples of step {step} in {self.folder / f'step{step:08d}'}")
+        if self.write:
+            tqdm.write(f"samples of step {step} in {self.folder / f'step{step:08d}'}")
         return written

@@ -3,10 +3,13 @@
     lora.safetensors    the LoRA (kohya format, with the run's metadata)
     optimizer.pt        optimizer state
     scheduler.pt        learning-rate schedule state
-    rng.pt              random number generator states (noise, timesteps, dropout)
+    rng.pt              random number generator states (noise, timesteps, dropout), of every process
     train_state.json    step, epoch, the next batch within that epoch, a fingerprint of the data
 
 A folder is written under a temporary name and renamed, so a crash never leaves half a state.
+With several processes every process takes part in saving (a LoRA and optimizer state sharded by
+FSDP are gathered whole, the random states of all processes collected) and the first one writes;
+the folder is the same with and without FSDP.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from modules.atomic_save import sync_tree, temporary_folder
+from modules.atomic_save import save_safetensors_atomic, sync_tree, temporary_folder
+from modules.sharded_tensors import is_sharded, shaped_like, whole
 from networks.lora_kandinsky import LoRANetwork
 
 STATE_FILE = "train_state.json"
@@ -34,17 +39,67 @@ class Position:
     data_fingerprint: str
 
 
+def _several_processes() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def whole_optimizer_state(optimizer) -> dict:
+    """The optimizer's state dict with sharded (FSDP) state tensors gathered whole."""
+    state = optimizer.state_dict()
+    state["state"] = {
+        index: {key: whole(value) if is_sharded(value) else value for key, value in values.items()}
+        for index, values in state["state"].items()
+    }
+    return state
+
+
+def sharded_optimizer_state(optimizer, state: dict) -> dict:
+    """A whole optimizer state cut to this process's shards where the parameters are sharded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    cut = {}
+    for index, values in state["state"].items():
+        param = params[index] if isinstance(index, int) and index < len(params) else None
+        sharded = param is not None and is_sharded(param)
+        cut[index] = {
+            key: shaped_like(value, param)
+            if sharded and isinstance(value, torch.Tensor) and value.shape == param.shape
+            else value
+            for key, value in values.items()
+        }
+    return {**state, "state": cut}
+
+
+def rng_states() -> dict:
+    """This process's random states, and with several processes those of each one (``processes``)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    states = {"torch": torch.get_rng_state(), "cuda": cuda}
+    if _several_processes():
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, states)
+        states["processes"] = every
+    return states
+
+
 def save_state(
-    folder: Path, network: LoRANetwork, metadata: dict[str, str], optimizer, scheduler, position: Position
+    folder: Path,
+    network: LoRANetwork,
+    metadata: dict[str, str],
+    optimizer,
+    scheduler,
+    position: Position,
+    write: bool = True,
 ) -> None:
+    """Every process calls this; only where ``write`` is set is the folder written."""
+    lora, optimizer_state, rng = network.kohya_state_dict(), whole_optimizer_state(optimizer), rng_states()
+    if not write:
+        return
     folder = Path(folder)
     tmp = temporary_folder(folder)
     try:
-        network.save(tmp / "lora.safetensors", metadata)
-        _save_pt(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_safetensors_atomic(lora, tmp / "lora.safetensors", metadata=metadata)
+        _save_pt(optimizer_state, tmp / "optimizer.pt")
         _save_pt(scheduler.state_dict(), tmp / "scheduler.pt")
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        _save_pt({"torch": torch.get_rng_state(), "cuda": cuda}, tmp / "rng.pt")
+        _save_pt(rng, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(position), indent=2))
         sync_tree(tmp)
         # an old state is moved aside, the new one renamed in, and only then the old one deleted:
@@ -116,7 +171,7 @@ def load_state(folder: Path, network: LoRANetwork, optimizer, scheduler) -> tupl
         raise StateError(f"--resume {folder}: rng.pt holds no random number generator state")
     network.load_weights(folder / "lora.safetensors")
     try:
-        optimizer.load_state_dict(optimizer_state)
+        optimizer.load_state_dict(sharded_optimizer_state(optimizer, optimizer_state))
         scheduler.load_state_dict(scheduler_state)
     except (KeyError, ValueError, TypeError) as error:
         raise StateError(
@@ -126,6 +181,10 @@ def load_state(folder: Path, network: LoRANetwork, optimizer, scheduler) -> tupl
 
 
 def restore_rng(states: dict) -> None:
+    """This process's random states as saved (with as many processes as then; else the first one's)."""
+    every = states.get("processes")
+    if _several_processes() and isinstance(every, list) and len(every) == dist.get_world_size():
+        states = every[dist.get_rank()]
     torch.set_rng_state(states["torch"])
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
