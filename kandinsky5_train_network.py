@@ -21,6 +21,7 @@ import toml
 
 from kandinsky5.cli import add_attention_arguments, add_nabla_arguments, add_task_argument
 from kandinsky5.training.flow_matching import TIMESTEP_SAMPLING
+from kandinsky5.training.trackers import CHOICES as TRACKER_CHOICES
 from kandinsky5.training.train import TrainingInterrupted, train
 from modules.optimizers import SCHEDULERS
 from modules.option_types import (
@@ -181,9 +182,18 @@ def parser() -> argparse.ArgumentParser:
     sampling.add_argument("--sample_every_n_steps", type=POSITIVE_INT, help="sample every N optimizer steps")
     sampling.add_argument("--sample_every_n_epochs", type=POSITIVE_INT, help="sample after every N epochs")
     sampling.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
-    out.add_argument("--logging_dir", help="tensorboard log folder")
-    out.add_argument("--log_with", choices=["tensorboard"], help="logger (tensorboard when --logging_dir is given)")
-    out.add_argument("--log_tracker_name", default="network_train", help="run name in the logs")
+    out.add_argument("--logging_dir", help="log folder: tensorboard's logs, and wandb's local files")
+    out.add_argument(
+        "--log_with",
+        choices=list(TRACKER_CHOICES),
+        help="where losses, learning rate, validation loss and samples go: tensorboard (the default when "
+        "--logging_dir is given), wandb (Weights & Biases; `wandb login` first, or WANDB_MODE=offline), or all",
+    )
+    out.add_argument(
+        "--log_tracker_name", default="network_train", help="tensorboard's run folder name; wandb's project name"
+    )
+    out.add_argument("--wandb_run_name", help="the run's name in wandb (default: one wandb makes up)")
+    out.add_argument("--wandb_api_key", help="wandb API key for this run (else `wandb login` or WANDB_API_KEY)")
     return annotate_ranges(p)
 
 

@@ -159,7 +159,13 @@ def tiny_command(text: str, workspace: Path, paths: dict[str, str] | None = None
 
 def launcher(argv: list[str]) -> list[str]:
     """``python`` and ``accelerate launch`` as this test run's interpreter; script names as files of
-    the project (the commands run in the workspace, as a user's run in their own folder)."""
+    the project (the commands run in the workspace, as a user's run in their own folder). Leading
+    ``NAME=value`` words set environment variables, as in a shell."""
+    settings = []
+    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+        settings, argv = [*settings, argv[0]], argv[1:]
+    if settings:
+        return ["env", *settings, *launcher(argv)]
     if argv[:2] == ["accelerate", "launch"]:
         # one process on the CPU, unless the command asks for several (they then talk over gloo)
         several = "--multi_gpu" in argv or "--config_file" in argv

@@ -111,6 +111,7 @@ def test_the_examples_wrote_what_the_docs_say(docs_workspace):
         "apple.png",
         "winter.png",
         "output/walk_lora.safetensors",
+        "output/walk_wandb.safetensors",
         "walk.mp4",
         "my_lora_diffusers.safetensors",
         "my_lora_official",
@@ -123,6 +124,7 @@ def test_the_examples_wrote_what_the_docs_say(docs_workspace):
     assert not missing, missing
     assert len(list((docs_workspace / "out_folder").iterdir())) == 2  # one file per prompt line
     assert list((docs_workspace / "logs").rglob("events.out.tfevents.*"))
+    assert list((docs_workspace / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def test_every_command_not_run_is_in_the_docs():

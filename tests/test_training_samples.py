@@ -8,6 +8,7 @@ import kandinsky5_train_network
 from kandinsky5.inference.prompt_file import PromptFileError, parse_prompt_line, read_prompt_file
 
 from .training_helpers import ROOT, train_args
+from .wandb_records import logged
 
 
 def frame_count(path) -> tuple[int, int, int]:
@@ -159,3 +160,53 @@ def test_samples_leave_training_unchanged(tiny_tree, cached_dataset, tmp_path):
     kandinsky5_train_network.main(train_args(tiny_tree, video_only, tmp_path / "sampled", *sampled))
     plain, with_samples = (load_file(str(tmp_path / n / "lora.safetensors")) for n in ("plain", "sampled"))
     assert all(torch.equal(plain[k], with_samples[k]) for k in plain)
+
+
+def test_wandb_and_tensorboard_get_losses_learning_rate_validation_and_samples(
+    tiny_tree, cached_dataset, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _, _, video_only = cached_dataset
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --f 5 --s 2\na photo of a cat --f 1 --s 2\n")
+    logs = tmp_path / "logs"
+    kandinsky5_train_network.main(
+        train_args(
+            tiny_tree,
+            video_only,
+            tmp_path / "out",
+            "--max_train_steps",
+            "2",
+            "--log_with",
+            "all",
+            "--logging_dir",
+            str(logs),
+            "--wandb_run_name",
+            "walk-rank16",
+            "--validation_dataset_config",
+            str(video_only),
+            "--validate_every_n_steps",
+            "2",
+            "--sample_every_n_steps",
+            "2",
+            *sampling_args(tiny_tree, prompts),
+        )
+    )
+    runs = list((logs / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # wandb's files under --logging_dir, nowhere else
+    name, history = logged(next(runs[0].glob("run-*.wandb")))
+    assert name == "walk-rank16" and [step["_step"] for step in history] == ["1", "2"]
+    assert {"loss/current", "loss/average", "lr"} <= set(history[0])
+    last = history[-1]
+    assert float(last["loss/validation"]) > 0
+    assert last["sample/000/_type"] == '"video-file"' and last["sample/001/_type"] == '"image-file"'
+    assert {p.suffix for p in (runs[0] / "files" / "media").rglob("*.*")} == {".mp4", ".png"}
+    assert list(logs.rglob("events.out.tfevents.*"))  # and tensorboard's
+
+
+def test_log_with_tensorboard_needs_a_folder(tiny_tree, cached_dataset, tmp_path):
+    _, _, video_only = cached_dataset
+    args = train_args(tiny_tree, video_only, tmp_path, "--log_with", "tensorboard")
+    with pytest.raises(SystemExit, match="give them a folder with --logging_dir"):
+        kandinsky5_train_network.main(args)

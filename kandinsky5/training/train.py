@@ -35,6 +35,7 @@ from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import TaskPreset
 from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
 from kandinsky5.training.sharding import base_weight_bytes, check_fsdp_options, fsdp_settings, shard_dit
+from kandinsky5.training.trackers import SampleLog, chosen_trackers, start_trackers
 from kandinsky5.training.training_samples import TrainingSampler, check_sample_paths
 from kandinsky5.training.training_state import Position, load_state, remove_old, restore_rng, save_state
 from modules.atomic_save import remove_leftovers, save_safetensors_atomic
@@ -320,7 +321,8 @@ def check_latent_kind(datasets, task: TaskPreset) -> None:
 def train(args: argparse.Namespace) -> Path:
     task = args.task
     refuse_unavailable(args)
-    log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+    trackers = chosen_trackers(args)
+    log_with = trackers or None
     # Several processes without CUDA (accelerate launch --multi_gpu --num_processes N on a CPU machine): gloo.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     fsdp = fsdp_settings()  # accelerate launch with an FSDP config: the DiT and LoRA are sharded
@@ -440,8 +442,7 @@ def train(args: argparse.Namespace) -> Path:
         lambda p: lora_metadata(args, task, p.epoch if p.next_batch else p.epoch - 1, p.step, started, datasets),
         main,
     )
-    if log_with:
-        accelerator.init_trackers(args.log_tracker_name, config={"task": task.name, "network_dim": args.network_dim})
+    start_trackers(accelerator, trackers, args, {"task": task.name, "network_dim": args.network_dim})
     parameters = [p for p in network.parameters() if p.requires_grad]
     # a sharded DiT runs only with every process taking part: then all sample and validate, the main one writes
     everyone = fsdp is not None
@@ -460,7 +461,7 @@ def train(args: argparse.Namespace) -> Path:
             if log_with:
                 accelerator.log({"loss/validation": value}, step=step)
 
-    tracker = accelerator.get_tracker("tensorboard", unwrap=True) if log_with and sampler and main else None
+    tracker = SampleLog(accelerator, trackers) if trackers and sampler and main else None
 
     def sample(epoch_done: int | None = None) -> None:
         every_step, every_epoch = args.sample_every_n_steps, args.sample_every_n_epochs

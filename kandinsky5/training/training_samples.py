@@ -98,7 +98,7 @@ class TrainingSampler:
             written.append(path)
             if tracker is not None:
                 first_frame = ((pixels[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-                tracker.add_image(f"sample/{job.index:03d}", first_frame, step)
+                tracker(f"sample/{job.index:03d}", path, first_frame, step, video=pixels.shape[1] > 1)
         self.vae.model.to("cpu")
         network.train()
         if self.write:
