@@ -44,6 +44,8 @@ NOT_RUN = {
     "accelerate launch --config_file examples/accelerate/fsdp_two_nodes.yaml": "needs two machines",
     "accelerate launch --multi_gpu --num_machines 2": "needs two machines",
     "... --sample_prompts": "options to add to a training command ('...')",
+    "python -m kandinsky5.download": "downloads tens of GB (tests/test_download.py runs it offline on a pre-filled "
+    "Hugging Face cache)",
 }
 # TOML examples and the file the text puts them in.
 TOML_FILES = {"dataset_config.md": ["data.toml"], "training.md": ["data/clips.toml", "data/edits.toml"]}

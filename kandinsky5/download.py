@@ -1,0 +1,177 @@
+"""Download exactly the weights a task needs into the layout of docs/weights.md.
+
+    python -m kandinsky5.download --task k5-lite-t2v-5s-sd [weights]
+
+Fetches the task's DiT, its VAE (HunyuanVideo for video tasks, FLUX.1 for image tasks),
+Qwen2.5-VL-7B-Instruct and the CLIP-L text tower from Hugging Face, through huggingface_hub: progress
+bars, interrupted downloads resume, HF_TOKEN (or `hf auth login`) is used for gated repositories
+(FLUX.1-dev asks you to accept its license first), HF_HUB_OFFLINE=1 takes what the Hugging Face
+cache holds. Files land in the Hugging Face cache and are hard-linked into the weights folder (no
+second copy; copied when the two are on different disks). What the weights folder already holds
+is skipped, so a second run downloads nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+from kandinsky5.cli import add_task_argument
+from kandinsky5.model.tasks import TaskPreset
+
+QWEN_REPO = "Qwen/Qwen2.5-VL-7B-Instruct"
+QWEN_FILES = ["*.json", "*.txt", "*.safetensors"]  # config, tokenizer, processor, weights (not the READMEs)
+CLIP_REPO, CLIP_FILE = "Comfy-Org/HunyuanVideo_repackaged", "split_files/text_encoders/clip_l.safetensors"
+HUNYUAN_VAE_REPO = "hunyuanvideo-community/HunyuanVideo"
+FLUX_REPO = "black-forest-labs/FLUX.1-dev"
+VAE_FILES = ("vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+
+# checkpoint file (without .safetensors) -> the repository that publishes it under model/
+DIT_REPOS = {
+    "kandinsky5lite_t2v_sft_5s": "Kandinsky-5.0-T2V-Lite-sft-5s",
+    "kandinsky5lite_t2v_sft_10s": "Kandinsky-5.0-T2V-Lite-sft-10s",
+    "kandinsky5lite_t2v_pretrain_5s": "Kandinsky-5.0-T2V-Lite-pretrain-5s",
+    "kandinsky5lite_t2v_pretrain_10s": "Kandinsky-5.0-T2V-Lite-pretrain-10s",
+    "kandinsky5lite_t2v_nocfg_5s": "Kandinsky-5.0-T2V-Lite-nocfg-5s",
+    "kandinsky5lite_t2v_nocfg_10s": "Kandinsky-5.0-T2V-Lite-nocfg-10s",
+    "kandinsky5lite_t2v_distilled16steps_5s": "Kandinsky-5.0-T2V-Lite-distilled16steps-5s",
+    "kandinsky5lite_t2v_distilled16steps_10s": "Kandinsky-5.0-T2V-Lite-distilled16steps-10s",
+    "kandinsky5lite_i2v_5s": "Kandinsky-5.0-I2V-Lite-5s",
+    "kandinsky5pro_t2v_sft_5s": "Kandinsky-5.0-T2V-Pro-sft-5s",
+    "kandinsky5pro_t2v_sft_10s": "Kandinsky-5.0-T2V-Pro-sft-10s",
+    "kandinsky5pro_i2v_sft_5s": "Kandinsky-5.0-I2V-Pro-sft-5s",
+    "kandinsky5lite_t2i": "Kandinsky-5.0-T2I-Lite",
+    "kandinsky5lite_i2i": "Kandinsky-5.0-I2I-Lite",
+}
+ORGANIZATION = "kandinskylab"
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Files ``sources`` of ``repo`` (glob patterns when ``whole_folder``) placed as ``targets``."""
+
+    what: str
+    repo: str
+    sources: tuple[str, ...]
+    targets: tuple[Path, ...]
+    whole_folder: Path | None = None  # for a repository taken whole: where its files go
+
+
+def plan(task: TaskPreset, weights: Path) -> list[Fetch]:
+    stem = task.checkpoint.removesuffix(".safetensors")
+    if stem not in DIT_REPOS:
+        raise DownloadError(f"task {task.name}: no published repository holds {task.checkpoint}")
+    vae_repo, vae_folder = (
+        (HUNYUAN_VAE_REPO, weights / "vae") if task.vae == "hunyuan" else (FLUX_REPO, weights / "flux" / "vae")
+    )
+    return [
+        Fetch(
+            "DiT",
+            f"{ORGANIZATION}/{DIT_REPOS[stem]}",
+            (f"model/{task.checkpoint}",),
+            (weights / "model" / task.checkpoint,),
+        ),
+        Fetch(f"{task.vae} VAE", vae_repo, VAE_FILES, tuple(vae_folder / Path(f).name for f in VAE_FILES)),
+        Fetch("Qwen2.5-VL-7B-Instruct", QWEN_REPO, tuple(QWEN_FILES), (), whole_folder=weights / "text_encoder"),
+        Fetch("CLIP-L", CLIP_REPO, (CLIP_FILE,), (weights / "text_encoder2" / "clip_l.safetensors",)),
+    ]
+
+
+def qwen_complete(folder: Path) -> bool:
+    """The folder holds the config, tokenizer, processor config and every weight shard of its index."""
+    needed = ["config.json", "tokenizer.json", "preprocessor_config.json", "model.safetensors.index.json"]
+    if not all((folder / name).is_file() for name in needed):
+        return False
+    shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    return all((folder / shard).is_file() for shard in shards)
+
+
+def place(source: Path, target: Path) -> None:
+    """``target`` becomes the cached file: a hard link, or a copy across disks; written whole or not at all."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.k5tmp")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(source.resolve(), partial)
+    except OSError:
+        shutil.copyfile(source, partial)
+    os.replace(partial, target)
+
+
+def fetch(item: Fetch) -> int:
+    """Download ``item`` unless present; returns the number of files placed."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        if item.whole_folder is not None:
+            if qwen_complete(item.whole_folder):
+                print(f"{item.what}: present in {item.whole_folder}")
+                return 0
+            snapshot = Path(snapshot_download(item.repo, allow_patterns=list(item.sources)))
+            # (a cached snapshot may hold more than was asked for: the same patterns pick the files)
+            files = [
+                p
+                for p in sorted(snapshot.rglob("*"))
+                if p.is_file() and any(fnmatch(p.relative_to(snapshot).as_posix(), pattern) for pattern in item.sources)
+            ]
+            for file in files:
+                place(file, item.whole_folder / file.relative_to(snapshot))
+            print(f"{item.what}: {len(files)} files in {item.whole_folder}")
+            return len(files)
+        missing = [(s, t) for s, t in zip(item.sources, item.targets, strict=True) if not t.is_file()]
+        if not missing:
+            print(f"{item.what}: present ({', '.join(str(t) for t in item.targets)})")
+            return 0
+        for source, target in missing:
+            place(Path(hf_hub_download(item.repo, source)), target)
+            print(f"{item.what}: {target}")
+        return len(missing)
+    except GatedRepoError:
+        raise DownloadError(
+            f"{item.repo} is gated: accept its license on https://huggingface.co/{item.repo} with your account, "
+            "then set HF_TOKEN (or run `hf auth login`) and run this again"
+        ) from None
+    except RepositoryNotFoundError:
+        raise DownloadError(f"{item.repo} was not found on Hugging Face (or needs a token: set HF_TOKEN)") from None
+    except LocalEntryNotFoundError as error:
+        raise DownloadError(
+            f"{item.what} from {item.repo}: not in the Hugging Face cache and no connection to download it "
+            f"(HF_HUB_OFFLINE is {os.environ.get('HF_HUB_OFFLINE', 'not set')}): {error}"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m kandinsky5.download", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_task_argument(parser, default="k5-lite-t2v-5s-sd")
+    parser.add_argument("folder", nargs="?", default="weights", help="the weights folder (default: weights)")
+    parser.add_argument("--dry_run", action="store_true", help="list what would be fetched and where, then stop")
+    args = parser.parse_args(argv)
+    weights = Path(args.folder)
+    try:
+        items = plan(args.task, weights)
+        if args.dry_run:
+            for item in items:
+                where = item.whole_folder or ", ".join(str(t) for t in item.targets)
+                print(f"{item.what}: {item.repo} {' '.join(item.sources)} -> {where}")
+            return
+        placed = sum(fetch(item) for item in items)
+    except DownloadError as error:
+        sys.exit(f"error: {error}")
+    print(f"done: {placed} files placed in {weights}" if placed else f"done: {weights} already holds everything")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The downloader, offline: a pre-filled Hugging Face cache and HF_HUB_OFFLINE=1 drive its real code path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .training_helpers import ROOT
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_repo(cache: Path, repo: str, files: dict[str, bytes]) -> None:
+    """A repository as huggingface_hub caches it: refs/main naming a snapshot that holds the files."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    for name, data in files.items():
+        path = folder / "snapshots" / COMMIT / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def fill_cache(cache: Path) -> None:
+    cache_repo(
+        cache, "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s", {"model/kandinsky5lite_t2v_sft_5s.safetensors": b"dit"}
+    )
+    cache_repo(cache, "kandinskylab/Kandinsky-5.0-T2I-Lite", {"model/kandinsky5lite_t2i.safetensors": b"image dit"})
+    vae = {"vae/config.json": b"{}", "vae/diffusion_pytorch_model.safetensors": b"vae", "transformer/x.bin": b"no"}
+    cache_repo(cache, "hunyuanvideo-community/HunyuanVideo", vae)
+    cache_repo(cache, "black-forest-labs/FLUX.1-dev", {**vae, "flux1-dev.safetensors": b"not wanted"})
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    qwen = {
+        "config.json": b"{}",
+        "tokenizer.json": b"{}",
+        "preprocessor_config.json": b"{}",
+        "model.safetensors.index.json": json.dumps(index).encode(),
+        "model-00001-of-00002.safetensors": b"1",
+        "model-00002-of-00002.safetensors": b"2",
+        "merges.txt": b"",
+        "README.md": b"not wanted",
+    }
+    cache_repo(cache, "Qwen/Qwen2.5-VL-7B-Instruct", qwen)
+    cache_repo(cache, "Comfy-Org/HunyuanVideo_repackaged", {"split_files/text_encoders/clip_l.safetensors": b"clip"})
+
+
+def download(folder: Path, task: str, cache: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "kandinsky5.download", "--task", task, str(folder)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder.parent, timeout=300)
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_files_land_where_docs_weights_md_says_and_a_second_run_downloads_nothing(tmp_path):
+    cache = tmp_path / "hub"
+    fill_cache(cache)
+    weights = tmp_path / "weights"
+    first = download(weights, "k5-lite-t2v-5s-sd", cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert listing(weights) == [
+        "model/kandinsky5lite_t2v_sft_5s.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/merges.txt",
+        "text_encoder/model-00001-of-00002.safetensors",
+        "text_encoder/model-00002-of-00002.safetensors",
+        "text_encoder/model.safetensors.index.json",
+        "text_encoder/preprocessor_config.json",
+        "text_encoder/tokenizer.json",
+        "text_encoder2/clip_l.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    assert (weights / "model/kandinsky5lite_t2v_sft_5s.safetensors").read_bytes() == b"dit"
+    docs = (ROOT / "docs" / "weights.md").read_text()
+    for path in ("model/", "vae/", "text_encoder/", "text_encoder2/", "clip_l.safetensors"):
+        assert path in docs
+
+    # the image task adds its DiT and the FLUX VAE; the rest is present
+    image = download(weights, "k5-lite-t2i-hd", cache)
+    assert image.returncode == 0, image.stderr[-3000:]
+    assert "Qwen2.5-VL-7B-Instruct: present" in image.stdout and "CLIP-L: present" in image.stdout
+    assert {"flux/vae/config.json", "flux/vae/diffusion_pytorch_model.safetensors"} <= set(listing(weights))
+
+    # a second run with an empty cache: nothing is asked of the hub, everything is present
+    again = download(weights, "k5-lite-t2v-5s-sd", tmp_path / "empty_hub")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already holds everything" in again.stdout
+
+
+def test_what_the_cache_lacks_offline_is_a_clear_error(tmp_path):
+    result = download(tmp_path / "weights", "k5-pro-t2v-5s-sd", tmp_path / "empty_hub")
+    assert result.returncode == 1
+    assert "error: DiT from kandinskylab/Kandinsky-5.0-T2V-Pro-sft-5s: not in the Hugging Face cache" in result.stderr
+    assert "Traceback" not in result.stderr
