@@ -25,30 +25,13 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kandinsky5.encoders.prompt_templates import TEMPLATES
+from kandinsky5.encoders.qwen_vocab import FIRST_SPECIAL_ID, QWEN_PRETOKENIZE, QWEN_SPECIAL_TOKENS
 from kandinsky5.model.checkpoint import save_dit
 from kandinsky5.model.dit import DiffusionTransformer3D
 from kandinsky5.model.tasks import TASKS, TINY_CLIP_DIM, TINY_TEXT_DIM
 from modules.atomic_save import save_safetensors_atomic
 
-QWEN_PRETOKENIZE = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+TINY_SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS[:14]  # the tiny tokenizer's: Qwen's up to <|video_pad|>
 TOKENIZER_CORPUS = [
     "A cat walks on the grass, realistic style.",
     "A red car drives along a coastal road at sunset; the camera follows it from above.",
@@ -71,7 +54,7 @@ def build_qwen_tokenizer() -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=1024,
-        special_tokens=QWEN_SPECIAL_TOKENS,
+        special_tokens=TINY_SPECIAL_TOKENS,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -80,34 +63,12 @@ def build_qwen_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def write_qwen(folder: Path, seed: int, language: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
-    """A Qwen2.5-VL folder with the tiny tokenizer; ``language`` overrides the tiny language-model
-    sizes (benchmarks/run_all.py writes one of the real width), ``dtype`` is that of the weights."""
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-    )
+def tiny_qwen_config(vocab_size: int, ids: dict[str, int], language: dict | None = None):
+    """A tiny Qwen2.5-VL's configuration; ``ids``: the special tokens' ids in its tokenizer."""
+    from transformers import Qwen2_5_VLConfig
 
-    folder.mkdir(parents=True, exist_ok=True)
-    backend = build_qwen_tokenizer()
-    backend.save(str(folder / "tokenizer.json"))
-    ids = {token: backend.token_to_id(token) for token in QWEN_SPECIAL_TOKENS}
-    tokenizer_config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "model_max_length": 32768,
-        "pad_token": "<|endoftext|>",
-        "eos_token": "<|im_end|>",
-        "padding_side": "right",
-        "errors": "replace",
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    assert len(PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))) == backend.get_vocab_size()
-
-    torch.manual_seed(seed)
     text_config = dict(
-        vocab_size=backend.get_vocab_size(),
+        vocab_size=vocab_size,
         hidden_size=TINY_TEXT_DIM,
         intermediate_size=2 * TINY_TEXT_DIM,
         num_hidden_layers=2,
@@ -141,6 +102,74 @@ def write_qwen(folder: Path, seed: int, language: dict | None = None, dtype: tor
         vision_end_token_id=ids["<|vision_end|>"],
     )
     assert sum(config.text_config.rope_parameters["mrope_section"]) * 2 == head_dim
+    return config
+
+
+QWEN_VOCAB_SIZE = 152064  # Qwen2.5-VL-7B's embedding rows (151,665 tokens, padded)
+
+
+def qwen_published_state(model) -> dict[str, torch.Tensor]:
+    """The state dict under the published checkpoint's names (model.layers.*, visual.*), as
+    Qwen2.5-VL-7B-Instruct's shards and ComfyUI's single file hold it."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("model.language_model."):
+            key = "model." + key.removeprefix("model.language_model.")
+        elif key.startswith("model.visual."):
+            key = "visual." + key.removeprefix("model.visual.")
+        state[key] = value.contiguous()
+    return state
+
+
+def tiny_real_vocab_qwen(seed: int):
+    """A tiny Qwen2.5-VL whose embedding covers Qwen2.5's real tokenizer (the one shipped for single files)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    ids = {token: FIRST_SPECIAL_ID + i for i, token in enumerate(QWEN_SPECIAL_TOKENS)}
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(tiny_qwen_config(QWEN_VOCAB_SIZE, ids))
+
+
+def write_qwen_single_file(file: Path, seed: int, fp8_scaled: bool = False) -> None:
+    """Qwen2.5-VL as ComfyUI's text_encoders/qwen_2.5_vl_7b[_fp8_scaled].safetensors holds it: one bf16
+    file under the published names, without lm_head; fp8_scaled: the language model's Linear weights
+    in float8_e4m3fn with a per-tensor ``scale_weight`` and the ``scaled_fp8`` marker. Its tiny
+    configuration travels in the metadata (``config``): the real file is read with Qwen2.5-VL-7B's."""
+    model = tiny_real_vocab_qwen(seed).to(torch.bfloat16)
+    state = {k: v for k, v in qwen_published_state(model).items() if not k.startswith("lm_head.")}
+    if fp8_scaled:
+        for key in [k for k in state if k.startswith("model.layers.") and k.endswith("_proj.weight")]:
+            weight = state[key].float()
+            scale = weight.abs().max() / torch.finfo(torch.float8_e4m3fn).max
+            state[key] = (weight / scale).to(torch.float8_e4m3fn)
+            state[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(())
+        state["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(state, file, metadata={"config": model.config.to_json_string()})
+
+
+def write_qwen(folder: Path, seed: int, language: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """A Qwen2.5-VL folder with the tiny tokenizer; ``language`` overrides the tiny language-model
+    sizes (benchmarks/run_all.py writes one of the real width), ``dtype`` is that of the weights."""
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    backend = build_qwen_tokenizer()
+    backend.save(str(folder / "tokenizer.json"))
+    ids = {token: backend.token_to_id(token) for token in TINY_SPECIAL_TOKENS}
+    tokenizer_config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "padding_side": "right",
+        "errors": "replace",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    assert len(PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))) == backend.get_vocab_size()
+
+    torch.manual_seed(seed)
+    config = tiny_qwen_config(backend.get_vocab_size(), ids, language)
     model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
     model.save_pretrained(folder)
     Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=256 * 256).save_pretrained(folder)

@@ -21,6 +21,14 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPToken
 
 from kandinsky5.encoders.clip_vocab import CLIP_MAX_LENGTH, packaged_clip_tokenizer
 from kandinsky5.encoders.prompt_templates import PromptTemplate, edit_prompt_text
+from kandinsky5.encoders.qwen_single_file import (
+    IMAGE_PROCESSOR,
+    QwenFileError,
+    hidden_size,
+    is_qwen_file,
+    read_qwen_file,
+)
+from kandinsky5.encoders.qwen_vocab import packaged_qwen_tokenizer
 from modules.fp8 import quantize_linears
 
 IMAGE_PAD = "<|image_pad|>"
@@ -67,7 +75,8 @@ def _qwen_hidden_size(config: dict) -> int:
 
 
 class QwenEncoder:
-    """Qwen2.5-VL from a local folder (config, weights, tokenizer; a processor config for images).
+    """Qwen2.5-VL from a local folder (config, weights, tokenizer; a processor config for images), or
+    from one weights file (ComfyUI's ``qwen_2.5_vl_7b[_fp8_scaled].safetensors``; see qwen_single_file).
 
     ``fp8`` stores the language model's Linear weights as block-scaled float8 (about 8 GB instead
     of 15 GB for the 7B model); they are quantized on the CPU before the model moves to ``device``."""
@@ -82,8 +91,15 @@ class QwenEncoder:
     ):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        hint = f"Download {QWEN_MODEL} to a folder (for example weights/text_encoder) and pass that folder."
+        hint = (
+            f"Download {QWEN_MODEL} to a folder (for example weights/text_encoder) and pass that folder, or pass "
+            "ComfyUI's qwen_2.5_vl_7b.safetensors file"
+        )
         folder = local_path(path, "Qwen2.5-VL text encoder", hint)
+        self.device, self._processor = torch.device(device), None
+        if is_qwen_file(folder):
+            self._load_single_file(folder, dtype, expected_dim, fp8)
+            return
         config_file = folder / "config.json"
         if not folder.is_dir() or not config_file.exists():
             raise TextEncoderError(
@@ -105,21 +121,41 @@ class QwenEncoder:
                 f"Qwen2.5-VL text encoder: {folder} holds no weights (model.safetensors, or model-*.safetensors "
                 f"with model.safetensors.index.json). {hint}"
             )
-        self.folder = folder
+        self.folder, self.single_file = folder, None
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.tokenizer.padding_side = "right"
-        self.device = torch.device(device)
         try:
             self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, local_files_only=True)
         except (OSError, SafetensorError) as error:  # a truncated or damaged weights file
             raise TextEncoderError(
                 f"Qwen2.5-VL text encoder: the weights in {folder} cannot be read ({error})"
             ) from None
+        self._finish(fp8, hidden)
+
+    def _load_single_file(self, file: Path, dtype: torch.dtype, expected_dim: int | None, fp8: bool) -> None:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        try:
+            config, state = read_qwen_file(file, dtype)
+        except QwenFileError as error:
+            raise TextEncoderError(f"Qwen2.5-VL text encoder: {error}") from None
+        hidden = hidden_size(config)
+        if expected_dim is not None and hidden != expected_dim:
+            raise TextEncoderError(
+                f"the Qwen model in {file} has hidden size {hidden}, but the DiT expects {expected_dim}"
+            )
+        self.folder, self.single_file = None, file
+        self.tokenizer = packaged_qwen_tokenizer()
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            None, config=Qwen2_5_VLConfig(**config), state_dict=state, dtype=dtype
+        )
+        self._finish(fp8, hidden)
+
+    def _finish(self, fp8: bool, hidden: int) -> None:
         if fp8:  # the language model's Linear layers (nearly all of its weights), quantized before moving
             quantize_linears(self.model, lambda name: "language_model" in name and ".layers." in name)
         self.model.to(self.device).eval().requires_grad_(False)
         self.hidden_size = hidden
-        self._processor = None
 
     def crop_length(self, template: PromptTemplate) -> int:
         """Tokens before the prompt: the template prefix (plus the official extra crop of image_edit)."""
@@ -132,6 +168,9 @@ class QwenEncoder:
                 from transformers import Qwen2VLImageProcessorPil as processor_class
             except ImportError:
                 from transformers import Qwen2VLImageProcessor as processor_class
+            if self.single_file is not None:  # Qwen2.5-VL's own preprocessing settings
+                self._processor = processor_class(**IMAGE_PROCESSOR)
+                return self._processor
             if not (self.folder / "preprocessor_config.json").exists():
                 raise TextEncoderError(f"{self.folder} has no preprocessor_config.json, needed to read images")
             self._processor = processor_class.from_pretrained(self.folder)
