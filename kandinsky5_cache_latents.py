@@ -8,11 +8,13 @@ only what is missing or out of date.
 
 import argparse
 import os
+import sys
 
 import torch
 
 from kandinsky5.caching.cache_latents import cache_latents
 from kandinsky5.cli import add_task_argument, run_caching
+from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.inference.generate import DTYPES, default_paths
 from modules.option_types import NON_NEGATIVE_INT, POSITIVE_INT, annotate_ranges, integer
 
@@ -26,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
         help="VAE folder or file; the task decides which VAE: HunyuanVideo for video tasks, "
         "FLUX.1 for image tasks (default: weights/vae or weights/flux/vae)",
     )
+    add_comfy_argument(p)
     p.add_argument("--vae_dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -61,6 +64,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     task = args.task
+    try:
+        fill_from_comfy(args, task, ("vae",))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     args.vae = args.vae or default_paths(task)["vae"]
     args.vae_dtype = DTYPES[args.vae_dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     run_caching(cache_latents, args)

@@ -7,11 +7,13 @@ reported and skipped; the exit code is non-zero if anything failed.
 """
 
 import argparse
+import sys
 
 import torch
 
 from kandinsky5.caching.cache_text import cache_text
 from kandinsky5.cli import add_task_argument, run_caching
+from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
 from kandinsky5.inference.generate import default_paths
 from modules.option_types import POSITIVE_INT, annotate_ranges
@@ -23,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     add_task_argument(p, default="k5-pro-t2v-5s-sd")
     p.add_argument("--text_encoder_qwen", help="Qwen2.5-VL-7B-Instruct folder (default weights/text_encoder)")
     p.add_argument("--text_encoder_clip", help="clip_l.safetensors or a CLIP folder (default weights/text_encoder2)")
+    add_comfy_argument(p)
     p.add_argument(
         "--text_encoder_dtype",
         choices=list(TEXT_ENCODER_DTYPES),
@@ -49,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     task = args.task
+    try:
+        fill_from_comfy(args, task, ("text_encoder_qwen", "text_encoder_clip"))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     defaults = default_paths(task)
     args.text_encoder_qwen = args.text_encoder_qwen or defaults["text_encoder_qwen"]
     args.text_encoder_clip = args.text_encoder_clip or defaults["text_encoder_clip"]

@@ -17,6 +17,7 @@ import sys
 import torch
 
 from kandinsky5.cli import add_attention_arguments, add_magcache_arguments, add_nabla_arguments, add_task_argument
+from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
 from kandinsky5.inference.generate import DTYPES, default_paths, generate
 from kandinsky5.inference.magcache import task_ratios
@@ -31,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
     weights.add_argument("--vae", help="VAE folder or file (HunyuanVideo for video tasks, FLUX.1 for image tasks)")
     weights.add_argument("--text_encoder_qwen", help="Qwen2.5-VL-7B-Instruct folder")
     weights.add_argument("--text_encoder_clip", help="CLIP-L: clip_l.safetensors, its folder, or a HF CLIP folder")
+    add_comfy_argument(weights)
     weights.add_argument(
         "--lora_weight",
         nargs="*",
@@ -133,6 +135,10 @@ def main(argv=None) -> None:
     p = parser()
     args = p.parse_args(argv)
     task = args.task
+    try:
+        fill_from_comfy(args, task, ("dit", "vae", "text_encoder_qwen", "text_encoder_clip"))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     for name, path in default_paths(task).items():
         if getattr(args, name) is None:
             setattr(args, name, path)

@@ -20,6 +20,7 @@ from pathlib import Path
 import toml
 
 from kandinsky5.cli import add_attention_arguments, add_nabla_arguments, add_task_argument
+from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.training.flow_matching import TIMESTEP_SAMPLING
 from kandinsky5.training.trackers import CHOICES as TRACKER_CHOICES
 from kandinsky5.training.train import TrainingInterrupted, train
@@ -50,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
         "--text_encoder_qwen", help="Qwen2.5-VL folder for --sample_prompts (default weights/text_encoder)"
     )
     data.add_argument("--text_encoder_clip", help="CLIP for --sample_prompts (default weights/text_encoder2)")
+    add_comfy_argument(data)
     data.add_argument(
         "--max_data_loader_n_workers", type=NON_NEGATIVE_INT, default=2, help="processes loading cache files"
     )
@@ -222,6 +224,10 @@ def main(argv=None) -> None:
     if first.config_file:
         p.set_defaults(**read_config_file(first.config_file, p))
     args = p.parse_args(argv)
+    try:
+        fill_from_comfy(args, args.task, ("dit", "vae", "text_encoder_qwen", "text_encoder_clip"))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     for name in ("dataset_config", "dit", "output_dir"):
         if not getattr(args, name):
             p.error(f"--{name} is required (on the command line or in --config_file)")

@@ -55,6 +55,12 @@ class Processes:
         dist.all_gather_object(values, value)
         return values
 
+    def finish(self) -> None:
+        """Leave together: a process that exits while another still waits on it makes that one abort."""
+        if self.count > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def union(self, values: set[T]) -> set[T]:
         return set().union(*self.all(values))
 

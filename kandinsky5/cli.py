@@ -67,6 +67,7 @@ def run_caching(cache, args: argparse.Namespace) -> None:
         report = processes.merge(cache(args, args.task, processes))
     except ValueError as error:  # the toolkit's input errors: config, weights, encoders
         sys.exit(f"error: {error}")
+    processes.finish()
     if processes.main:
         print(report.summary(processes.count))
     if report.failures:

@@ -10,8 +10,18 @@ writes, deterministically from the seed:
     OUT_DIR/text_encoder/                 Qwen2.5-VL folder: config, weights, tokenizer, image processor
     OUT_DIR/text_encoder2/clip_l.safetensors   CLIP-L text tower, single file as ComfyUI ships it
 
-Every command of the toolkit runs on this tree exactly as on the real weights; the tests and the
-quick-start demo use it. The Qwen tokenizer is a byte-level BPE trained here on the prompt
+    python -m kandinsky5.tiny OUT_DIR --comfyui
+
+writes the same kinds of models as a ComfyUI models folder, one file each:
+
+    OUT_DIR/diffusion_models/tiny_*.safetensors
+    OUT_DIR/vae/hunyuan_video_vae_bf16.safetensors, OUT_DIR/vae/ae.safetensors (FLUX, BFL key names)
+    OUT_DIR/text_encoders/qwen_2.5_vl_7b.safetensors (+ _fp8_scaled), OUT_DIR/text_encoders/clip_l.safetensors
+
+(the tiny Qwen there covers Qwen2.5's real vocabulary, as the shipped tokenizer needs; single files
+carry their tiny configuration in their metadata, where the real ones use the official one).
+Every command of the toolkit runs on these trees exactly as on the real weights; the tests and the
+quick-start demo use them. The Qwen tokenizer is a byte-level BPE trained here on the prompt
 templates and a few sentences, with Qwen's pre-tokenizer and special tokens.
 """
 
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -223,6 +234,43 @@ def write_vae(folder: Path, kind: str, seed: int) -> None:
     model.save_pretrained(folder)
 
 
+def _flux_to_bfl(key: str, blocks: int) -> str:
+    """A diffusers AutoencoderKL key under Black Forest Labs' ae.safetensors name."""
+    key = key.replace(".conv_norm_out.", ".norm_out.").replace(".conv_shortcut.", ".nin_shortcut.")
+    key = re.sub(r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", key)
+    key = key.replace(".mid_block.attentions.0.group_norm.", ".mid.attn_1.norm.")
+    for ours, theirs in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+        key = key.replace(f".mid_block.attentions.0.{ours}.", f".mid.attn_1.{theirs}.")
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    # the decoder's up blocks run in the other order
+    key = re.sub(r"decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.", key)
+    return key.replace(".resnets.", ".block.").replace(".upsamplers.0.", ".upsample.")
+
+
+def write_comfy_vae(file: Path, kind: str, seed: int) -> None:
+    """The VAE as one bf16 file, as ComfyUI's models/vae/ holds it: hunyuan_video_vae_bf16.safetensors
+    (the HunyuanVideo key names) or ae.safetensors (FLUX in Black Forest Labs' key names, attention
+    projections as 1x1 convolutions). The tiny configuration travels in the metadata."""
+    from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo
+
+    folder = file.parent / f".{file.stem}_diffusers"
+    write_vae(folder, kind, seed)
+    model = (AutoencoderKL if kind == "flux" else AutoencoderKLHunyuanVideo).from_pretrained(folder)
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    if kind == "flux":
+        blocks = len(config["block_out_channels"])
+        state = {
+            _flux_to_bfl(k, blocks): v[:, :, None, None] if ".attentions.0.to_" in k and k.endswith(".weight") else v
+            for k, v in state.items()
+        }
+    save_safetensors_atomic(state, file, metadata={"config": json.dumps(config)})
+    for leftover in sorted(folder.rglob("*"), reverse=True):
+        leftover.unlink() if leftover.is_file() else leftover.rmdir()
+    folder.rmdir()
+
+
 def write_dits(folder: Path, seed: int) -> list[Path]:
     written = []
     for i, task in enumerate(t for t in TASKS.values() if t.name.startswith("tiny-")):
@@ -234,6 +282,28 @@ def write_dits(folder: Path, seed: int) -> list[Path]:
         save_dit(model, path)
         written.append(path)
     return written
+
+
+COMFY_FILES = {
+    "hunyuan_vae": "vae/hunyuan_video_vae_bf16.safetensors",
+    "flux_vae": "vae/ae.safetensors",
+    "qwen": "text_encoders/qwen_2.5_vl_7b.safetensors",
+    "qwen_fp8": "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+    "clip": "text_encoders/clip_l.safetensors",
+}
+
+
+def build_comfy_tree(out: str | Path, seed: int = 0) -> Path:
+    """A tiny ComfyUI models folder: diffusion_models/ (the DiTs under their own names), vae/ and
+    text_encoders/ with the file names and key layouts of ComfyUI's downloads."""
+    out = Path(out)
+    write_dits(out / "diffusion_models", seed)
+    write_comfy_vae(out / COMFY_FILES["hunyuan_vae"], "hunyuan", seed + 1)
+    write_comfy_vae(out / COMFY_FILES["flux_vae"], "flux", seed + 2)
+    write_qwen_single_file(out / COMFY_FILES["qwen"], seed + 3)
+    write_qwen_single_file(out / COMFY_FILES["qwen_fp8"], seed + 3, fp8_scaled=True)
+    write_clip(out / COMFY_FILES["clip"], seed + 4)
+    return out
 
 
 def build_tiny_tree(out: str | Path, seed: int = 0) -> Path:
@@ -251,8 +321,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="folder to write the tree into (created if needed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument(
+        "--comfyui",
+        action="store_true",
+        help="write a ComfyUI models folder instead: diffusion_models/, vae/, text_encoders/ (single files)",
+    )
     args = parser.parse_args(argv)
-    out = build_tiny_tree(args.out_dir, args.seed)
+    out = (build_comfy_tree if args.comfyui else build_tiny_tree)(args.out_dir, args.seed)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files)
     print(f"wrote {len(files)} files ({size / 2**20:.1f} MiB) under {out}")

@@ -19,6 +19,7 @@ import torch
 from kandinsky5.lora_tools import main as lora_tools
 from kandinsky5.model.checkpoint import load_dit
 from kandinsky5.model.tasks import get_task
+from kandinsky5.tiny import build_comfy_tree
 from networks.lora_kandinsky import create_network
 
 from .acceptance import ROOT, check, make_workspace, run, split_commands, tiny_command
@@ -82,6 +83,7 @@ def write_lora(tree: Path, task: str, dit: str, path: Path) -> None:
 @pytest.fixture(scope="module")
 def docs_workspace(tiny_tree, tmp_path_factory):
     folder = make_workspace(tiny_tree, tmp_path_factory.mktemp("docs"))
+    build_comfy_tree(folder / "ComfyUI" / "models")  # the ComfyUI install weights.md points at
     write_lora(folder / "weights", "tiny-t2v", "tiny_t2v", folder / "my_lora.safetensors")
     lora_tools(["to-diffusers", str(folder / "my_lora.safetensors"), str(folder / "some_peft_lora.safetensors")])
     for name, targets in TOML_FILES.items():
@@ -121,6 +123,7 @@ def test_the_examples_wrote_what_the_docs_say(docs_workspace):
         "lite_with_my_lora.safetensors",
         "output/winter_edit.safetensors",
         "winter_edit.png",
+        "comfy_fox.mp4",
     ]
     missing = [name for name in expected if not (docs_workspace / name).exists()]
     assert not missing, missing

@@ -8,7 +8,11 @@
 Pixels are (B, 3, F, H, W) in [-1, 1]; latents are (B, T, H/8, W/8, 16), the DiT's layout.
 Weights load from a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``),
 a single ``.safetensors`` file, or the original HunyuanVideo ``pytorch_model.pt`` (unwrapped from
-``state_dict``, ``vae.`` prefix removed); the key names are the same in all of them.
+``state_dict``, ``vae.`` prefix removed). HunyuanVideo's key names are the same in all of them
+(ComfyUI's ``hunyuan_video_vae_bf16.safetensors`` included); FLUX's ``ae.safetensors`` as Black
+Forest Labs and ComfyUI ship it (``encoder.down.0.block.0...``) is converted to diffusers' names
+with diffusers' own converter. A single file without a config beside it uses the official
+configuration, or the one in its metadata under ``config`` (the tiny test files carry theirs).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo
 from safetensors.torch import load_file
+
+from modules.safetensors_read import SafetensorsFile
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "pytorch_model.pt", "pytorch_model.bin")
 # Config fields that the original (Tencent) HunyuanVideo config.json shares with diffusers' class.
@@ -113,10 +119,21 @@ def detect_kind(state: dict[str, torch.Tensor]) -> str:
     raise VAEError("the weights are neither a HunyuanVideo VAE nor a FLUX VAE (no encoder/decoder conv_in)")
 
 
+BFL_FLUX_KEY = "encoder.down.0.block.0.conv1.weight"  # Black Forest Labs' (and ComfyUI's) ae.safetensors
+
+
+def _metadata_config(weights: Path) -> dict[str, Any] | None:
+    if weights.suffix != ".safetensors":
+        return None
+    with SafetensorsFile(weights) as f:
+        text = f.metadata().get("config")
+    return json.loads(text) if text else None
+
+
 def _config(kind: VAEKind, weights: Path) -> dict[str, Any]:
     config_file = weights.parent / "config.json"
     if not config_file.exists():
-        return dict(kind.default_config)
+        return _metadata_config(weights) or dict(kind.default_config)
     config = json.loads(config_file.read_text())
     if config.get("_class_name") == kind.model_class.__name__:
         return {k: v for k, v in config.items() if not k.startswith("_")}
@@ -216,8 +233,13 @@ def load_vae(
     if found != kind:
         needed = f"task {task_name!r} needs" if task_name else "this needs"
         raise VAEError(f"{weights} is {VAE_KINDS[found].description}, but {needed} {vae_kind.description}")
+    config = _config(vae_kind, weights)
+    if kind == "flux" and BFL_FLUX_KEY in state:
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        state = convert_ldm_vae_checkpoint(state, {**FLUX.default_config, **config})
     with init_empty_weights():
-        model = vae_kind.model_class.from_config(_config(vae_kind, weights))
+        model = vae_kind.model_class.from_config(config)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
