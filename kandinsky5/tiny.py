@@ -5,10 +5,11 @@
 writes, deterministically from the seed:
 
     OUT_DIR/model/tiny_*.safetensors      DiT checkpoints of the tiny-* task presets (bf16, official keys)
-    OUT_DIR/vae/                          HunyuanVideo VAE, diffusers layout (config.json + safetensors)
-    OUT_DIR/flux/vae/                     FLUX.1 VAE, diffusers layout
-    OUT_DIR/text_encoder/                 Qwen2.5-VL folder: config, weights, tokenizer, image processor
-    OUT_DIR/text_encoder2/clip_l.safetensors   CLIP-L text tower, single file as ComfyUI ships it
+    OUT_DIR/vae/                          HunyuanVideo VAE, diffusers layout (config.json + fp32 safetensors)
+    OUT_DIR/flux/vae/                     FLUX.1 VAE, diffusers layout (fp32)
+    OUT_DIR/text_encoder/                 Qwen2.5-VL folder: config, bf16 weights under the published key
+                                          names (model.layers.*, visual.*), tokenizer, image processor
+    OUT_DIR/text_encoder2/clip_l.safetensors   CLIP-L text tower, single fp16 file as ComfyUI ships it
 
     python -m kandinsky5.tiny OUT_DIR --comfyui
 
@@ -159,7 +160,7 @@ def write_qwen_single_file(file: Path, seed: int, fp8_scaled: bool = False) -> N
     save_safetensors_atomic(state, file, metadata={"config": model.config.to_json_string()})
 
 
-def write_qwen(folder: Path, seed: int, language: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
+def write_qwen(folder: Path, seed: int, language: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
     """A Qwen2.5-VL folder with the tiny tokenizer; ``language`` overrides the tiny language-model
     sizes (benchmarks/run_all.py writes one of the real width), ``dtype`` is that of the weights."""
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
@@ -209,7 +210,8 @@ def write_clip(file: Path, seed: int) -> None:
     )
     model = CLIPTextModel(config)
     # keyed as ComfyUI's clip_l.safetensors is: text_model.<module path>
-    state = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in model.state_dict().items()}
+    # fp16, as ComfyUI's file holds it
+    state = {f"text_model.{k.removeprefix('text_model.')}": v.half() for k, v in model.state_dict().items()}
     save_safetensors_atomic(state, file)
 
 
