@@ -21,6 +21,7 @@ from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
 from kandinsky5.inference.generate import DTYPES, default_paths, generate
 from kandinsky5.inference.magcache import task_ratios
+from kandinsky5.musubi_options import GENERATION_NOTICES, add_notice_options, announce_notices
 from modules.option_types import FINITE, FRAMES, NON_NEGATIVE_INT, POSITIVE, SIDE, STEPS, annotate_ranges, number
 
 
@@ -128,12 +129,23 @@ def parser() -> argparse.ArgumentParser:
     add_attention_arguments(p)
     add_nabla_arguments(p)
     add_magcache_arguments(p)
+    add_notice_options(p, GENERATION_NOTICES, "musubi-tuner options with no effect here")
+    p.add_argument(
+        "--image_last",
+        help="musubi-tuner's last-frame image: refused (Kandinsky 5's I2V conditions on the first frame only)",
+    )
     return annotate_ranges(p)
 
 
 def main(argv=None) -> None:
     p = parser()
     args = p.parse_args(argv)
+    announce_notices(args, GENERATION_NOTICES)
+    if args.image_last:
+        sys.exit(
+            "error: --image_last: Kandinsky 5's I2V models were trained to continue a first frame only (frame 0 "
+            "holds the image, the mask marks it); there is no last-frame conditioning to give. Use --image"
+        )
     task = args.task
     try:
         fill_from_comfy(args, task, ("dit", "vae", "text_encoder_qwen", "text_encoder_clip"))

@@ -21,7 +21,8 @@ import toml
 
 from kandinsky5.cli import add_attention_arguments, add_nabla_arguments, add_task_argument
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
-from kandinsky5.training.flow_matching import TIMESTEP_SAMPLING
+from kandinsky5.musubi_options import TRAINING_NOTICES, add_notice_options, announce_notices
+from kandinsky5.training.timesteps import SAMPLINGS, WEIGHTING_SCHEMES
 from kandinsky5.training.trackers import CHOICES as TRACKER_CHOICES
 from kandinsky5.training.train import TrainingInterrupted, train
 from modules.optimizers import SCHEDULERS
@@ -33,6 +34,7 @@ from modules.option_types import (
     POSITIVE_INT,
     annotate_ranges,
     convert_config_value,
+    integer,
     number,
 )
 
@@ -52,6 +54,14 @@ def parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--text_encoder_clip", help="CLIP for --sample_prompts (default weights/text_encoder2)")
     add_comfy_argument(data)
+    data.add_argument(
+        "--vae_dtype", choices=["float32", "bfloat16", "float16"], help="VAE dtype for samples (default: float32)"
+    )
+    data.add_argument(
+        "--offload_dit_during_sampling",
+        action="store_true",
+        help="move the DiT to CPU memory while the samples are decoded (room for the VAE on small GPUs)",
+    )
     data.add_argument(
         "--max_data_loader_n_workers", type=NON_NEGATIVE_INT, default=2, help="processes loading cache files"
     )
@@ -81,6 +91,23 @@ def parser() -> argparse.ArgumentParser:
         "(regular expressions on module paths), rank_dropout, module_dropout, loraplus_lr_ratio, verbose",
     )
     net.add_argument("--network_weights", help="LoRA file to continue training from")
+    net.add_argument(
+        "--dim_from_weights", action="store_true", help="take --network_dim (the rank) from --network_weights"
+    )
+    net.add_argument(
+        "--base_weights",
+        nargs="*",
+        help="LoRA files merged into the DiT before training (the trained LoRA learns on top of them)",
+    )
+    net.add_argument(
+        "--base_weights_multiplier", type=FINITE, nargs="*", help="one strength per --base_weights file (default 1)"
+    )
+    net.add_argument(
+        "--scale_weight_norms",
+        type=POSITIVE,
+        help="after each step, scale down every LoRA module whose update (up @ down * alpha/rank) has a norm "
+        "above this (1 is a common start); the scaled count and the norms are logged",
+    )
 
     opt = p.add_argument_group("optimization")
     opt.add_argument("--optimizer_type", default="AdamW", help="AdamW (default), AdamW8bit, Adafactor, or module.Class")
@@ -96,6 +123,23 @@ def parser() -> argparse.ArgumentParser:
     )
     opt.add_argument("--lr_scheduler_num_cycles", type=POSITIVE_INT, default=1, help="cosine_with_restarts cycles")
     opt.add_argument("--lr_scheduler_power", type=POSITIVE, default=1.0, help="polynomial power")
+    opt.add_argument(
+        "--lr_scheduler_min_lr_ratio",
+        type=number(0, 1),
+        help="lowest learning rate as a fraction of --learning_rate (cosine_with_min_lr, warmup_stable_decay)",
+    )
+    opt.add_argument("--lr_scheduler_timescale", type=POSITIVE_INT, help="inverse_sqrt timescale (default: the warmup)")
+    opt.add_argument(
+        "--lr_decay_steps",
+        type=NON_NEGATIVE,
+        default=0,
+        help="warmup_stable_decay: decay steps, or a fraction (<1) of all steps",
+    )
+    opt.add_argument(
+        "--lr_scheduler_type",
+        help="a scheduler class by path (torch.optim.lr_scheduler.CosineAnnealingLR); replaces --lr_scheduler",
+    )
+    opt.add_argument("--lr_scheduler_args", nargs="*", help='key=value arguments, e.g. "T_max=100"')
     opt.add_argument("--max_train_steps", type=POSITIVE_INT, default=1600, help="optimizer steps (default 1600)")
     opt.add_argument("--max_train_epochs", type=POSITIVE_INT, help="epochs; overrides --max_train_steps")
     opt.add_argument("--gradient_accumulation_steps", type=POSITIVE_INT, default=1)
@@ -104,7 +148,37 @@ def parser() -> argparse.ArgumentParser:
     )
 
     steps = p.add_argument_group("timesteps (t in [0, 1]; the DiT sees t * 1000, as at inference)")
-    steps.add_argument("--timestep_sampling", default="shift", choices=TIMESTEP_SAMPLING)
+    steps.add_argument(
+        "--timestep_sampling",
+        default="shift",
+        choices=SAMPLINGS,
+        help="how t is drawn (musubi-tuner's samplings; see docs/training.md); default shift",
+    )
+    steps.add_argument(
+        "--weighting_scheme",
+        default="none",
+        choices=WEIGHTING_SCHEMES,
+        help="loss weight per timestep (sigma_sqrt, cosmap) and, for --timestep_sampling sigma, the density "
+        "(logit_normal, mode)",
+    )
+    steps.add_argument("--mode_scale", type=FINITE, default=1.29, help="scale of the 'mode' weighting scheme")
+    steps.add_argument(
+        "--num_timestep_buckets",
+        type=integer(2),
+        help="draw the timesteps stratified over this many equal buckets of the [0, 1] range",
+    )
+    steps.add_argument(
+        "--preserve_distribution_shape",
+        action="store_true",
+        help="keep t in [--min_timestep, --max_timestep] by redrawing instead of rescaling the draw",
+    )
+    steps.add_argument(
+        "--show_timesteps",
+        choices=["image", "console"],
+        help="draw the timesteps and loss weights training would use, show them (a PNG in --output_dir, or a "
+        "text histogram) and stop",
+    )
+    steps.add_argument("--flow_shift", type=POSITIVE, help="the same as --scheduler_scale (the samples' shift)")
     steps.add_argument("--discrete_flow_shift", type=POSITIVE, default=1.0, help="shift s of the 'shift' mode")
     steps.add_argument("--sigmoid_scale", type=POSITIVE, default=1.0, help="scale of the normal in sigmoid and shift")
     steps.add_argument("--logit_mean", type=FINITE, default=0.0, help="mean of logit_normal")
@@ -145,8 +219,35 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --gradient_checkpointing: keep each block's checkpointed input in CPU memory until backward",
     )
+    mem.add_argument(
+        "--full_bf16", action="store_true", help="the LoRA's weights, gradients and optimizer state in bf16 (not fp32)"
+    )
+    mem.add_argument(
+        "--full_fp16", action="store_true", help="the LoRA's weights, gradients and optimizer state in fp16 (not fp32)"
+    )
+    mem.add_argument("--cuda_allow_tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA")
+    mem.add_argument("--cuda_cudnn_benchmark", action="store_true", help="let cuDNN pick its fastest kernels")
     add_attention_arguments(p)
     add_nabla_arguments(p)
+    comp = p.add_argument_group("torch.compile (with --compile, or --dynamo_backend other than NO)")
+    comp.add_argument("--compile_backend", default="inductor", help="torch.compile backend (default inductor)")
+    comp.add_argument(
+        "--compile_mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    )
+    comp.add_argument("--compile_dynamic", choices=["true", "false", "auto"], help="dynamic shapes (default auto)")
+    comp.add_argument("--compile_fullgraph", action="store_true", help="compile each block as one graph")
+    comp.add_argument("--compile_cache_size_limit", type=POSITIVE_INT, help="torch._dynamo.config.cache_size_limit")
+    comp.add_argument(
+        "--dynamo_backend",
+        default="NO",
+        help="a backend other than NO turns --compile on with that backend",
+    )
+    comp.add_argument("--dynamo_mode", choices=["default", "reduce-overhead", "max-autotune"], help="as --compile_mode")
+    comp.add_argument("--dynamo_dynamic", action="store_true", help="as --compile_dynamic true")
+    comp.add_argument("--dynamo_fullgraph", action="store_true", help="as --compile_fullgraph")
+    comp.add_argument("--ddp_timeout", type=POSITIVE_INT, help="minutes the processes wait for each other (default 30)")
 
     out = p.add_argument_group("output and logging")
     out.add_argument("--output_dir", help="where LoRA files go (required)")
@@ -159,6 +260,47 @@ def parser() -> argparse.ArgumentParser:
     )
     out.add_argument("--save_last_n_epochs", type=POSITIVE_INT, help="keep only the last N epoch files")
     out.add_argument("--save_last_n_steps", type=POSITIVE_INT, help="keep only the last N step files")
+    out.add_argument(
+        "--save_last_n_epochs_state",
+        type=POSITIVE_INT,
+        help="keep the last N epoch states",
+    )
+    out.add_argument(
+        "--save_last_n_steps_state",
+        type=POSITIVE_INT,
+        help="keep the last N step states",
+    )
+    out.add_argument(
+        "--save_precision", choices=["float", "fp16", "bf16"], default="float", help="dtype of the saved LoRA files"
+    )
+    meta = p.add_argument_group("metadata of the saved LoRA files (ss_* and modelspec.* keys)")
+    meta.add_argument("--no_metadata", action="store_true", help="save the weights without any metadata")
+    meta.add_argument("--training_comment", help="free text stored as ss_training_comment")
+    for key, what in (
+        ("title", "title (default: --output_name)"),
+        ("author", "author"),
+        ("description", "description"),
+        ("license", "license"),
+        ("tags", "tags, comma-separated"),
+        ("reso", 'resolution, e.g. "768,512"'),
+        ("arch", "architecture (default Kandinsky-5/lora)"),
+    ):
+        meta.add_argument(f"--metadata_{key}", help=f"modelspec.{key}: {what}")
+    hub = p.add_argument_group("uploading to Hugging Face (after each file is safely on disk; a failure is a warning)")
+    hub.add_argument("--huggingface_repo_id", help="repository to upload the saved LoRA files to")
+    hub.add_argument("--huggingface_repo_type", default="model", help="model (default), dataset or space")
+    hub.add_argument("--huggingface_path_in_repo", default="", help="folder in the repository")
+    hub.add_argument("--huggingface_token", help="token (else HF_TOKEN or `hf auth login`)")
+    hub.add_argument(
+        "--huggingface_repo_visibility", choices=["public", "private"], help="of a repository created (default private)"
+    )
+    hub.add_argument("--save_state_to_huggingface", action="store_true", help="upload the state folders too")
+    hub.add_argument(
+        "--resume_from_huggingface",
+        action="store_true",
+        help="--resume names a state in the repository: <repo_id>/<path in repo>[:revision[:repo type]]",
+    )
+    hub.add_argument("--async_upload", action="store_true", help="upload in the background while training goes on")
     out.add_argument(
         "--save_state",
         action="store_true",
@@ -196,6 +338,10 @@ def parser() -> argparse.ArgumentParser:
     )
     out.add_argument("--wandb_run_name", help="the run's name in wandb (default: one wandb makes up)")
     out.add_argument("--wandb_api_key", help="wandb API key for this run (else `wandb login` or WANDB_API_KEY)")
+    out.add_argument("--log_tracker_config", help="TOML: init arguments per tracker ([wandb] ...)")
+    out.add_argument("--log_prefix", help="prefix of the run folder name under --logging_dir")
+    out.add_argument("--log_config", action="store_true", help="log every option of the run to the trackers' config")
+    add_notice_options(p, TRAINING_NOTICES, "musubi-tuner options with no effect here")
     return annotate_ranges(p)
 
 
@@ -224,6 +370,11 @@ def main(argv=None) -> None:
     if first.config_file:
         p.set_defaults(**read_config_file(first.config_file, p))
     args = p.parse_args(argv)
+    announce_notices(args, TRAINING_NOTICES)
+    if args.flow_shift is not None and args.scheduler_scale is None:
+        args.scheduler_scale = args.flow_shift
+    if args.full_bf16 and args.full_fp16:
+        p.error("--full_bf16 and --full_fp16 exclude each other")
     try:
         fill_from_comfy(args, args.task, ("dit", "vae", "text_encoder_qwen", "text_encoder_clip"))
     except ValueError as error:

@@ -160,6 +160,23 @@ class LoRANetwork(nn.Module):
         down = [p for n, p in self.named_parameters() if "lora_up" not in n]
         return [{"params": down, "lr": learning_rate}, {"params": up, "lr": learning_rate * self.loraplus_lr_ratio}]
 
+    @torch.no_grad()
+    def scale_weight_norms(self, max_norm: float) -> tuple[int, float, float]:
+        """Scale down each module whose update up @ down * alpha/rank has a Frobenius norm above
+        ``max_norm`` (both matrices by the square root of the ratio), as kohya's max-norm
+        regularization does; returns (modules scaled, mean norm, largest norm) before scaling."""
+        norms, scaled = [], 0
+        for lora in self.loras.values():
+            up, down = lora.lora_up.weight, lora.lora_down.weight
+            norm = float((up.float() @ down.float()).norm() * lora.scale)
+            norms.append(norm)
+            if norm > max_norm:
+                ratio = (max_norm / norm) ** 0.5
+                up.mul_(ratio)
+                down.mul_(ratio)
+                scaled += 1
+        return scaled, sum(norms) / len(norms), max(norms)
+
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The weights in kohya keys; a LoRA sharded over processes (FSDP) is gathered, so every
         process must call this together."""

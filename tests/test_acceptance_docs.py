@@ -116,6 +116,7 @@ def test_the_examples_wrote_what_the_docs_say(docs_workspace):
         "winter.png",
         "output/walk_lora.safetensors",
         "output/walk_wandb.safetensors",
+        "output/musubi_style.safetensors",
         "walk.mp4",
         "my_lora_diffusers.safetensors",
         "my_lora_official",

@@ -20,7 +20,8 @@ from kandinsky5.inference.sampling import flow_schedule
 from kandinsky5.model.checkpoint import load_dit
 from kandinsky5.model.dit import DiffusionTransformer3D
 from kandinsky5.model.tasks import get_task
-from kandinsky5.training.flow_matching import noisy_latents, sample_timesteps
+from kandinsky5.training.flow_matching import noisy_latents
+from kandinsky5.training.timesteps import sample_timesteps
 from kandinsky5.training.train import training_loss
 
 from .generation_helpers import accelerate_launch, generate

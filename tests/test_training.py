@@ -10,7 +10,8 @@ from dataset.config import load_dataset_config
 from dataset.training_data import EpochBatches, find_samples, load_batch
 from kandinsky5.model.checkpoint import load_dit
 from kandinsky5.model.tasks import get_task
-from kandinsky5.training.flow_matching import flow_matching_loss, sample_timesteps
+from kandinsky5.training.flow_matching import flow_matching_loss
+from kandinsky5.training.timesteps import sample_timesteps
 from kandinsky5.training.train import training_loss
 from networks.lora_kandinsky import create_network
 
@@ -92,9 +93,7 @@ def network_and_batch(tree, config, task_name="tiny-t2v"):
     return dit, network, samples
 
 
-class Args:
-    timestep_sampling, sigmoid_scale, discrete_flow_shift, logit_mean, logit_std = "uniform", 1.0, 1.0, 0.0, 1.0
-    min_timestep, max_timestep = 0.0, 1000.0
+Args = kandinsky5_train_network.parser().parse_args(["--timestep_sampling", "uniform"])  # the defaults otherwise
 
 
 def test_only_lora_parameters_change(tiny_tree, cached_dataset):

@@ -85,6 +85,10 @@ def check_fsdp_options(args: argparse.Namespace, mixed_precision: str) -> None:
             "fp16 training needs a gradient scaler that knows the shards: use --mixed_precision bf16 (or no)",
         ),
         (
+            getattr(args, "scale_weight_norms", None),
+            "--scale_weight_norms needs each LoRA module whole on one process: train without FSDP to use it",
+        ),
+        (
             args.gradient_checkpointing_cpu_offload,
             "--gradient_checkpointing_cpu_offload is not combined with FSDP: use --gradient_checkpointing alone",
         ),

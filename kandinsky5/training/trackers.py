@@ -44,10 +44,33 @@ def wandb_folder(args: argparse.Namespace) -> Path:
     return Path(args.logging_dir or args.output_dir)
 
 
+def _tracker_config(args: argparse.Namespace) -> dict:
+    """--log_tracker_config: a TOML file of init keywords per tracker ([wandb] entity = ..., tags = [...])."""
+    if not args.log_tracker_config:
+        return {}
+    import toml
+
+    try:
+        values = toml.loads(Path(args.log_tracker_config).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, toml.TomlDecodeError) as error:
+        raise TrackerError(f"--log_tracker_config {args.log_tracker_config} cannot be read: {error}") from None
+    if not all(isinstance(v, dict) for v in values.values()):
+        raise TrackerError(f"--log_tracker_config {args.log_tracker_config}: expected tables such as [wandb]")
+    return values
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """--log_config: every option of the run that a tracker can hold (numbers, text, flags)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool) and "token" not in k
+            and "api_key" not in k}  # fmt: skip
+
+
 def start_trackers(accelerator: Accelerator, names: list[str], args: argparse.Namespace, config: dict) -> None:
     if not names:
         return
-    init = {}
+    init = _tracker_config(args)
+    if getattr(args, "log_config", False):
+        config = {**run_config(args), **config}
     if "wandb" in names:
         if args.wandb_api_key:
             os.environ["WANDB_API_KEY"] = args.wandb_api_key
@@ -55,8 +78,9 @@ def start_trackers(accelerator: Accelerator, names: list[str], args: argparse.Na
         folder.mkdir(parents=True, exist_ok=True)
         for variable in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # not the home folder, unless the user says so
             os.environ.setdefault(variable, str(folder / "wandb" / "local"))
-        init["wandb"] = {"name": args.wandb_run_name, "dir": str(folder)}
-    accelerator.init_trackers(args.log_tracker_name, config=config, init_kwargs=init)
+        init["wandb"] = {"name": args.wandb_run_name, "dir": str(folder), **init.get("wandb", {})}
+    name = f"{getattr(args, 'log_prefix', None) or ''}{args.log_tracker_name}"
+    accelerator.init_trackers(name, config=config, init_kwargs=init)
 
 
 class SampleLog:

@@ -33,8 +33,18 @@ from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import load_dit
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import TaskPreset
-from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents, sample_timesteps
+from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents
+from kandinsky5.training.musubi_runs import (
+    HubUpload,
+    base_weight_deltas,
+    compile_options,
+    network_size_of,
+    show_timesteps,
+    state_from_hub,
+    training_kwargs_handlers,
+)
 from kandinsky5.training.sharding import base_weight_bytes, check_fsdp_options, fsdp_settings, shard_dit
+from kandinsky5.training.timesteps import TimestepBuckets, loss_weights, sample_timesteps
 from kandinsky5.training.trackers import SampleLog, chosen_trackers, start_trackers
 from kandinsky5.training.training_samples import TrainingSampler, check_sample_paths
 from kandinsky5.training.training_state import Position, load_state, remove_old, restore_rng, save_state
@@ -46,6 +56,7 @@ from modules.sharded_tensors import whole
 from networks.lora_kandinsky import LoRANetwork, create_network
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_PRECISION = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TrainingError(ValueError):
@@ -65,25 +76,47 @@ def refuse_unavailable(args: argparse.Namespace) -> None:
         raise TrainingError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
 
 
+def draw_timesteps(
+    args: argparse.Namespace,
+    batch: int,
+    latent_hw: tuple[int, int],
+    generator: torch.Generator | None = None,
+    buckets: TimestepBuckets | None = None,
+) -> torch.Tensor:
+    """The timesteps of ``batch`` samples as the options say (see kandinsky5/training/timesteps.py)."""
+    return sample_timesteps(
+        batch,
+        args.timestep_sampling,
+        generator,
+        latent_hw=latent_hw,
+        weighting_scheme=args.weighting_scheme,
+        sigmoid_scale=args.sigmoid_scale,
+        discrete_flow_shift=args.discrete_flow_shift,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        mode_scale=args.mode_scale,
+        min_timestep=args.min_timestep,
+        max_timestep=args.max_timestep,
+        preserve_distribution_shape=args.preserve_distribution_shape,
+        buckets=buckets,
+    )
+
+
 def training_loss(
-    dit, batch: dict, task: TaskPreset, args: argparse.Namespace, device, generator: torch.Generator | None = None
+    dit,
+    batch: dict,
+    task: TaskPreset,
+    args: argparse.Namespace,
+    device,
+    generator: torch.Generator | None = None,
+    buckets: TimestepBuckets | None = None,
 ) -> torch.Tensor:
     """The flow-matching loss of a batch; noise and timesteps come from ``generator`` when given
     (validation: the same draws every time), else from the global random state."""
     x0 = batch["latents"].to(device, torch.float32)
     noise = torch.randn(x0.shape, generator=generator).to(device) if generator else torch.randn_like(x0)
-    t = sample_timesteps(
-        x0.shape[0],
-        args.timestep_sampling,
-        generator,
-        sigmoid_scale=args.sigmoid_scale,
-        discrete_flow_shift=args.discrete_flow_shift,
-        logit_mean=args.logit_mean,
-        logit_std=args.logit_std,
-        min_timestep=args.min_timestep,
-        max_timestep=args.max_timestep,
-    )
-    t = host_to_device(t, device)
+    t_host = draw_timesteps(args, x0.shape[0], tuple(x0.shape[2:4]), generator, buckets)
+    t = host_to_device(t_host, device)
     x_t = noisy_latents(x0, noise, t)
     shape, frame_weight, channels = tuple(x0.shape[:4]), None, None
     if task.kind == "i2v" and "first_frame" in batch and x0.shape[1] > 1:
@@ -105,7 +138,10 @@ def training_loss(
         rope_scale=task.rope_scale,
         nabla=nabla_params(args, task),
     )
-    return flow_matching_loss(prediction, x0, noise, frame_weight)
+    weights = (
+        None if args.weighting_scheme in ("none", "logit_normal", "mode") else loss_weights(args.weighting_scheme, t)
+    )
+    return flow_matching_loss(prediction, x0, noise, frame_weight, weights)
 
 
 class Validation:
@@ -184,6 +220,19 @@ def lora_metadata(
     }
     if args.min_timestep or args.max_timestep != 1000:
         info["modelspec.timestep_range"] = f"{args.min_timestep:g},{args.max_timestep:g}"
+    if args.training_comment:
+        info["ss_training_comment"] = args.training_comment
+    for key, field in (
+        ("title", "title"),
+        ("author", "author"),
+        ("description", "description"),
+        ("license", "license"),
+        ("tags", "tags"),
+        ("reso", "resolution"),
+        ("arch", "architecture"),
+    ):
+        if getattr(args, f"metadata_{key}", None):
+            info[f"modelspec.{field}"] = getattr(args, f"metadata_{key}")
     return info
 
 
@@ -203,19 +252,24 @@ class Checkpoints:
     with a state folder when asked (--save_state), and a state when training is interrupted. Every
     process calls these methods (a LoRA sharded by FSDP is gathered for saving); the main one writes."""
 
-    def __init__(self, args: argparse.Namespace, network: LoRANetwork, optimizer, scheduler, metadata, main: bool):
+    def __init__(
+        self, args: argparse.Namespace, network: LoRANetwork, optimizer, scheduler, metadata, main: bool, upload=None
+    ):
         self.args, self.network, self.optimizer, self.scheduler = args, network, optimizer, scheduler
         self.metadata, self.directory, self.main = metadata, Path(args.output_dir), main
+        self.upload = upload or (lambda path, is_state=False: None)
         self.written: set[Path] = set()  # rotation deletes only what this run wrote
 
     def _save(self, name: str, position: Position, with_state: bool) -> Path:
         path = self.directory / f"{name}.safetensors"
-        weights = self.network.kohya_state_dict()
+        weights = self.network.kohya_state_dict(SAVE_PRECISION[self.args.save_precision])
         if self.main:
+            metadata = None if self.args.no_metadata else self.metadata(position)
             with _stop_when_unwritable(path):
-                save_safetensors_atomic(weights, path, metadata=self.metadata(position))
+                save_safetensors_atomic(weights, path, metadata=metadata)
             self.written.add(path)
             tqdm.write(f"saved {path}")
+            self.upload(path)
         if with_state:
             self.save_state(f"{name}-state", position)
         return path
@@ -228,30 +282,38 @@ class Checkpoints:
         if self.main:
             self.written.add(folder)
             tqdm.write(f"saved training state {folder}")
+            self.upload(folder, is_state=True)
         return folder
 
-    def _rotate(self, name: str) -> None:
+    def _rotate(self, name_of, index: int, every: int, keep_files: int | None, keep_states: int | None) -> None:
+        """Remove the file saved ``keep_files`` saves ago and the state saved ``keep_states`` saves ago
+        (musubi-tuner's *_state options keep states apart from files)."""
         if not self.main:
             return
-        file, folder = self.directory / f"{name}.safetensors", self.directory / f"{name}-state"
-        if file in self.written:
-            file.unlink(missing_ok=True)
-        if folder in self.written:
-            remove_old(folder)
+        if keep_files and index - every * keep_files > 0:
+            file = self.directory / f"{name_of(index - every * keep_files)}.safetensors"
+            if file in self.written:
+                file.unlink(missing_ok=True)
+        if keep_states and index - every * keep_states > 0:
+            folder = self.directory / f"{name_of(index - every * keep_states)}-state"
+            if folder in self.written:
+                remove_old(folder)
 
     def after_step(self, position: Position) -> None:
-        every, keep, step = self.args.save_every_n_steps, self.args.save_last_n_steps, position.step
+        every, step, args = self.args.save_every_n_steps, position.step, self.args
         if every and step % every == 0:
-            self._save(f"{self.args.output_name}-step{step:08d}", position, self.args.save_state)
-            if keep and step - every * keep > 0:
-                self._rotate(f"{self.args.output_name}-step{step - every * keep:08d}")
+            name_of = lambda i: f"{args.output_name}-step{i:08d}"  # noqa: E731
+            self._save(name_of(step), position, args.save_state)
+            states = args.save_last_n_steps_state or args.save_last_n_steps
+            self._rotate(name_of, step, every, args.save_last_n_steps, states)
 
     def after_epoch(self, epoch: int, position: Position, last: bool) -> None:
-        every, keep = self.args.save_every_n_epochs, self.args.save_last_n_epochs
+        every, args = self.args.save_every_n_epochs, self.args
         if every and epoch % every == 0 and not last:
-            self._save(f"{self.args.output_name}-{epoch:06d}", position, self.args.save_state)
-            if keep and epoch - every * keep > 0:
-                self._rotate(f"{self.args.output_name}-{epoch - every * keep:06d}")
+            name_of = lambda i: f"{args.output_name}-{i:06d}"  # noqa: E731
+            self._save(name_of(epoch), position, args.save_state)
+            states = args.save_last_n_epochs_state or args.save_last_n_epochs
+            self._rotate(name_of, epoch, every, args.save_last_n_epochs, states)
 
     def final(self, position: Position) -> Path:
         return self._save(self.args.output_name, position, self.args.save_state or self.args.save_state_on_train_end)
@@ -332,7 +394,11 @@ def train(args: argparse.Namespace) -> Path:
             print("FSDP config: fsdp_activation_checkpointing: true, so --gradient_checkpointing is on")
             args.gradient_checkpointing = True
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, log_with=log_with, project_dir=args.logging_dir, cpu=cpu_processes
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_dir=args.logging_dir,
+        cpu=cpu_processes,
+        kwargs_handlers=training_kwargs_handlers(args),
     )
     set_seed(args.seed)
     device, main = accelerator.device, accelerator.is_main_process
@@ -366,6 +432,15 @@ def train(args: argparse.Namespace) -> Path:
             )
         raise TrainingError(f"no training samples (latent + text caches) in {folders}: run the caching commands first")
     check_latent_kind(datasets, task)
+    if args.show_timesteps:  # musubi-tuner's meaning: show what training would draw, then stop
+        _, height, width, _ = next(s for e in datasets for s in e.samples).shape
+        drawn = show_timesteps(
+            args,
+            lambda n, hw: draw_timesteps(args, n, hw),
+            lambda t: loss_weights(args.weighting_scheme, t),
+            (height, width),
+        )
+        return drawn or Path(args.output_dir)
     fingerprint = samples_fingerprint(datasets)
     data = EpochBatches(datasets, args.seed, accelerator.process_index, accelerator.num_processes)
     order = EpochOrder(data)
@@ -383,15 +458,28 @@ def train(args: argparse.Namespace) -> Path:
     # model and LoRA
     # swapped blocks stay in CPU memory; FSDP moves each process's shards to its device
     load_device = "cpu" if args.blocks_to_swap or fsdp else device
-    dit = load_dit(args.dit, task, device=load_device, dtype=PRECISION[accelerator.mixed_precision], fp8=args.fp8_base)
+    dit = load_dit(
+        args.dit,
+        task,
+        device=load_device,
+        dtype=PRECISION[accelerator.mixed_precision],
+        fp8=args.fp8_base,
+        deltas=base_weight_deltas(args),  # --base_weights, merged before any fp8 quantization
+    )
     if args.blocks_to_swap:
         print(f"block swap: {dit.enable_block_swap(args.blocks_to_swap, device)} blocks in CPU memory")
     print(f"attention: {dit.set_attention_backend(attention_backend(args))}")
     dit.gradient_checkpointing = args.gradient_checkpointing
     dit.activation_offload = args.gradient_checkpointing_cpu_offload
+    if args.dim_from_weights:
+        rank, alpha = network_size_of(args.network_weights)
+        args.network_dim, args.network_alpha = rank, args.network_alpha or alpha
+        print(f"--dim_from_weights: rank {rank}, alpha {args.network_alpha:g} from {args.network_weights}")
     network = create_network(dit, args.network_dim, args.network_alpha, args.network_dropout, args.network_args)
     if args.network_weights:
         network.load_weights(args.network_weights)
+    if args.full_bf16 or args.full_fp16:  # musubi-tuner's full_*: the LoRA itself in 16 bits
+        network.to(torch.bfloat16 if args.full_bf16 else torch.float16)
     network.apply_to(dit)
     if fsdp:
         shard_dit(dit, network, torch.device(device), fsdp)
@@ -401,8 +489,9 @@ def train(args: argparse.Namespace) -> Path:
             f"of base weights ({held / total:.1%}) and its share of the LoRA"
         )
     network.to(device).train()
-    if args.compile:
-        dit.compile_blocks()
+    compiling = compile_options(args)
+    if compiling is not None:
+        dit.compile_blocks(**compiling)
 
     # optimizer and schedule (counted in optimizer steps)
     accumulation = args.gradient_accumulation_steps
@@ -426,14 +515,22 @@ def train(args: argparse.Namespace) -> Path:
         args.max_train_steps,
         args.lr_scheduler_num_cycles,
         args.lr_scheduler_power,
+        min_lr_ratio=args.lr_scheduler_min_lr_ratio,
+        timescale=args.lr_scheduler_timescale,
+        decay_steps=warmup_steps(args.lr_decay_steps, args.max_train_steps),
+        class_path=args.lr_scheduler_type,
+        class_args=args.lr_scheduler_args,
     )
     position, rng_states = Position(0, 1, 0, fingerprint), None
+    if args.resume and args.resume_from_huggingface:
+        args.resume = state_from_hub(args)
     if args.resume:
         position, rng_states = load_state(args.resume, network, optimizer, scheduler)
         if position.data_fingerprint != fingerprint and main:
             print(f"warning: the training data changed since {args.resume} was saved")
         print(f"resuming from {args.resume}: step {position.step}, epoch {position.epoch}")
     started = time.time()
+    upload = HubUpload(args)
     checkpoints = Checkpoints(
         args,
         network,
@@ -441,8 +538,10 @@ def train(args: argparse.Namespace) -> Path:
         scheduler,
         lambda p: lora_metadata(args, task, p.epoch if p.next_batch else p.epoch - 1, p.step, started, datasets),
         main,
+        upload,
     )
     start_trackers(accelerator, trackers, args, {"task": task.name, "network_dim": args.network_dim})
+    buckets = TimestepBuckets(args.num_timestep_buckets, args.seed) if args.num_timestep_buckets else None
     parameters = [p for p in network.parameters() if p.requires_grad]
     # a sharded DiT runs only with every process taking part: then all sample and validate, the main one writes
     everyone = fsdp is not None
@@ -488,7 +587,7 @@ def train(args: argparse.Namespace) -> Path:
             step_loss, micro_steps, step_files = None, 0, []
             for i, batch in enumerate(prefetch_to(loader, device), start=order.start):
                 with accelerator.autocast():
-                    loss = training_loss(dit, batch, task, args, device)
+                    loss = training_loss(dit, batch, task, args, device, buckets=buckets)
                 accelerator.backward(loss / accumulation)
                 # summed on the device: the step reads it once, after all its work is queued
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
@@ -505,6 +604,13 @@ def train(args: argparse.Namespace) -> Path:
                 if not optimizer.step_was_skipped:  # the scaler skips steps with inf/NaN gradients
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if args.scale_weight_norms:
+                    scaled, mean_norm, max_norm = network.scale_weight_norms(args.scale_weight_norms)
+                    if log_with:
+                        accelerator.log(
+                            {"keys_scaled": scaled, "average_key_norm": mean_norm, "max_key_norm": max_norm},
+                            step=step + 1,
+                        )
                 value = step_loss.item() / micro_steps  # the one host-device sync of the step
                 if not math.isfinite(value):
                     raise TrainingError(
@@ -546,4 +652,5 @@ def train(args: argparse.Namespace) -> Path:
         print(f"process {accelerator.process_index}: LoRA checksum {checksum:.12e}")
     if log_with:
         accelerator.end_training()
+    upload.wait()
     return final

@@ -26,6 +26,7 @@ from kandinsky5.inference.generate import (
     write_output,
 )
 from kandinsky5.model.tasks import TaskPreset
+from modules.sharded_tensors import is_sharded
 
 SAMPLE_FRAMES, SAMPLE_STEPS = 17, 20
 
@@ -80,7 +81,9 @@ class TrainingSampler:
         )
         self.jobs = build_jobs(self.settings, task)
         self.texts = encode_texts(self.settings, task, self.jobs, device)
-        self.vae = load_vae(paths["vae"], task.vae, device="cpu", task_name=task.name)
+        dtype = getattr(torch, getattr(args, "vae_dtype", None) or "float32")
+        self.vae = load_vae(paths["vae"], task.vae, device="cpu", dtype=dtype, task_name=task.name)
+        self.offload_dit = getattr(args, "offload_dit_during_sampling", False)
         self.image_latents = encode_images(self.vae, self.jobs)
 
     @torch.no_grad()
@@ -92,7 +95,12 @@ class TrainingSampler:
             latent = sample_job(dit, self.task, job, texts, image_latent, self.settings, self.device)
             if not self.write:
                 continue
-            pixels = self.vae.decode(latent)[0]
+            movable = self.offload_dit and dit.block_swap is None and not is_sharded(next(dit.parameters()))
+            if movable:
+                dit.to("cpu")
+            pixels = self.vae.decode(latent)[0].float()
+            if movable:
+                dit.to(self.device)
             path = self.folder / f"step{step:08d}" / job.output.name
             write_output(path, pixels, self.settings.fps, {**job_metadata(self.settings, self.task, job), "step": step})
             written.append(path)

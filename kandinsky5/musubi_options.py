@@ -1,0 +1,104 @@
+"""musubi-tuner options that change nothing here: accepted, with one notice each saying why and what
+to use instead, so a musubi-tuner command line or --config_file runs unchanged.
+
+Options with a musubi-tuner meaning that this toolkit implements are ordinary options of the scripts;
+this module holds only the ones that have no effect here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# option -> (argparse keywords, why it changes nothing here / what to use instead)
+TRAINING_NOTICES: dict[str, tuple[dict, str]] = {
+    "--guidance_scale": (
+        {"type": float},
+        "Kandinsky 5 has no embedded guidance input (that is HunyuanVideo's); training ignores it",
+    ),
+    "--ddp_static_graph": (
+        {"action": "store_true"},
+        "no DDP wrapper is used here: the LoRA's gradients are averaged over the processes directly",
+    ),
+    "--ddp_gradient_as_bucket_view": (
+        {"action": "store_true"},
+        "no DDP wrapper is used here: the LoRA's gradients are averaged over the processes directly",
+    ),
+    "--split_attn": (
+        {"action": "store_true"},
+        "attention already runs per sample's own text length (masked or varlen); nothing to split",
+    ),
+    "--block_swap_ring_size": (
+        {"type": int},
+        "block swap here keeps one block in flight and prefetches the next on a side stream; no ring to size",
+    ),
+    "--block_swap_h2d_only": (
+        {"action": "store_true"},
+        "swapped blocks here are frozen weights that never go back to the CPU: transfers are host-to-device only",
+    ),
+    "--use_pinned_memory_for_block_swap": (
+        {"action": "store_true"},
+        "swapped blocks are always kept in pinned memory on CUDA here",
+    ),
+    "--img_in_txt_in_offloading": (
+        {"action": "store_true"},
+        "HunyuanVideo's img_in/txt_in layers do not exist in Kandinsky 5; use --blocks_to_swap",
+    ),
+    "--disable_numpy_memmap": (
+        {"action": "store_true"},
+        "checkpoints are read tensor by tensor with plain reads here, never memory-mapped",
+    ),
+    "--fp8_scaled": (
+        {"action": "store_true"},
+        "--fp8_base already stores block-scaled fp8 weights (one scale per 64 values); use --fp8_base",
+    ),
+    "--i2v_mode": (
+        {"action": "store_true"},
+        "the task decides image-to-video training: use an I2V task, e.g. --task k5-lite-i2v-5s-sd",
+    ),
+    "--nabla_add_sta": (
+        {"action": "store_true"},
+        "the NABLA tasks' presets set add_sta as the official configs do (see --task and docs/attention.md)",
+    ),
+    "--no_vae_load": (
+        {"action": "store_true"},
+        "training never loads the VAE, except for --sample_prompts",
+    ),
+    "--override_dit": (
+        {},
+        "give the checkpoint to train on with --dit",
+    ),
+}
+GENERATION_NOTICES: dict[str, tuple[dict, str]] = {
+    "--fp8_scaled": (
+        {"action": "store_true"},
+        "--fp8_base already stores block-scaled fp8 weights (one scale per 64 values); use --fp8_base",
+    ),
+    "--fp8_fast": (
+        {"action": "store_true"},
+        "fp8 weights are widened to the compute dtype for each matmul here (no fp8 matmul); --fp8_base is the "
+        "memory saver",
+    ),
+    "--disable_numpy_memmap": (
+        {"action": "store_true"},
+        "checkpoints are read tensor by tensor with plain reads here, never memory-mapped",
+    ),
+}
+
+
+def add_notice_options(parser: argparse.ArgumentParser, notices: dict[str, tuple[dict, str]], title: str) -> None:
+    group = parser.add_argument_group(title, "accepted so that musubi-tuner command lines run; each says why")
+    for option, (keywords, why) in notices.items():
+        group.add_argument(option, default=None, help=f"no effect here: {why}", **keywords)
+
+
+def announce_notices(args: argparse.Namespace, notices: dict[str, tuple[dict, str]]) -> list[str]:
+    """Print one line per given option that changes nothing here; returns the lines."""
+    lines = []
+    for option, (_, why) in notices.items():
+        value = getattr(args, option.removeprefix("--"), None)
+        if value not in (None, False):
+            lines.append(f"note: {option} changes nothing here: {why}")
+    for line in lines:
+        print(line, file=sys.stderr)
+    return lines
