@@ -15,7 +15,7 @@ from kandinsky5.training.sharding import FsdpSettings, fsdp_settings
 
 from .generation_helpers import accelerate_launch
 from .media_factory import caption, write_image
-from .training_helpers import ROOT, train_args
+from .training_helpers import ROOT, sampling_args, train_args
 
 FSDP_CONFIG = ROOT / "examples" / "accelerate" / "fsdp.yaml"
 DDP_CONFIG = ROOT / "examples" / "accelerate" / "ddp.yaml"
@@ -84,16 +84,9 @@ def test_fsdp_in_bf16_with_checkpointing_samples_and_validation(tiny_tree, cache
         str(video_only),
         "--validate_every_n_steps",
         "1",
-        "--sample_prompts",
-        str(prompts),
         "--sample_every_n_steps",
         "2",
-        "--vae",
-        str(tiny_tree / "vae"),
-        "--text_encoder_qwen",
-        str(tiny_tree / "text_encoder"),
-        "--text_encoder_clip",
-        str(tiny_tree / "text_encoder2"),
+        *sampling_args(tiny_tree, prompts),
     ]
     fsdp = launch(
         accelerate_launch(2, *train_args(tiny_tree, config, tmp_path / "fsdp", *options), config_file=FSDP_CONFIG)

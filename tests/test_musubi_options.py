@@ -352,9 +352,14 @@ def test_show_timesteps_draws_the_picture_and_stops(tiny_tree, cached_dataset, t
     _, _, video_only = cached_dataset
     out = tmp_path / "out"
     kandinsky5_train_network.main(
-        train_args(tiny_tree, video_only, out, "--show_timesteps", "image", "--weighting_scheme", "sigma_sqrt")
-    )
+        train_args(tiny_tree, video_only, out, "--show_timesteps", "image", "--weighting_scheme", "sigma_sqrt",
+                   "--logging_dir", str(tmp_path / "logs"))
+    )  # fmt: skip
     assert (out / "timesteps.png").is_file() and not (out / "lora.safetensors").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [EventAccumulator(str(p.parent)).Reload() for p in (tmp_path / "logs").rglob("events.out.tfevents.*")]
+    assert any("timesteps" in e.Tags()["images"] for e in events)  # and in the tracker
     kandinsky5_train_network.main(train_args(tiny_tree, video_only, out, "--show_timesteps", "console"))
     assert capsys.readouterr().out.count("weight") >= 50
 
@@ -389,3 +394,54 @@ def test_log_prefix_log_config_and_tracker_config(tiny_tree, cached_dataset, tmp
     assert list(run.tags) == ["walk", "k5"] and run.notes == "first try" and run.project == "k5_network_train"
     config = {item.key: item.value_json for r in records if r.HasField("config") for item in r.config.update}
     assert config["timestep_sampling"] == '"shift"' and config["max_train_steps"] == "1"
+
+
+def test_resume_from_huggingface_takes_the_state_from_the_hub_cache(tiny_tree, cached_dataset, tmp_path):
+    """The state is looked up through huggingface_hub (a pre-filled cache, offline), then resumed."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from .test_download import cache_repo
+    from .training_helpers import ROOT
+
+    _, _, video_only = cached_dataset
+    first = tmp_path / "first"
+    kandinsky5_train_network.main(
+        train_args(tiny_tree, video_only, first, "--max_train_steps", "3", "--save_every_n_steps", "2", "--save_state")
+    )
+    state = first / "lora-step00000002-state"
+    cache = tmp_path / "hub"
+    cache_repo(cache, "someone/walk-lora", {f"states/{p.name}": p.read_bytes() for p in state.iterdir()})
+    resumed = tmp_path / "resumed"
+    command = [
+        sys.executable,
+        str(ROOT / "kandinsky5_train_network.py"),
+        *train_args(tiny_tree, video_only, resumed, "--max_train_steps", "3"),
+        "--resume",
+        "someone/walk-lora/states",
+        "--resume_from_huggingface",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2" in result.stdout
+    a, b = load_file(str(first / "lora.safetensors")), load_file(str(resumed / "lora.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # continued exactly, as from the local folder
+    shutil.rmtree(cache)
+
+
+def test_sample_vae_dtype_and_dit_offload_leave_training_unchanged(tiny_tree, cached_dataset, tmp_path):
+    from .training_helpers import sampling_args
+
+    _, _, video_only = cached_dataset
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --f 5 --s 2\n")
+    common = ["--max_train_steps", "2", "--sample_every_n_steps", "1", *sampling_args(tiny_tree, prompts)]
+    kandinsky5_train_network.main(train_args(tiny_tree, video_only, tmp_path / "a", *common))
+    options = ["--vae_dtype", "bfloat16", "--offload_dit_during_sampling"]
+    kandinsky5_train_network.main(train_args(tiny_tree, video_only, tmp_path / "b", *common, *options))
+    a, b = load_file(str(tmp_path / "a/lora.safetensors")), load_file(str(tmp_path / "b/lora.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "b/sample/step00000002/000_42.mp4").is_file()

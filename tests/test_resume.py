@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import kandinsky5_train_network
 
 from .generation_helpers import accelerate_launch
-from .training_helpers import ROOT, train_args
+from .training_helpers import ROOT, sampling_args, train_args
 
 STEADY = ["--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--network_dropout", "0.1"]
 
@@ -126,18 +126,7 @@ def test_two_processes_train_the_same_lora_and_write_it_once(tiny_tree, cached_d
     _, config, _ = cached_dataset
     out, prompts = tmp_path / "out", tmp_path / "prompts.txt"
     prompts.write_text("a cat --f 5 --s 2\n")
-    sampling = [
-        "--sample_prompts",
-        str(prompts),
-        "--sample_every_n_steps",
-        "2",
-        "--vae",
-        str(tiny_tree / "vae"),
-        "--text_encoder_qwen",
-        str(tiny_tree / "text_encoder"),
-        "--text_encoder_clip",
-        str(tiny_tree / "text_encoder2"),
-    ]
+    sampling = ["--sample_every_n_steps", "2", *sampling_args(tiny_tree, prompts)]
     command = accelerate_launch(
         2,
         *train_args(tiny_tree, config, out, "--max_train_steps", "3", "--save_every_n_steps", "2", *sampling),

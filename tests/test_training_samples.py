@@ -7,7 +7,7 @@ import pytest
 import kandinsky5_train_network
 from kandinsky5.inference.prompt_file import PromptFileError, parse_prompt_line, read_prompt_file
 
-from .training_helpers import ROOT, train_args
+from .training_helpers import ROOT, sampling_args, train_args
 from .wandb_records import logged
 
 
@@ -15,19 +15,6 @@ def frame_count(path) -> tuple[int, int, int]:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         return sum(1 for _ in container.decode(video=0)), stream.width, stream.height
-
-
-def sampling_args(tiny_tree, prompts):
-    return [
-        "--sample_prompts",
-        str(prompts),
-        "--text_encoder_qwen",
-        str(tiny_tree / "text_encoder"),
-        "--text_encoder_clip",
-        str(tiny_tree / "text_encoder2"),
-        "--vae",
-        str(tiny_tree / "vae"),
-    ]
 
 
 def test_samples_during_training_follow_the_prompt_file_and_reach_tensorboard(tiny_tree, cached_dataset, tmp_path):

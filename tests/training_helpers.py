@@ -117,3 +117,17 @@ def fixed_noise_loss(
             )
         losses.append(flow_matching_loss(prediction, x0, noise).item())
     return sum(losses) / len(losses)
+
+
+def sampling_args(tiny_tree, prompts):
+    """The options of samples during training: the prompt file and the tiny tree's encoders and VAE."""
+    return [
+        "--sample_prompts",
+        str(prompts),
+        "--text_encoder_qwen",
+        str(tiny_tree / "text_encoder"),
+        "--text_encoder_clip",
+        str(tiny_tree / "text_encoder2"),
+        "--vae",
+        str(tiny_tree / "vae"),
+    ]

@@ -440,6 +440,14 @@ def train(args: argparse.Namespace) -> Path:
             lambda t: loss_weights(args.weighting_scheme, t),
             (height, width),
         )
+        if drawn is not None and trackers and main:  # the picture goes to the trackers too
+            import numpy as np
+            from PIL import Image
+
+            start_trackers(accelerator, trackers, args, {"task": task.name})
+            picture = torch.from_numpy(np.asarray(Image.open(drawn).convert("RGB"))).permute(2, 0, 1)
+            SampleLog(accelerator, trackers)("timesteps", drawn, picture, 0, video=False)
+            accelerator.end_training()
         return drawn or Path(args.output_dir)
     fingerprint = samples_fingerprint(datasets)
     data = EpochBatches(datasets, args.seed, accelerator.process_index, accelerator.num_processes)
