@@ -45,6 +45,8 @@ NOT_RUN = {
     "accelerate launch --config_file examples/accelerate/fsdp_two_nodes.yaml": "needs two machines",
     "accelerate launch --multi_gpu --num_machines 2": "needs two machines",
     "... --sample_prompts": "options to add to a training command ('...')",
+    ". .venv/bin/activate && python kandinsky5_gui.py": "serves the web UI until stopped (tests/test_gui.py serves it)",
+    "python kandinsky5_gui.py": "serves the web UI until stopped (tests/test_gui.py serves it)",
     "python -m kandinsky5.download": "downloads tens of GB (tests/test_download.py runs it offline on a pre-filled "
     "Hugging Face cache)",
 }

@@ -1,0 +1,78 @@
+"""A web UI for generation and LoRA tools, in the browser (gradio).
+
+    python kandinsky5_gui.py                 # http://127.0.0.1:7860, weights as in docs/weights.md
+    python kandinsky5_gui.py --tiny          # try it offline with the tiny random models
+
+Each page is a form over the same entry points the scripts have: Generate runs
+kandinsky5_generate_video.py's, LoRA runs `python -m kandinsky5.lora_tools`'s; paths are checked with
+the scripts' own messages. It listens on 127.0.0.1 only, unless --host says otherwise; --share (a
+public gradio link) is off unless asked for. Training from the UI is not there yet: use the commands
+of docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+# nothing leaves this machine: gradio's usage statistics and version check stay off
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    p.add_argument("--output_dir", default="outputs", help="where generated files go (default outputs)")
+    p.add_argument(
+        "--tiny",
+        nargs="?",
+        const="weights_tiny",
+        help="use the tiny random models (written to this folder, default weights_tiny, if missing) and the "
+        "tiny-t2v task: everything runs offline on a CPU in seconds",
+    )
+    return p
+
+
+def tiny_defaults(folder: Path) -> dict:
+    from kandinsky5.tiny import build_tiny_tree
+
+    if not (folder / "model").is_dir():
+        build_tiny_tree(folder)
+    return {
+        "task": "tiny-t2v",
+        "dit": str(folder / "model" / "tiny_t2v.safetensors"),
+        "vae": str(folder / "vae"),
+        "text_encoder_qwen": str(folder / "text_encoder"),
+        "text_encoder_clip": str(folder / "text_encoder2"),
+        "frames": 9,
+        "steps": 4,
+        "dtype": "float32",
+    }
+
+
+def build_app(defaults: dict, output_dir: Path):
+    import gradio as gr
+
+    from kandinsky5.gui import generate_page, lora_page
+
+    with gr.Blocks(title="Kandinsky 5 toolkit") as app:
+        gr.Markdown("# Kandinsky 5 toolkit")
+        with gr.Tab("Generate"):
+            generate_page.build(defaults, output_dir)
+        with gr.Tab("LoRA"):
+            lora_page.build()
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    defaults = tiny_defaults(Path(args.tiny)) if args.tiny else {}
+    app = build_app(defaults, Path(args.output_dir))
+    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()
