@@ -4,10 +4,11 @@
     python kandinsky5_gui.py --tiny          # try it offline with the tiny random models
 
 Each page is a form over the same entry points the scripts have: Generate runs
-kandinsky5_generate_video.py's, LoRA runs `python -m kandinsky5.lora_tools`'s; paths are checked with
-the scripts' own messages. It listens on 127.0.0.1 only, unless --host says otherwise; --share (a
-public gradio link) is off unless asked for. Training from the UI is not there yet: use the commands
-of docs/training.md.
+kandinsky5_generate_video.py's; Train writes a project's captions and dataset config, runs both
+caching scripts and launches kandinsky5_train_network.py as its own process (closing the page does
+not stop it), with live curves, samples, stop and resume; LoRA runs `python -m kandinsky5.lora_tools`.
+Paths are checked with the scripts' own messages. It listens on 127.0.0.1 only, unless --host says
+otherwise; --share (a public gradio link) is off unless asked for.
 """
 
 from __future__ import annotations
@@ -50,18 +51,24 @@ def tiny_defaults(folder: Path) -> dict:
         "frames": 9,
         "steps": 4,
         "dtype": "float32",
+        "resolution": 64,
+        "train_steps": 4,
+        "every": 2,
+        "project": "projects/tiny_lora",
     }
 
 
 def build_app(defaults: dict, output_dir: Path):
     import gradio as gr
 
-    from kandinsky5.gui import generate_page, lora_page
+    from kandinsky5.gui import generate_page, lora_page, train_page
 
     with gr.Blocks(title="Kandinsky 5 toolkit") as app:
         gr.Markdown("# Kandinsky 5 toolkit")
         with gr.Tab("Generate"):
-            generate_page.build(defaults, output_dir)
+            lora_box = generate_page.build(defaults, output_dir)
+        with gr.Tab("Train"):
+            train_page.build(defaults, lora_box)
         with gr.Tab("LoRA"):
             lora_page.build()
     return app
@@ -69,6 +76,8 @@ def build_app(defaults: dict, output_dir: Path):
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    # the files gradio serves are copied under the output folder, not into the system's temp folder
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(args.output_dir) / ".gradio"))
     defaults = tiny_defaults(Path(args.tiny)) if args.tiny else {}
     app = build_app(defaults, Path(args.output_dir))
     app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)

@@ -27,3 +27,9 @@ if [ ! -f .venv/share/qwen.tiktoken ]; then
 open('.venv/share/qwen.tiktoken', 'wb').write(z.read('dashscope/resources/qwen.tiktoken'))" "$download"
     rm -rf "$download"
 fi
+# Debian's chromium and its driver, for the web UI's browser test (tests/test_gui.py skips, saying
+# so, where they cannot be installed: not root, or no apt)
+if ! command -v chromedriver > /dev/null && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    (apt-get update -q > /dev/null 2>&1 || true)
+    apt-get install -y -q chromium chromium-driver > /dev/null 2>&1 || echo "note: chromium could not be installed; the browser test will be skipped"
+fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import av
 import pytest
@@ -76,3 +77,118 @@ def test_lora_conversion_from_the_page(served, tiny_tree, tmp_path):
     target = tmp_path / "walk_diffusers.safetensors"
     client.predict("to-diffusers", str(lora), str(target), api_name="/lora_convert")
     assert target.is_file()
+
+
+def wait_for(check, timeout: float = 240.0, every: float = 1.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"waited {timeout:.0f} s in vain")
+
+
+def test_train_page_builds_a_dataset_caches_trains_stops_and_resumes(served, tiny_tree, tmp_path):
+    import time
+
+    from gradio_client import handle_file
+
+    from kandinsky5.gui import project as projects
+
+    from .media_factory import write_image
+
+    client, _ = served
+    folder = str(tmp_path / "project")
+    media = [write_image(tmp_path / f"shot{i}.png", 64, 64, seed=i) for i in range(2)]
+    rows = client.predict(folder, [handle_file(str(p)) for p in media], api_name="/add_media")
+    assert [row[0] for row in rows["data"]] == ["shot0.png", "shot1.png"]
+    table = {"headers": ["file", "caption"], "data": [["shot0.png", "a red fox"], ["shot1.png", "a blue fox"]]}
+    assert client.predict(folder, table, api_name="/save_captions") == "2 captions saved"
+    config = client.predict(folder, "image", 64, 9, api_name="/write_config")
+    assert "image_directory" in config and (tmp_path / "project/dataset.toml").read_text().strip() == config.strip()
+    report = client.predict(folder, "tiny-t2v", str(tiny_tree / "vae"), str(tiny_tree / "text_encoder"),
+                            str(tiny_tree / "text_encoder2"), api_name="/cache")  # fmt: skip
+    assert report.count("cached 2") == 2, report
+
+    run = [folder, "tiny-t2v", str(tiny_tree / "model/tiny_t2v.safetensors"), str(tiny_tree / "vae"),
+           str(tiny_tree / "text_encoder"), str(tiny_tree / "text_encoder2"), "80 GB", 20, 1e-3, 4,
+           "a fox --f 5 --s 2", 5]  # fmt: skip
+    assert "training started" in client.predict(*run, api_name="/start_training")
+    project = projects.Project(tmp_path / "project")
+    wait_for(lambda: len(projects.curves(project).get("loss/current", [])) >= 2)
+    began = time.monotonic()
+    loss, _, samples, text, _ = client.predict(folder, api_name="/status")  # answered while a step runs
+    assert time.monotonic() - began < 2.0
+    assert len(loss["data"]) >= 2 and "steps/s" in text
+    wait_for(lambda: projects.latest_samples(project))
+    assert "stopping" in client.predict(folder, api_name="/stop_training")
+    wait_for(lambda: not projects.running(project))
+    assert projects.latest_state(project) is not None
+    assert "resumed" in client.predict(folder, api_name="/resume_training")
+    wait_for(lambda: not projects.running(project) and (project.output / "lora.safetensors").exists())
+    log = project.log_file.read_text()
+    assert "interrupted at step" in log and "resuming from" in log  # stopped with a state, then continued
+    steps = [step for step, _ in projects.curves(project)["loss/current"]]
+    assert max(steps) == 20
+    *_, loras = client.predict(folder, api_name="/status")
+    assert str(project.output / "lora.safetensors") in loras["choices"][-1] or loras
+
+
+def browser():
+    """Headless Debian chromium driven by selenium, or a skip saying what is missing."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/setup.sh installs them as root)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1600",
+    ):
+        options.add_argument(flag)  # fmt: skip
+    from selenium.webdriver.chrome.service import Service
+
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_in_a_real_browser_every_page_shows_and_a_generated_video_appears(served, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client, _ = served
+    shots = Path(os.environ.get("KANDINSKY5_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    page = browser()
+    try:
+        page.get(client.src)
+        wait = WebDriverWait(page, 120)
+        prompt = wait.until(seen.element_to_be_clickable((By.CSS_SELECTOR, "textarea[data-testid='textbox']")))
+        prompt.send_keys("a red fox in the snow")
+        primary = page.find_elements(By.CSS_SELECTOR, "button.primary")
+        page.execute_script("arguments[0].click()", next(b for b in primary if b.text.strip() == "Generate"))
+        try:
+            wait.until(lambda p: p.find_elements(By.CSS_SELECTOR, "video[src]"))  # the result plays in the page
+        finally:
+            page.save_screenshot(str(shots / "gui_generate.png"))
+        for tab, marker in (("Train", "Start"), ("LoRA", "Convert")):
+            tabs = page.find_elements(By.XPATH, f"//button[normalize-space()='{tab}']")
+            page.execute_script("arguments[0].click()", next(t for t in tabs if t.is_displayed()))
+            wait.until(seen.visibility_of_element_located((By.XPATH, f"//button[normalize-space()='{marker}']")))
+            page.save_screenshot(str(shots / f"gui_{tab.lower()}.png"))
+    finally:
+        page.quit()
+    assert {p.name for p in shots.glob("gui_*.png")} == {"gui_generate.png", "gui_train.png", "gui_lora.png"}

@@ -3,7 +3,6 @@ own entry point, so a generation here is the command line's to the bit."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def generation_argv(settings: dict, output: Path) -> list[str]:
     for option in ("width", "height", "frames", "steps"):
         if settings.get(option):
             argv += [f"--{option}", str(int(settings[option]))]
-    if settings.get("guidance") is not None and settings.get("guidance") != "":
+    if settings.get("guidance"):  # an empty field (shown as 0): the task's guidance
         argv += ["--guidance", str(settings["guidance"])]
     if settings.get("fp8"):
         argv.append("--fp8_base")
@@ -56,8 +55,9 @@ def past_results(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def build(defaults: dict, output_folder: Path) -> None:
-    """The page's widgets, inside the caller's gr.Blocks; ``defaults``: initial field values."""
+def build(defaults: dict, output_folder: Path):
+    """The page's widgets, inside the caller's gr.Blocks; ``defaults``: initial field values. Returns
+    the LoRA box, which the Train page fills with a finished LoRA."""
     fields = [
         "task",
         "prompt",
@@ -131,7 +131,4 @@ def build(defaults: dict, output_folder: Path) -> None:
 
     run.click(generate, inputs, [video, picture, settings_out, gallery], api_name="generate")
     vram.change(lambda t, v: generation_preset(t, v), [task, vram], [fp8, blocks])
-
-
-def settings_json(settings: dict) -> str:
-    return json.dumps(settings, indent=2)
+    return loras

@@ -1,0 +1,245 @@
+"""A training project folder, as the Train page keeps it, and the steps the page runs on it.
+
+    <project>/media/          the images or videos, each with <name>.txt as its caption
+    <project>/dataset.toml    the dataset config (written from the page)
+    <project>/cache/          latent and text caches
+    <project>/output/         LoRA files, states, samples (output/sample/step.../)
+    <project>/logs/           tensorboard logs: the loss and learning-rate curves
+    <project>/train.log       what the training process prints; <project>/train.pid its process id
+
+Caching runs the caching scripts' entry points; training runs as a process of its own session
+(python kandinsky5_train_network.py), so closing the browser or stopping the UI does not stop it, and
+Stop sends it SIGINT: it saves a state to resume from and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".gif"}
+PROGRESS = re.compile(r"training:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[([^<\]]*)<([^,\]]*),\s*([\d.]+)(s/step|step/s)")
+# --mixed_precision, --fp8_base, --blocks_to_swap, --gradient_checkpointing per model family and GPU memory
+TRAINING_PRESETS = {
+    "Lite": {
+        "80 GB": [],
+        "48 GB": [],
+        "24 GB": ["--gradient_checkpointing"],
+        "16 GB": ["--gradient_checkpointing", "--fp8_base"],
+        "12 GB": ["--gradient_checkpointing", "--fp8_base"],
+    },
+    "Pro": {
+        "80 GB": ["--gradient_checkpointing"],
+        "48 GB": ["--gradient_checkpointing", "--fp8_base"],
+        "24 GB": [
+            "--fp8_base",
+            "--blocks_to_swap",
+            "30",
+            "--gradient_checkpointing",
+            "--gradient_checkpointing_cpu_offload",
+        ],
+        "16 GB": [
+            "--fp8_base",
+            "--blocks_to_swap",
+            "45",
+            "--gradient_checkpointing",
+            "--gradient_checkpointing_cpu_offload",
+        ],
+        "12 GB": [
+            "--fp8_base",
+            "--blocks_to_swap",
+            "60",
+            "--gradient_checkpointing",
+            "--gradient_checkpointing_cpu_offload",
+        ],
+    },
+}
+
+
+@dataclass(frozen=True)
+class Project:
+    folder: Path
+
+    @property
+    def media(self) -> Path:
+        return self.folder / "media"
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "dataset.toml"
+
+    @property
+    def output(self) -> Path:
+        return self.folder / "output"
+
+    @property
+    def logs(self) -> Path:
+        return self.folder / "logs"
+
+    @property
+    def log_file(self) -> Path:
+        return self.folder / "train.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.folder / "train.pid"
+
+
+def add_media(project: Project, files: list[str]) -> list[str]:
+    """Copy images / videos into the project (their captions, if beside them, too); returns their names."""
+    project.media.mkdir(parents=True, exist_ok=True)
+    added = []
+    for name in files:
+        source = Path(name)
+        if source.suffix.lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
+            raise ValueError(
+                f"{source.name}: not an image or video ({', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))})"
+            )
+        shutil.copyfile(source, project.media / source.name)
+        added.append(source.name)
+    return added
+
+
+def caption_rows(project: Project) -> list[list[str]]:
+    """[file, caption] for each medium of the project (an empty caption where none was written)."""
+    rows = []
+    for path in sorted(project.media.glob("*")) if project.media.is_dir() else []:
+        if path.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
+            caption = path.with_suffix(".txt")
+            rows.append([path.name, caption.read_text(encoding="utf-8").strip() if caption.exists() else ""])
+    return rows
+
+
+def save_captions(project: Project, rows: list[list[str]]) -> int:
+    for name, caption in rows:
+        (project.media / Path(name).with_suffix(".txt").name).write_text(str(caption).strip() + "\n", encoding="utf-8")
+    return len(rows)
+
+
+def write_dataset_config(project: Project, kind: str, resolution: int, frames: int) -> str:
+    """The dataset config for the project's media (``kind``: image or video); returns its text."""
+    directory = "image_directory" if kind == "image" else "video_directory"
+    lines = [
+        "[general]",
+        f"resolution = {int(resolution)}",
+        'caption_extension = ".txt"',
+        "enable_bucket = true",
+        "",
+        "[[datasets]]",
+        f'{directory} = "{project.media.as_posix()}"',
+        f'cache_directory = "{(project.folder / "cache").as_posix()}"',
+    ]
+    if kind == "video":
+        lines.append(f"target_frames = [{int(frames)}]")
+    text = "\n".join(lines) + "\n"
+    project.config.write_text(text, encoding="utf-8")
+    return text
+
+
+def running(project: Project) -> bool:
+    if not project.pid_file.exists():
+        return False
+    try:
+        pid = int(project.pid_file.read_text())
+    except ValueError:
+        return False
+    try:  # a run this UI started and that has ended is reaped here (else it would linger as a zombie)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # started by an earlier UI: only the system can tell
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def training_command(project: Project, options: list[str], resume: Path | None = None) -> list[str]:
+    """One training process (accelerate runs inside it); Stop's SIGINT goes straight to it. For several
+    GPUs, use `accelerate launch` on the command line (docs/runs.md)."""
+    command = [sys.executable, str(ROOT / "kandinsky5_train_network.py"), "--dataset_config", str(project.config)]
+    command += ["--output_dir", str(project.output), "--logging_dir", str(project.logs), *options]
+    return command + (["--resume", str(resume)] if resume else [])
+
+
+def start_training(project: Project, options: list[str], resume: Path | None = None) -> int:
+    """Launch training as a process of its own session (it outlives the UI); returns its pid."""
+    if running(project):
+        raise ValueError(f"a training run of {project.folder} is already running")
+    log = open(project.log_file, "a", encoding="utf-8")  # noqa: SIM115 (the child keeps it)
+    process = subprocess.Popen(
+        training_command(project, options, resume),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=project.folder,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
+    )
+    project.pid_file.write_text(str(process.pid))
+    (project.folder / "train.options").write_text("\n".join(options), encoding="utf-8")
+    return process.pid
+
+
+def stop_training(project: Project) -> bool:
+    """Ask the run to stop: it saves a state at the end of its current step and exits."""
+    if not running(project):
+        return False
+    os.kill(int(project.pid_file.read_text()), signal.SIGINT)
+    return True
+
+
+def latest_state(project: Project) -> Path | None:
+    states = [p for p in project.output.glob("*-state") if p.is_dir()] if project.output.is_dir() else []
+    return max(states, key=lambda p: p.stat().st_mtime) if states else None
+
+
+def resume_training(project: Project) -> int:
+    state = latest_state(project)
+    if state is None:
+        raise ValueError(f"no saved state in {project.output} to resume from (Stop saves one)")
+    options_file = project.folder / "train.options"
+    options = options_file.read_text(encoding="utf-8").splitlines() if options_file.exists() else []
+    return start_training(project, [o for o in options if o], resume=state)
+
+
+def progress(project: Project) -> dict:
+    """Step, total, steps per second and time left from the run's progress bar in train.log."""
+    if not project.log_file.exists():
+        return {}
+    text = project.log_file.read_text(encoding="utf-8", errors="replace")
+    found = PROGRESS.findall(text.replace("\r", "\n"))
+    if not found:
+        return {}
+    step, total, elapsed, left, rate, unit = found[-1]
+    per_second = float(rate) if unit == "step/s" else 1.0 / max(float(rate), 1e-9)
+    return {"step": int(step), "total": int(total), "steps_per_second": per_second, "time_left": left.strip()}
+
+
+def curves(project: Project) -> dict[str, list[tuple[int, float]]]:
+    """The logged scalars (loss/current, loss/average, lr, loss/validation) as (step, value) lists."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[str, list[tuple[int, float]]] = {}
+    for events in project.logs.rglob("events.out.tfevents.*") if project.logs.is_dir() else []:
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0}).Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            values.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return {tag: sorted(set(points)) for tag, points in values.items()}
+
+
+def latest_samples(project: Project) -> list[Path]:
+    folders = sorted((project.output / "sample").glob("step*")) if (project.output / "sample").is_dir() else []
+    return sorted(folders[-1].iterdir()) if folders else []
+
+
+def finished_loras(project: Project) -> list[Path]:
+    return sorted(project.output.glob("*.safetensors")) if project.output.is_dir() else []
