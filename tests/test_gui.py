@@ -60,6 +60,10 @@ def test_generate_writes_the_video_and_lists_it(served, tiny_tree):
     with av.open(str(written[0])) as container:
         assert sum(1 for _ in container.decode(video=0)) == 9
     assert len(gallery) == 1
+    settings = client.predict(str(written[0]), api_name="/settings_of")  # read back from the file itself
+    assert settings["prompt"] == "a red fox in the snow" and settings["seed"] == 7 and settings["frames"] == 9
+    again = client.predict(str(written[0]), api_name="/reuse_settings")
+    assert list(again[:2]) == ["tiny-t2v", "a red fox in the snow"] and again[10] == 7  # the form, filled again
 
 
 def test_a_bad_path_shows_the_scripts_message(served, tiny_tree, tmp_path):
@@ -116,6 +120,10 @@ def test_train_page_builds_a_dataset_caches_trains_stops_and_resumes(served, tin
     run = [folder, "tiny-t2v", str(tiny_tree / "model/tiny_t2v.safetensors"), str(tiny_tree / "vae"),
            str(tiny_tree / "text_encoder"), str(tiny_tree / "text_encoder2"), "80 GB", 20, 1e-3, 4,
            "a fox --f 5 --s 2", 5]  # fmt: skip
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="does not exist"):  # the script's message, before any process starts
+        client.predict(*run[:2], str(tmp_path / "missing.safetensors"), *run[3:], api_name="/start_training")
     assert "training started" in client.predict(*run, api_name="/start_training")
     project = projects.Project(tmp_path / "project")
     wait_for(lambda: len(projects.curves(project).get("loss/current", [])) >= 2)

@@ -11,6 +11,7 @@ import gradio as gr
 import kandinsky5_generate_video
 from kandinsky5.gui.presets import VRAM_CHOICES, generation_preset
 from kandinsky5.gui.runs import CommandFailed, run_command
+from kandinsky5.inference.media import read_metadata
 from kandinsky5.model.tasks import TASKS, get_task
 
 MEDIA = (".mp4", ".png")
@@ -53,6 +54,23 @@ def past_results(folder: Path) -> list[Path]:
         return []
     files = [p for p in folder.iterdir() if p.suffix in MEDIA and not p.name.startswith(".")]
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def settings_of(path: str) -> dict:
+    """The settings a result was made with, from the metadata written into the file."""
+    try:
+        return read_metadata(path)
+    except (OSError, KeyError, ValueError) as error:
+        raise gr.Error(f"{path}: no generation settings in this file ({error})") from None
+
+
+def form_values(settings: dict) -> list:
+    """The Generate form's task, prompt, negative prompt, image, LoRAs, width, height, frames, steps,
+    guidance, seed and DiT from a result's settings."""
+    loras = "\n".join(f"{lora['path']}:{lora['multiplier']}" for lora in settings.get("loras", []))
+    keys = ("task", "prompt", "negative_prompt", "image")
+    numbers = ("width", "height", "frames", "steps", "guidance", "seed")
+    return [*(settings.get(k) or "" for k in keys), loras, *(settings.get(k) for k in numbers), settings.get("dit", "")]
 
 
 def build(defaults: dict, output_folder: Path):
@@ -112,6 +130,10 @@ def build(defaults: dict, output_folder: Path):
             picture = gr.Image(label="Image", type="filepath")
             settings_out = gr.JSON(label="Settings of this result")
             gallery = gr.Gallery(label="Past results", value=[str(p) for p in past_results(output_folder)])
+            chosen = gr.Textbox(label="Chosen result", interactive=True)
+            with gr.Row():
+                show = gr.Button("Show its settings")
+                reuse = gr.Button("Use these settings again")
 
     inputs = [task, prompt, negative, image, loras, width, height, frames, steps, guidance, seed, fp8, blocks]
     inputs += [dit, vae, qwen, clip, comfy, dtype]
@@ -130,5 +152,14 @@ def build(defaults: dict, output_folder: Path):
         return *shown, settings, [str(p) for p in past_results(output_folder)]
 
     run.click(generate, inputs, [video, picture, settings_out, gallery], api_name="generate")
+
+    def choose(event: gr.SelectData):
+        results = past_results(output_folder)
+        return str(results[event.index]) if event.index < len(results) else ""
+
+    gallery.select(choose, None, chosen)
+    show.click(settings_of, chosen, settings_out, api_name="settings_of")
+    form = [task, prompt, negative, image, loras, width, height, frames, steps, guidance, seed, dit]
+    reuse.click(lambda path: form_values(settings_of(path)), chosen, form, api_name="reuse_settings")
     vram.change(lambda t, v: generation_preset(t, v), [task, vram], [fp8, blocks])
     return loras

@@ -14,6 +14,7 @@ import kandinsky5_cache_text_encoder_outputs
 from kandinsky5.gui import project as projects
 from kandinsky5.gui.presets import VRAM_CHOICES, family
 from kandinsky5.gui.runs import CommandFailed, run_command
+from kandinsky5.model.checkpoint import checkpoint_files
 from kandinsky5.model.tasks import TASKS
 
 
@@ -57,6 +58,12 @@ def training_options(task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt
 
 def _start(folder, *values) -> str:
     project = _project(folder)
+    if not project.config.exists():
+        raise gr.Error("write the dataset config first")
+    try:  # the message training itself would give, before a process is started for nothing
+        checkpoint_files(values[1])
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
     options = training_options(*values)
     if "PROMPTS" in options:
         prompts = project.folder / "sample_prompts.txt"
