@@ -172,7 +172,7 @@ def browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-def test_in_a_real_browser_every_page_shows_and_a_generated_video_appears(served, tmp_path):
+def test_in_a_real_browser_every_page_shows_a_video_is_generated_and_a_lora_converted(served, tiny_tree, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
     from selenium.webdriver.support.ui import WebDriverWait
@@ -197,6 +197,21 @@ def test_in_a_real_browser_every_page_shows_and_a_generated_video_appears(served
             page.execute_script("arguments[0].click()", next(t for t in tabs if t.is_displayed()))
             wait.until(seen.visibility_of_element_located((By.XPATH, f"//button[normalize-space()='{marker}']")))
             page.save_screenshot(str(shots / f"gui_{tab.lower()}.png"))
+        # on the LoRA page (open now): convert a LoRA by typing its paths and clicking Convert
+        lora, target = tmp_path / "walk.safetensors", tmp_path / "walk_diffusers.safetensors"
+        write_lora(tiny_tree, "tiny-t2v", "tiny_t2v", lora)
+
+        def box(label: str):
+            found = page.find_elements(By.XPATH, f"//label[.//span[normalize-space()='{label}']]//textarea")
+            return next(b for b in found if b.is_displayed())
+
+        box("LoRA file").send_keys(str(lora))
+        box("Output (a file; a folder for to-official)").send_keys(str(target))
+        convert = next(
+            b for b in page.find_elements(By.XPATH, "//button[normalize-space()='Convert']") if b.is_displayed()
+        )
+        page.execute_script("arguments[0].click()", convert)
+        wait.until(lambda p: target.is_file())
     finally:
         page.quit()
     assert {p.name for p in shots.glob("gui_*.png")} == {"gui_generate.png", "gui_train.png", "gui_lora.png"}
