@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from kandinsky5.model.checkpoint import checkpoint_files, read_layout
+from kandinsky5.model.checkpoint import checkpoint_files, linear_shapes, read_layout
 from kandinsky5.model.fp8_checkpoint import rewrite_checkpoint
 from modules.atomic_save import save_safetensors_atomic
 from modules.option_types import FINITE
 from networks.lora_files import LoRAFile, read_lora
-from networks.lora_merge import merge_plan
+from networks.lora_merge import merge_plan, weighted_loras
 
 KOHYA_PREFIX = "lora_unet_"
 
@@ -103,12 +103,8 @@ def to_kohya(lora: LoRAFile, output: Path, dit=None) -> None:
 
 
 def merge(dit: Path, loras: list[Path], multipliers: list[float], output: Path, fp8: bool) -> int:
-    layout = read_layout(checkpoint_files(dit))
-    shapes = {
-        k[: -len(".weight")]: shape for k, (_, _, shape) in layout.items() if k.endswith(".weight") and len(shape) == 2
-    }
-    pairs = [(read_lora(p), multipliers[i] if i < len(multipliers) else 1.0) for i, p in enumerate(loras)]
-    return rewrite_checkpoint(dit, output, fp8=fp8, deltas=merge_plan(pairs, shapes))
+    deltas = merge_plan(weighted_loras(loras, multipliers), linear_shapes(dit))
+    return rewrite_checkpoint(dit, output, fp8=fp8, deltas=deltas)
 
 
 def main(argv: list[str] | None = None) -> None:

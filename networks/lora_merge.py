@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .lora_files import LoRAFile, LoRAFileError, LoRAWeights
+from .lora_files import LoRAFile, LoRAFileError, LoRAWeights, read_lora
 
 
 def resolve_names(lora: LoRAFile, module_names: list[str]) -> dict[str, str]:
@@ -47,6 +47,11 @@ def merge_plan(
         return lambda: sum(m * w.scale * (w.up.float() @ w.down.float()) for w, m in entries)
 
     return {name: delta(entries) for name, entries in parts.items()}
+
+
+def weighted_loras(paths, multipliers) -> list[tuple[LoRAFile, float]]:
+    """Each LoRA file read, with its multiplier (1 where fewer multipliers than files are given)."""
+    return [(read_lora(p), multipliers[i] if i < len(multipliers) else 1.0) for i, p in enumerate(paths)]
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:

@@ -92,6 +92,16 @@ def read_layout(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]
     return {key[len(prefix) :]: (file, key, shape) for key, (file, shape) in raw.items()}
 
 
+def linear_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Module name -> (out, in) of every 2-D weight of a DiT checkpoint, read from its header alone."""
+    layout = read_layout(checkpoint_files(path))
+    return {
+        k.removesuffix(".weight"): shape
+        for k, (_, _, shape) in layout.items()
+        if k.endswith(".weight") and len(shape) == 2
+    }
+
+
 @cache
 def _expected_shapes(params_items: tuple) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):

@@ -12,19 +12,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kandinsky5.model.checkpoint import checkpoint_files, read_layout
+from kandinsky5.model.checkpoint import linear_shapes
 from networks.lora_files import read_lora
-from networks.lora_merge import merge_plan
-
-
-def _linear_shapes(path: str) -> dict[str, tuple[int, int]]:
-    """(out, in) of every Linear weight of a DiT checkpoint, from its header."""
-    layout = read_layout(checkpoint_files(path))
-    return {
-        k.removesuffix(".weight"): shape
-        for k, (_, _, shape) in layout.items()
-        if k.endswith(".weight") and len(shape) == 2
-    }
+from networks.lora_merge import merge_plan, weighted_loras
 
 
 def base_weight_deltas(args: argparse.Namespace) -> dict | None:
@@ -34,12 +24,10 @@ def base_weight_deltas(args: argparse.Namespace) -> dict | None:
     multipliers = list(args.base_weights_multiplier or [])
     if len(multipliers) > len(args.base_weights):
         raise ValueError(f"{len(multipliers)} --base_weights_multiplier values for {len(args.base_weights)} files")
-    pairs = [
-        (read_lora(path), multipliers[i] if i < len(multipliers) else 1.0) for i, path in enumerate(args.base_weights)
-    ]
+    pairs = weighted_loras(args.base_weights, multipliers)
     for path, (_, multiplier) in zip(args.base_weights, pairs, strict=True):
         print(f"merging {path} into the DiT at strength {multiplier:g} before training")
-    return merge_plan(pairs, _linear_shapes(args.dit))
+    return merge_plan(pairs, linear_shapes(args.dit))
 
 
 def network_size_of(path: str | None) -> tuple[int, float]:
