@@ -54,6 +54,7 @@ def tiny_defaults(folder: Path) -> dict:
         "resolution": 64,
         "train_steps": 4,
         "every": 2,
+        "sample_prompt": "a red fox --f 5 --s 2",
         "project": "projects/tiny_lora",
     }
 

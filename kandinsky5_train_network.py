@@ -24,7 +24,7 @@ from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.musubi_options import TRAINING_NOTICES, add_notice_options, announce_notices
 from kandinsky5.training.timesteps import SAMPLINGS, WEIGHTING_SCHEMES
 from kandinsky5.training.trackers import CHOICES as TRACKER_CHOICES
-from kandinsky5.training.train import TrainingInterrupted, train
+from kandinsky5.training.train import TrainingInterrupted, preflight, train
 from modules.optimizers import SCHEDULERS
 from modules.option_types import (
     FINITE,
@@ -364,7 +364,8 @@ def read_config_file(path: str, p: argparse.ArgumentParser) -> dict:
         sys.exit(f"error: --config_file {path}: {error}")
 
 
-def main(argv=None) -> None:
+def arguments(argv=None) -> argparse.Namespace:
+    """The options as training reads them, with every command-line check done (an error exits)."""
     p = parser()
     first, _ = p.parse_known_args(argv)
     if first.config_file:
@@ -388,6 +389,21 @@ def main(argv=None) -> None:
         sys.exit(
             f"error: need 0 <= --min_timestep < --max_timestep, got {args.min_timestep:g} and {args.max_timestep:g}"
         )
+    return args
+
+
+def check(argv=None) -> None:
+    """What a run would refuse before loading a model (options, paths, caches), without training: the web
+    UI calls it before it launches a run, so its messages are this script's."""
+    args = arguments(argv)
+    try:
+        preflight(args)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+
+def main(argv=None) -> None:
+    args = arguments(argv)
     try:
         final = train(args)
     except ValueError as error:

@@ -15,6 +15,7 @@ pytest.importorskip("gradio", reason="the web UI needs gradio (pip install -e '.
 
 import kandinsky5_gui  # noqa: E402
 
+from .media_factory import write_image  # noqa: E402
 from .test_acceptance_docs import write_lora  # noqa: E402
 
 
@@ -83,7 +84,30 @@ def test_lora_conversion_from_the_page(served, tiny_tree, tmp_path):
     assert target.is_file()
 
 
-def wait_for(check, timeout: float = 240.0, every: float = 1.0):
+def test_start_refuses_with_trainings_own_message_before_a_process_starts(served, tiny_tree, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from kandinsky5.gui import project as projects
+
+    client, _ = served
+    folder = tmp_path / "project"
+    write_image(tmp_path / "shot.png", 64, 64, seed=0)
+    client.predict(str(folder), [handle_file(str(tmp_path / "shot.png"))], api_name="/add_media")
+    client.predict(str(folder), "image", 64, 9, api_name="/write_config")
+    run = [str(folder), "tiny-t2v", str(tiny_tree / "model/tiny_t2v.safetensors"), str(tiny_tree / "vae"),
+           str(tiny_tree / "text_encoder"), str(tiny_tree / "text_encoder2"), "80 GB", 20, 1e-3, 4, "", 5,
+           1]  # fmt: skip
+    with pytest.raises(AppError, match="run the caching commands first"):
+        client.predict(*run, api_name="/start_training")
+    with pytest.raises(AppError, match="DiT checkpoint .*missing.safetensors does not exist"):
+        client.predict(*run[:2], str(tmp_path / "missing.safetensors"), *run[3:], api_name="/start_training")
+    with pytest.raises(AppError, match="--sample_prompts needs the text encoders and the VAE: --vae .*absent"):
+        client.predict(*run[:3], str(tmp_path / "absent"), *run[4:10], "a fox", 5, 1, api_name="/start_training")
+    assert not projects.Project(folder).pid_file.exists()  # no process was started
+
+
+def wait_for(check, timeout: float = 240.0, every: float = 0.5):
     import time
 
     deadline = time.monotonic() + timeout
@@ -93,56 +117,6 @@ def wait_for(check, timeout: float = 240.0, every: float = 1.0):
             return value
         time.sleep(every)
     raise AssertionError(f"waited {timeout:.0f} s in vain")
-
-
-def test_train_page_builds_a_dataset_caches_trains_stops_and_resumes(served, tiny_tree, tmp_path):
-    import time
-
-    from gradio_client import handle_file
-
-    from kandinsky5.gui import project as projects
-
-    from .media_factory import write_image
-
-    client, _ = served
-    folder = str(tmp_path / "project")
-    media = [write_image(tmp_path / f"shot{i}.png", 64, 64, seed=i) for i in range(2)]
-    rows = client.predict(folder, [handle_file(str(p)) for p in media], api_name="/add_media")
-    assert [row[0] for row in rows["data"]] == ["shot0.png", "shot1.png"]
-    table = {"headers": ["file", "caption"], "data": [["shot0.png", "a red fox"], ["shot1.png", "a blue fox"]]}
-    assert client.predict(folder, table, api_name="/save_captions") == "2 captions saved"
-    config = client.predict(folder, "image", 64, 9, api_name="/write_config")
-    assert "image_directory" in config and (tmp_path / "project/dataset.toml").read_text().strip() == config.strip()
-    report = client.predict(folder, "tiny-t2v", str(tiny_tree / "vae"), str(tiny_tree / "text_encoder"),
-                            str(tiny_tree / "text_encoder2"), api_name="/cache")  # fmt: skip
-    assert report.count("cached 2") == 2, report
-
-    run = [folder, "tiny-t2v", str(tiny_tree / "model/tiny_t2v.safetensors"), str(tiny_tree / "vae"),
-           str(tiny_tree / "text_encoder"), str(tiny_tree / "text_encoder2"), "80 GB", 300, 1e-3, 4,
-           "a fox --f 5 --s 2", 25]  # fmt: skip
-    from gradio_client.exceptions import AppError
-
-    with pytest.raises(AppError, match="does not exist"):  # the script's message, before any process starts
-        client.predict(*run[:2], str(tmp_path / "missing.safetensors"), *run[3:], api_name="/start_training")
-    assert "training started" in client.predict(*run, api_name="/start_training")
-    project = projects.Project(tmp_path / "project")
-    wait_for(lambda: len(projects.curves(project).get("loss/current", [])) >= 2)
-    began = time.monotonic()
-    loss, _, samples, text, _ = client.predict(folder, api_name="/status")  # answered while a step runs
-    assert time.monotonic() - began < 2.0
-    assert len(loss["data"]) >= 2 and "steps/s" in text
-    wait_for(lambda: projects.latest_samples(project), every=0.1)  # tiny steps are fast: stop well before 300
-    assert "stopping" in client.predict(folder, api_name="/stop_training")
-    wait_for(lambda: not projects.running(project))
-    assert projects.latest_state(project) is not None
-    assert "resumed" in client.predict(folder, api_name="/resume_training")
-    wait_for(lambda: not projects.running(project) and (project.output / "lora.safetensors").exists())
-    log = project.log_file.read_text()
-    assert "interrupted at step" in log and "resuming from" in log  # stopped with a state, then continued
-    steps = [step for step, _ in projects.curves(project)["loss/current"]]
-    assert max(steps) == 300
-    *_, loras = client.predict(folder, api_name="/status")
-    assert str(project.output / "lora.safetensors") in loras["choices"][-1] or loras
 
 
 def browser():
@@ -172,6 +146,36 @@ def browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+def field(page, label: str):
+    """The text box or number input under ``label``, as a user finds it."""
+    from selenium.webdriver.common.by import By
+
+    found = page.find_elements(
+        By.XPATH, f"//label[.//span[normalize-space()='{label}']]//*[self::textarea or self::input]"
+    )
+    return next(b for b in found if b.is_displayed())
+
+
+def type_into(page, label: str, text) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    box = field(page, label)
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(text))
+    box.send_keys(Keys.TAB)  # leaving the box is what sends its value
+
+
+def click(page, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    buttons = page.find_elements(By.XPATH, f"//button[normalize-space()='{text}']")
+    page.execute_script("arguments[0].click()", next(b for b in buttons if b.is_displayed()))
+
+
+def open_tab(page, tab: str) -> None:
+    click(page, tab)
+
+
 def test_in_a_real_browser_every_page_shows_a_video_is_generated_and_a_lora_converted(served, tiny_tree, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
@@ -193,25 +197,142 @@ def test_in_a_real_browser_every_page_shows_a_video_is_generated_and_a_lora_conv
         finally:
             page.save_screenshot(str(shots / "gui_generate.png"))
         for tab, marker in (("Train", "Start"), ("LoRA", "Convert")):
-            tabs = page.find_elements(By.XPATH, f"//button[normalize-space()='{tab}']")
-            page.execute_script("arguments[0].click()", next(t for t in tabs if t.is_displayed()))
+            open_tab(page, tab)
             wait.until(seen.visibility_of_element_located((By.XPATH, f"//button[normalize-space()='{marker}']")))
-            page.save_screenshot(str(shots / f"gui_{tab.lower()}.png"))
+            if tab == "LoRA":
+                page.save_screenshot(str(shots / "gui_lora.png"))
         # on the LoRA page (open now): convert a LoRA by typing its paths and clicking Convert
         lora, target = tmp_path / "walk.safetensors", tmp_path / "walk_diffusers.safetensors"
         write_lora(tiny_tree, "tiny-t2v", "tiny_t2v", lora)
 
-        def box(label: str):
-            found = page.find_elements(By.XPATH, f"//label[.//span[normalize-space()='{label}']]//textarea")
-            return next(b for b in found if b.is_displayed())
-
-        box("LoRA file").send_keys(str(lora))
-        box("Output (a file; a folder for to-official)").send_keys(str(target))
-        convert = next(
-            b for b in page.find_elements(By.XPATH, "//button[normalize-space()='Convert']") if b.is_displayed()
-        )
-        page.execute_script("arguments[0].click()", convert)
+        type_into(page, "LoRA file", lora)
+        type_into(page, "Output (a file; a folder for to-official)", target)
+        click(page, "Convert")
         wait.until(lambda p: target.is_file())
     finally:
         page.quit()
-    assert {p.name for p in shots.glob("gui_*.png")} == {"gui_generate.png", "gui_train.png", "gui_lora.png"}
+    assert {"gui_generate.png", "gui_lora.png"} <= {p.name for p in shots.glob("gui_*.png")}
+
+
+def plotted_points(page, plot: int) -> int:
+    """How many points the ``plot``-th line chart of the page draws (its vega line path's vertices)."""
+    from selenium.webdriver.common.by import By
+
+    charts = [c for c in page.find_elements(By.CSS_SELECTOR, "div.vega-embed") if c.is_displayed()]
+    if len(charts) <= plot:
+        return 0
+    lines = charts[plot].find_elements(By.CSS_SELECTOR, "g.mark-line path")
+    return sum(1 + (line.get_attribute("d") or "").count("L") for line in lines)
+
+
+def test_in_a_real_browser_a_dataset_is_built_cached_trained_watched_stopped_and_resumed(served, tmp_path):
+    """A user's Train page walk: media uploaded, captions typed into the table, the config written, both
+    caches made, a run started that the page watches (curve points, a sample, steps/s) and that stays
+    answerable, then Stop (a state is saved) and Resume to the end, and the LoRA offered."""
+    import time
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from kandinsky5.gui import project as projects
+
+    client, _ = served
+    shots = Path(os.environ.get("KANDINSKY5_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    media = [write_image(tmp_path / f"shot{i}.png", 64, 64, seed=i) for i in range(2)]
+    project = projects.Project(tmp_path / "project")
+    page = browser()
+    page.set_window_size(1400, 2600)
+    try:
+        page.get(client.src)
+        wait_for(lambda: page.find_elements(By.XPATH, "//button[normalize-space()='Train']"))
+        open_tab(page, "Train")
+        type_into(page, "Project folder", project.folder)
+        upload = page.find_elements(By.CSS_SELECTOR, "input[type=file][multiple]")[0]
+        upload.send_keys("\n".join(str(m) for m in media))
+        wait_for(lambda: len(page.find_elements(By.XPATH, "//td[contains(@class, 'filename')]")) == 2)
+        click(page, "Add to the project")
+        cell = wait_for(lambda: page.find_elements(By.CSS_SELECTOR, "[data-testid='cell-1-0']"))[0]
+        assert cell.text == "shot1.png"
+        for row, caption in ((0, "a red fox"), (1, "a blue fox")):
+            ActionChains(page).double_click(
+                page.find_element(By.CSS_SELECTOR, f"[data-testid='cell-{row}-1']")
+            ).perform()
+            editor = wait_for(lambda: page.find_elements(By.CSS_SELECTOR, "textarea[aria-label='Edit cell']"))[0]
+            editor.send_keys(caption, Keys.ENTER)
+        click(page, "Save captions")
+        wait_for(lambda: (project.media / "shot1.txt").exists() and (project.media / "shot1.txt").read_text())
+        assert (project.media / "shot0.txt").read_text() == "a red fox\n"
+        assert (project.media / "shot1.txt").read_text() == "a blue fox\n"
+        image = page.find_elements(By.XPATH, "//label[.//input[@type='radio' and @value='image']]")
+        page.execute_script("arguments[0].click()", next(r for r in image if r.is_displayed()))
+        click(page, "Write the dataset config")
+        wait_for(lambda: project.config.exists() and "image_directory" in project.config.read_text())
+        click(page, "Cache latents and captions")
+        summary = wait_for(lambda: field(page, "Caching summary").get_attribute("value").count("cached 2") == 2)
+        assert summary and "failed 0" in field(page, "Caching summary").get_attribute("value")
+
+        type_into(page, "Steps", 300)  # tiny steps are fast: enough of them that Stop lands mid-run
+        type_into(page, "Save (and sample) every N steps", 25)
+        type_into(page, "Sample prompt (empty: no samples)", "a fox --f 5 --s 2")
+        click(page, "Start")
+        wait_for(lambda: "training started" in page.find_element(By.TAG_NAME, "body").text)
+        first = wait_for(lambda: plotted_points(page, 0), every=0.1)
+        wait_for(lambda: plotted_points(page, 0) > first, every=0.1)  # the curve gains points as it runs
+        began = time.monotonic()
+        *_, text, _ = client.predict(str(project.folder), api_name="/status")  # answered while steps run
+        assert time.monotonic() - began < 2.0 and "steps/s" in text
+        wait_for(lambda: page.find_elements(By.CSS_SELECTOR, ".gallery-item video, .gallery-item img"))
+        assert "steps/s" in page.find_element(By.TAG_NAME, "body").text and plotted_points(page, 1)
+        page.save_screenshot(str(shots / "gui_train.png"))
+        click(page, "Stop (saves a state)")
+        wait_for(lambda: "not running" in page.find_element(By.TAG_NAME, "body").text)
+        assert "interrupted at step" in project.log_file.read_text()
+        click(page, "Resume")
+        wait_for(lambda: "resumed" in page.find_element(By.TAG_NAME, "body").text)
+        wait_for(lambda: (project.output / "lora.safetensors").exists() and not projects.running(project))
+        lora = str(project.output / "lora.safetensors")
+        offered = page.find_element(By.CSS_SELECTOR, "input[aria-label='Finished LoRAs']")
+        wait_for(lambda: offered.get_attribute("value") == lora)  # offered to the Generate page
+    finally:
+        page.quit()
+    log = project.log_file.read_text()
+    assert "resuming from" in log and max(step for step, _ in projects.curves(project)["loss/current"]) == 300
+
+
+def test_a_run_on_two_processes_is_launched_through_accelerate_stopped_with_a_state_and_resumed(
+    served, tiny_tree, tmp_path
+):
+    """GPUs = 2: accelerate launch --multi_gpu (two CPU processes over gloo here); Stop asks both
+    training processes, which agree on the step, save one state and exit; Resume relaunches both."""
+    from gradio_client import handle_file
+
+    from kandinsky5.gui import project as projects
+
+    client, _ = served
+    project = projects.Project(tmp_path / "project")
+    folder = str(project.folder)
+    media = [write_image(tmp_path / f"shot{i}.png", 64, 64, seed=i) for i in range(2)]
+    captions = [path.with_suffix(".txt") for path in media]
+    for path, caption in zip(captions, ("a red fox", "a blue fox"), strict=True):
+        path.write_text(caption)
+    rows = client.predict(folder, [handle_file(str(p)) for p in media + captions], api_name="/add_media")
+    assert rows["data"] == [["shot0.png", "a red fox"], ["shot1.png", "a blue fox"]]  # captions uploaded along
+    client.predict(folder, "image", 64, 9, api_name="/write_config")
+    client.predict(folder, "tiny-t2v", str(tiny_tree / "vae"), str(tiny_tree / "text_encoder"),
+                   str(tiny_tree / "text_encoder2"), api_name="/cache")  # fmt: skip
+    run = [folder, "tiny-t2v", str(tiny_tree / "model/tiny_t2v.safetensors"), "", "", "", "80 GB", 100, 1e-3, 4,
+           "", 25, 2]  # fmt: skip
+    assert "training started" in client.predict(*run, api_name="/start_training")
+    assert "accelerate.commands.launch" in open(f"/proc/{project.pid_file.read_text()}/cmdline").read()
+    wait_for(lambda: len(projects.curves(project).get("loss/current", [])) >= 2, every=0.1)
+    assert "stopping" in client.predict(folder, api_name="/stop_training")
+    wait_for(lambda: not projects.running(project))
+    log = project.log_file.read_text()
+    assert log.count("stopping after this step") == 2  # each training process was asked
+    assert "interrupted at step" in log and projects.latest_state(project) is not None
+    assert "resumed" in client.predict(folder, api_name="/resume_training")
+    wait_for(lambda: not projects.running(project) and (project.output / "lora.safetensors").exists())
+    log = project.log_file.read_text()
+    assert "resuming from" in log and max(step for step, _ in projects.curves(project)["loss/current"]) == 100

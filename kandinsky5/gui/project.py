@@ -6,14 +6,17 @@
     <project>/output/         LoRA files, states, samples (output/sample/step.../)
     <project>/logs/           tensorboard logs: the loss and learning-rate curves
     <project>/train.log       what the training process prints; <project>/train.pid its process id
+    <project>/train.json      the run's options and process count, for Resume
 
 Caching runs the caching scripts' entry points; training runs as a process of its own session
-(python kandinsky5_train_network.py), so closing the browser or stopping the UI does not stop it, and
-Stop sends it SIGINT: it saves a state to resume from and exits.
+(python kandinsky5_train_network.py, or accelerate launch for several GPUs), so closing the browser
+or stopping the UI does not stop it, and Stop sends it SIGINT: it saves a state to resume from and
+exits.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -68,6 +71,9 @@ TRAINING_PRESETS = {
 class Project:
     folder: Path
 
+    def __post_init__(self):  # absolute: the training process runs in the project folder, not the UI's
+        object.__setattr__(self, "folder", Path(self.folder).resolve())
+
     @property
     def media(self) -> Path:
         return self.folder / "media"
@@ -92,20 +98,22 @@ class Project:
     def pid_file(self) -> Path:
         return self.folder / "train.pid"
 
+    @property
+    def run_file(self) -> Path:
+        return self.folder / "train.json"
+
 
 def add_media(project: Project, files: list[str]) -> list[str]:
-    """Copy images / videos into the project (their captions, if beside them, too); returns their names."""
+    """Copy images / videos into the project, and captions given as <name>.txt files with them;
+    returns the names of the media."""
     project.media.mkdir(parents=True, exist_ok=True)
-    added = []
+    known = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS | {".txt"}
+    for name in files:  # all checked before any is copied
+        if Path(name).suffix.lower() not in known:
+            raise ValueError(f"{Path(name).name}: not an image, video or caption ({', '.join(sorted(known))})")
     for name in files:
-        source = Path(name)
-        if source.suffix.lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
-            raise ValueError(
-                f"{source.name}: not an image or video ({', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))})"
-            )
-        shutil.copyfile(source, project.media / source.name)
-        added.append(source.name)
-    return added
+        shutil.copyfile(name, project.media / Path(name).name)
+    return [Path(name).name for name in files if Path(name).suffix.lower() != ".txt"]
 
 
 def caption_rows(project: Project) -> list[list[str]]:
@@ -163,21 +171,32 @@ def running(project: Project) -> bool:
         return False
 
 
-def training_command(project: Project, options: list[str], resume: Path | None = None) -> list[str]:
-    """One training process (accelerate runs inside it); Stop's SIGINT goes straight to it. For several
-    GPUs, use `accelerate launch` on the command line (docs/runs.md)."""
-    command = [sys.executable, str(ROOT / "kandinsky5_train_network.py"), "--dataset_config", str(project.config)]
-    command += ["--output_dir", str(project.output), "--logging_dir", str(project.logs), *options]
-    return command + (["--resume", str(resume)] if resume else [])
+def training_arguments(project: Project, options: list[str], resume: Path | None = None) -> list[str]:
+    """The training script's command-line options for a run of this project."""
+    arguments = ["--dataset_config", str(project.config), "--output_dir", str(project.output)]
+    arguments += ["--logging_dir", str(project.logs), *options]
+    return arguments + (["--resume", str(resume)] if resume else [])
 
 
-def start_training(project: Project, options: list[str], resume: Path | None = None) -> int:
-    """Launch training as a process of its own session (it outlives the UI); returns its pid."""
+def training_command(project: Project, options: list[str], resume: Path | None = None, processes: int = 1) -> list[str]:
+    """One process, or ``accelerate launch --multi_gpu`` with one process per GPU."""
+    script = str(ROOT / "kandinsky5_train_network.py")
+    if processes > 1:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
+        launcher += ["--num_processes", str(processes), "--dynamo_backend", "no", script]
+    else:
+        launcher = [sys.executable, script]
+    return launcher + training_arguments(project, options, resume)
+
+
+def start_training(project: Project, options: list[str], resume: Path | None = None, processes: int = 1) -> int:
+    """Launch training as a process of its own session (it outlives the UI); returns its pid. The
+    options and process count are kept in train.json for Resume."""
     if running(project):
         raise ValueError(f"a training run of {project.folder} is already running")
     log = open(project.log_file, "a", encoding="utf-8")  # noqa: SIM115 (the child keeps it)
     process = subprocess.Popen(
-        training_command(project, options, resume),
+        training_command(project, options, resume, processes),
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=project.folder,
@@ -185,15 +204,33 @@ def start_training(project: Project, options: list[str], resume: Path | None = N
         env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
     )
     project.pid_file.write_text(str(process.pid))
-    (project.folder / "train.options").write_text("\n".join(options), encoding="utf-8")
+    project.run_file.write_text(json.dumps({"options": options, "processes": processes}, indent=1), encoding="utf-8")
     return process.pid
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # the name, in parentheses, may hold spaces: the parent id is the second field after it
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def stop_training(project: Project) -> bool:
-    """Ask the run to stop: it saves a state at the end of its current step and exits."""
+    """Ask the run to stop: it saves a state at the end of its current step and exits. Under
+    accelerate launch the training processes are asked, not the launcher, which would give them only
+    a short time before killing them."""
     if not running(project):
         return False
-    os.kill(int(project.pid_file.read_text()), signal.SIGINT)
+    pid = int(project.pid_file.read_text())
+    several = json.loads(project.run_file.read_text(encoding="utf-8")).get("processes", 1) > 1
+    for target in (_children(pid) if several else []) or [pid]:
+        os.kill(target, signal.SIGINT)
     return True
 
 
@@ -206,9 +243,10 @@ def resume_training(project: Project) -> int:
     state = latest_state(project)
     if state is None:
         raise ValueError(f"no saved state in {project.output} to resume from (Stop saves one)")
-    options_file = project.folder / "train.options"
-    options = options_file.read_text(encoding="utf-8").splitlines() if options_file.exists() else []
-    return start_training(project, [o for o in options if o], resume=state)
+    if not project.run_file.exists():
+        raise ValueError(f"{project.run_file} is missing: start the run again from the page")
+    run = json.loads(project.run_file.read_text(encoding="utf-8"))
+    return start_training(project, run["options"], resume=state, processes=run["processes"])
 
 
 def progress(project: Project) -> dict:

@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 
 
 class CommandFailed(Exception):
     pass
 
 
+class _Copied(io.StringIO):
+    """Keeps what is written and passes it on (progress bars still reach the terminal)."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def run_command(main, argv: list[str]) -> str:
     """``main(argv)`` of a script, as the command line runs it; returns what it printed. Its ``error:``
     exit (bad paths, options) becomes CommandFailed with the same message."""
-    printed = io.StringIO()
+    printed, complaints = io.StringIO(), _Copied(sys.stderr)
     try:
-        with contextlib.redirect_stdout(printed):
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(complaints):
             main(argv)
     except SystemExit as stop:
-        if stop.code not in (0, None):
-            message = stop.code if isinstance(stop.code, str) else printed.getvalue().strip().splitlines()[-1:]
-            raise CommandFailed(str(message[0] if isinstance(message, list) and message else message)) from None
+        if stop.code not in (0, None):  # sys.exit("error: ...") or argparse's "prog: error: ..." on stderr
+            said = complaints.getvalue().strip().splitlines() or printed.getvalue().strip().splitlines()
+            message = stop.code if isinstance(stop.code, str) else (said[-1] if said else f"exit status {stop.code}")
+            raise CommandFailed(message) from None
     return printed.getvalue()

@@ -11,10 +11,10 @@ import pandas as pd
 
 import kandinsky5_cache_latents
 import kandinsky5_cache_text_encoder_outputs
+import kandinsky5_train_network
 from kandinsky5.gui import project as projects
 from kandinsky5.gui.presets import VRAM_CHOICES, family
 from kandinsky5.gui.runs import CommandFailed, run_command
-from kandinsky5.model.checkpoint import checkpoint_files
 from kandinsky5.model.tasks import TASKS
 
 
@@ -45,6 +45,8 @@ def _cache(folder, task, vae, qwen, clip) -> str:
 
 
 def training_options(task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt, every) -> list[str]:
+    # absolute paths: typed relative to where the UI runs, read by a process running in the project folder
+    dit, vae, qwen, clip = (str(Path(p).resolve()) if (p or "").strip() else "" for p in (dit, vae, qwen, clip))
     options = ["--task", task, "--dit", dit, "--max_train_steps", str(int(steps)), "--learning_rate", str(rate)]
     options += ["--network_dim", str(int(rank)), "--save_every_n_steps", str(int(every)), "--save_state"]
     options += ["--max_data_loader_n_workers", "0", *projects.TRAINING_PRESETS[family(task)][vram]]
@@ -57,20 +59,22 @@ def training_options(task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt
 
 
 def _start(folder, *values) -> str:
+    *values, processes = values
+    processes = max(1, int(processes or 1))
     project = _project(folder)
     if not project.config.exists():
         raise gr.Error("write the dataset config first")
-    try:  # the message training itself would give, before a process is started for nothing
-        checkpoint_files(values[1])
-    except ValueError as error:
-        raise gr.Error(str(error)) from None
     options = training_options(*values)
     if "PROMPTS" in options:
         prompts = project.folder / "sample_prompts.txt"
         prompts.write_text(values[-2].strip() + "\n", encoding="utf-8")
         options[options.index("PROMPTS")] = str(prompts)
+    try:  # training's own checks and messages (paths, caches, options), before a process starts for nothing
+        run_command(kandinsky5_train_network.check, projects.training_arguments(project, options))
+    except CommandFailed as failure:
+        raise gr.Error(str(failure)) from None
     try:
-        pid = projects.start_training(project, options)
+        pid = projects.start_training(project, options, processes=processes)
     except ValueError as error:
         raise gr.Error(str(error)) from None
     return f"training started (process {pid}); it goes on if this page closes"
@@ -102,7 +106,9 @@ def build(defaults: dict, lora_target=None) -> None:
     with gr.Row():
         with gr.Column():
             gr.Markdown("**1. Media and captions**")
-            uploads = gr.File(label="Images or videos", file_count="multiple", type="filepath")
+            uploads = gr.File(
+                label="Images or videos (and <name>.txt captions)", file_count="multiple", type="filepath"
+            )
             add = gr.Button("Add to the project")
             table = gr.Dataframe(
                 headers=["file", "caption"], datatype=["str", "str"], label="Captions", interactive=True
@@ -130,7 +136,10 @@ def build(defaults: dict, lora_target=None) -> None:
                 steps = gr.Number(label="Steps", value=defaults.get("train_steps", 1600), precision=0)
                 rate = gr.Number(label="Learning rate", value=1e-4)
                 rank = gr.Number(label="Rank", value=16, precision=0)
-            prompt = gr.Textbox(label="Sample prompt (empty: no samples)", value="")
+            processes = gr.Number(
+                label="GPUs (more than 1: accelerate launch --multi_gpu, one process each)", value=1, precision=0
+            )
+            prompt = gr.Textbox(label="Sample prompt (empty: no samples)", value=defaults.get("sample_prompt", ""))
             every = gr.Number(label="Save (and sample) every N steps", value=defaults.get("every", 250), precision=0)
             with gr.Row():
                 start = gr.Button("Start", variant="primary")
@@ -140,7 +149,7 @@ def build(defaults: dict, lora_target=None) -> None:
             progress_text = gr.Markdown()
             loss_plot = gr.LinePlot(x="step", y="loss", title="Loss")
             rate_plot = gr.LinePlot(x="step", y="learning rate", title="Learning rate")
-            samples = gr.Gallery(label="Latest samples")
+            samples = gr.Gallery(label="Latest samples", columns=4, height=280)
             loras = gr.Dropdown([], label="Finished LoRAs", allow_custom_value=True)
             use = gr.Button("Use in Generate")
 
@@ -165,7 +174,7 @@ def build(defaults: dict, lora_target=None) -> None:
         api_name="write_config",
     )
     cache.click(_cache, [folder, task, vae, qwen, clip], cache_report, api_name="cache")
-    run_inputs = [folder, task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt, every]
+    run_inputs = [folder, task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt, every, processes]
     start.click(_start, run_inputs, message, api_name="start_training")
     stop.click(
         lambda f: (

@@ -30,7 +30,7 @@ from dataset.config import load_dataset_config
 from dataset.training_data import EpochBatches, EpochOrder, find_samples, load_batch, samples_fingerprint
 from kandinsky5.inference.denoiser import i2i_channels, i2v_channels, t2v_channels
 from kandinsky5.model.attention import attention_backend, check_backend
-from kandinsky5.model.checkpoint import load_dit
+from kandinsky5.model.checkpoint import checkpoint_files, load_dit
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import TaskPreset
 from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents
@@ -380,16 +380,46 @@ def check_latent_kind(datasets, task: TaskPreset) -> None:
                 )
 
 
+def preflight(args: argparse.Namespace) -> list:
+    """Every check that needs neither a model nor the accelerator, in the order a run meets them; returns
+    the datasets with their cached samples. train() starts with it and the web UI runs it before it
+    launches a run, so both give the same message."""
+    refuse_unavailable(args)
+    check_backend(attention_backend(args))  # its package; whether it runs on the device is checked there
+    if fsdp_settings():  # accelerate launch with an FSDP config
+        check_fsdp_options(args, args.mixed_precision)
+    plain_name(args.output_name, "--output_name")
+    check_writable_folder(args.output_dir, "--output_dir")
+    if args.logging_dir:
+        check_writable_folder(args.logging_dir, "--logging_dir")
+    if args.sample_prompts:
+        check_sample_paths(args, args.task)
+    checkpoint_files(args.dit)
+    datasets = [find_samples(d) for d in load_dataset_config(args.dataset_config)]
+    if not any(entry.samples for entry in datasets):
+        folders = ", ".join(str(e.dataset.cache_directory) for e in datasets)
+        foreign = [found for e in datasets for found in foreign_caches(e.dataset.cache_directory)]
+        if foreign:
+            path, tool = foreign[0]
+            raise TrainingError(
+                f"no training samples of this toolkit in {folders}, but {len(foreign)} cache files of another "
+                f"tool, such as {path} ({tool}'s cache, another layout, not read here): run this toolkit's caching "
+                "commands (they write *_k5tk.safetensors beside those and leave them alone)"
+            )
+        raise TrainingError(f"no training samples (latent + text caches) in {folders}: run the caching commands first")
+    check_latent_kind(datasets, args.task)
+    return datasets
+
+
 def train(args: argparse.Namespace) -> Path:
     task = args.task
-    refuse_unavailable(args)
+    datasets = preflight(args)
     trackers = chosen_trackers(args)
     log_with = trackers or None
     # Several processes without CUDA (accelerate launch --multi_gpu --num_processes N on a CPU machine): gloo.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     fsdp = fsdp_settings()  # accelerate launch with an FSDP config: the DiT and LoRA are sharded
     if fsdp:
-        check_fsdp_options(args, args.mixed_precision)
         if fsdp.activation_checkpointing and not args.gradient_checkpointing:
             print("FSDP config: fsdp_activation_checkpointing: true, so --gradient_checkpointing is on")
             args.gradient_checkpointing = True
@@ -403,35 +433,16 @@ def train(args: argparse.Namespace) -> Path:
     set_seed(args.seed)
     device, main = accelerator.device, accelerator.is_main_process
     check_backend(attention_backend(args), device)  # before anything loads
-    plain_name(args.output_name, "--output_name")
-    check_writable_folder(args.output_dir, "--output_dir")
-    if args.logging_dir:
-        check_writable_folder(args.logging_dir, "--logging_dir")
     if main:
         remove_leftovers(args.output_dir)  # hidden files of saves that were killed
-    if args.sample_prompts:
-        check_sample_paths(args, task)
 
     # data
-    datasets = [find_samples(d) for d in load_dataset_config(args.dataset_config)]
     for entry in datasets:
         if entry.without_text and main:
             print(
                 f"warning: {len(entry.without_text)} latent caches of {entry.dataset.name} have no text cache; "
                 "run kandinsky5_cache_text_encoder_outputs.py"
             )
-    if not any(entry.samples for entry in datasets):
-        folders = ", ".join(str(e.dataset.cache_directory) for e in datasets)
-        foreign = [found for e in datasets for found in foreign_caches(e.dataset.cache_directory)]
-        if foreign:
-            path, tool = foreign[0]
-            raise TrainingError(
-                f"no training samples of this toolkit in {folders}, but {len(foreign)} cache files of another "
-                f"tool, such as {path} ({tool}'s cache, another layout, not read here): run this toolkit's caching "
-                "commands (they write *_k5tk.safetensors beside those and leave them alone)"
-            )
-        raise TrainingError(f"no training samples (latent + text caches) in {folders}: run the caching commands first")
-    check_latent_kind(datasets, task)
     if args.show_timesteps:  # musubi-tuner's meaning: show what training would draw, then stop
         _, height, width, _ = next(s for e in datasets for s in e.samples).shape
         drawn = show_timesteps(
@@ -536,7 +547,8 @@ def train(args: argparse.Namespace) -> Path:
         position, rng_states = load_state(args.resume, network, optimizer, scheduler)
         if position.data_fingerprint != fingerprint and main:
             print(f"warning: the training data changed since {args.resume} was saved")
-        print(f"resuming from {args.resume}: step {position.step}, epoch {position.epoch}")
+        if main:
+            print(f"resuming from {args.resume}: step {position.step}, epoch {position.epoch}")
     started = time.time()
     upload = HubUpload(args)
     checkpoints = Checkpoints(
