@@ -138,3 +138,42 @@ def test_two_processes_train_the_same_lora_and_write_it_once(tiny_tree, cached_d
     assert sorted(p.name for p in out.iterdir()) == ["lora-step00000002.safetensors", "lora.safetensors", "sample"]
     assert result.stdout.count("saved ") == 2  # each file written by the main process only
     assert [p.name for p in (out / "sample" / "step00000002").iterdir()] == ["000_42.mp4"]  # sampled once
+
+
+def test_an_fp16_runs_loss_scale_is_saved_with_the_state_and_restored(tiny_tree, tmp_path):
+    """fp16 on a GPU: accelerate's optimizer wrapper carries a GradScaler whose scale has come down from
+    65536 by the time a state is saved; the resumed run goes on with that scale, not a new one. (No
+    GPU here: the same wrapper around a CPU GradScaler.)"""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+
+    from kandinsky5.training import training_state
+
+    from .test_hostile_input import _position, _tiny_network
+
+    def wrapped():
+        network = _tiny_network(tiny_tree)
+        optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=65536.0, growth_interval=7)
+        scaler.scale(torch.ones(1))  # the scale exists once the first loss was scaled
+        wrapper = AcceleratedOptimizer(optimizer, device_placement=False, scaler=scaler)
+        return network, wrapper, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    Accelerator(cpu=True)  # the state the wrapper reads
+    try:
+        network, optimizer, scheduler = wrapped()
+        optimizer.scaler.update(new_scale=512.0)  # where overflowing steps have brought it
+        training_state.save_state(tmp_path / "state", network, {}, optimizer, scheduler, _position())
+        assert (tmp_path / "state" / "scaler.pt").is_file()
+        network, resumed, scheduler = wrapped()
+        assert resumed.scaler.get_scale() == 65536.0
+        training_state.load_state(tmp_path / "state", network, resumed, scheduler)
+        assert resumed.scaler.get_scale() == 512.0 and resumed.scaler.get_growth_interval() == 7
+        plain = torch.optim.AdamW(network.parameters(), lr=1e-3)  # a bf16 run resuming it: nothing to restore
+        training_state.load_state(
+            tmp_path / "state", network, plain, torch.optim.lr_scheduler.LambdaLR(plain, lambda s: 1)
+        )
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # the wrapper made one; later tests make their own

@@ -29,6 +29,7 @@ from modules.sharded_tensors import is_sharded, shaped_like, whole
 from networks.lora_kandinsky import LoRANetwork
 
 STATE_FILE = "train_state.json"
+SCALER_FILE = "scaler.pt"
 
 
 @dataclass
@@ -91,6 +92,7 @@ def save_state(
 ) -> None:
     """Every process calls this; only where ``write`` is set is the folder written."""
     lora, optimizer_state, rng = network.kohya_state_dict(), whole_optimizer_state(optimizer), rng_states()
+    scaler = gradient_scaler(optimizer)
     if not write:
         return
     folder = Path(folder)
@@ -100,6 +102,8 @@ def save_state(
         _save_pt(optimizer_state, tmp / "optimizer.pt")
         _save_pt(scheduler.state_dict(), tmp / "scheduler.pt")
         _save_pt(rng, tmp / "rng.pt")
+        if scaler is not None:
+            _save_pt(scaler.state_dict(), tmp / SCALER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(position), indent=2))
         sync_tree(tmp)
         # an old state is moved aside, the new one renamed in, and only then the old one deleted:
@@ -112,6 +116,12 @@ def save_state(
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gradient_scaler(optimizer):
+    """fp16 on a GPU: the loss scale accelerate's optimizer wrapper keeps (None otherwise). A resumed
+    run without it would start again from 65536 and skip steps until the scale came back down."""
+    return getattr(optimizer, "scaler", None)
 
 
 def _save_pt(value, path: Path) -> None:
@@ -167,12 +177,17 @@ def load_state(folder: Path, network: LoRANetwork, optimizer, scheduler) -> tupl
     optimizer_state, scheduler_state, rng = (
         _load_pickle_free(folder, name) for name in ("optimizer.pt", "scheduler.pt", "rng.pt")
     )
+    # saved by an fp16 run; an fp16 run resuming a state without it starts from a new scale
+    scaler_state = _load_pickle_free(folder, SCALER_FILE) if (folder / SCALER_FILE).exists() else None
     if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
         raise StateError(f"--resume {folder}: rng.pt holds no random number generator state")
     network.load_weights(folder / "lora.safetensors")
     try:
         optimizer.load_state_dict(sharded_optimizer_state(optimizer, optimizer_state))
         scheduler.load_state_dict(scheduler_state)
+        scaler = gradient_scaler(optimizer)
+        if scaler is not None and scaler_state is not None:
+            scaler.load_state_dict(scaler_state)
     except (KeyError, ValueError, TypeError) as error:
         raise StateError(
             f"--resume {folder}: the optimizer or schedule state does not fit this run ({error})"
