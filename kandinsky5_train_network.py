@@ -259,16 +259,21 @@ def parser() -> argparse.ArgumentParser:
         "--save_every_n_steps", type=POSITIVE_INT, help="save <name>-step<step:08d>.safetensors every N steps"
     )
     out.add_argument("--save_last_n_epochs", type=POSITIVE_INT, help="keep only the last N epoch files")
-    out.add_argument("--save_last_n_steps", type=POSITIVE_INT, help="keep only the last N step files")
+    out.add_argument(
+        "--save_last_n_steps",
+        type=POSITIVE_INT,
+        help="keep only the step files of the last N steps (musubi-tuner's meaning: N counts steps, not files; "
+        "--save_every_n_steps 100 --save_last_n_steps 300 keeps 4 files)",
+    )
     out.add_argument(
         "--save_last_n_epochs_state",
         type=POSITIVE_INT,
-        help="keep the last N epoch states",
+        help="keep the last N epoch states (default: as --save_last_n_epochs)",
     )
     out.add_argument(
         "--save_last_n_steps_state",
         type=POSITIVE_INT,
-        help="keep the last N step states",
+        help="keep the step states of the last N steps (default: as --save_last_n_steps)",
     )
     out.add_argument(
         "--save_precision", choices=["float", "fp16", "bf16"], default="float", help="dtype of the saved LoRA files"

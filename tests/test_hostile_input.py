@@ -106,14 +106,16 @@ def test_rotation_deletes_only_what_this_run_wrote(tiny_tree, cached_dataset, tm
     _, _, video_only = cached_dataset
     out = tmp_path / "out"
     train(tiny_tree, video_only, out, "--max_train_steps", "2", "--save_every_n_steps", "1", "--save_state")
-    resumed = ["--save_every_n_steps", "1", "--save_last_n_steps", "1", "--max_train_steps", "4"]
+    resumed = ["--save_every_n_steps", "1", "--save_last_n_steps", "1", "--max_train_steps", "5"]
     train(tiny_tree, video_only, out, *resumed, "--resume", str(out / "lora-step00000002-state"))
     names = sorted(p.name for p in out.glob("*.safetensors"))
-    # steps 1 and 2 are the first run's: kept; step 3 was this run's and rotated out by step 4
+    # the saves of the last step are kept (musubi's meaning: at step 5, step 3 goes): steps 1 and 2 are
+    # the first run's and stay; step 3 was this run's and is rotated out
     assert names == [
         "lora-step00000001.safetensors",
         "lora-step00000002.safetensors",
         "lora-step00000004.safetensors",
+        "lora-step00000005.safetensors",
         "lora.safetensors",
     ]
     assert (out / "lora-step00000002-state").is_dir()

@@ -118,7 +118,7 @@ def test_a_musubi_command_line_and_config_file_train_and_each_notice_is_printed_
     with pytest.warns(UserWarning, match="could not upload"):
         kandinsky5_train_network.main(
             train_args(
-                tiny_tree, video_only, out, "--max_train_steps", "3", "--config_file", str(config), *MUSUBI_COMMAND
+                tiny_tree, video_only, out, "--max_train_steps", "4", "--config_file", str(config), *MUSUBI_COMMAND
             )
         )
     notes = capsys.readouterr().err
@@ -130,12 +130,15 @@ def test_a_musubi_command_line_and_config_file_train_and_each_notice_is_printed_
     assert metadata["modelspec.title"] == "Walk" and metadata["modelspec.license"] == "apache-2.0"
     assert metadata["modelspec.resolution"] == "64,64" and metadata["ss_training_comment"] == "walk LoRA"
     names = sorted(p.name for p in out.iterdir())
-    # files of the last 2 steps, the state of the last step only (musubi's *_state rotation)
+    # musubi's rotation, N counting steps: at step 4 the files of steps 2-4 (the save 3 steps back goes) and
+    # the states of steps 3-4 (--save_last_n_steps_state 1: the state 2 steps back goes)
     assert names == [
         "lora-state",
         "lora-step00000002.safetensors",
         "lora-step00000003-state",
         "lora-step00000003.safetensors",
+        "lora-step00000004-state",
+        "lora-step00000004.safetensors",
         "lora.safetensors",
     ]
 

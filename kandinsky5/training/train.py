@@ -285,19 +285,16 @@ class Checkpoints:
             self.upload(folder, is_state=True)
         return folder
 
-    def _rotate(self, name_of, index: int, every: int, keep_files: int | None, keep_states: int | None) -> None:
-        """Remove the file saved ``keep_files`` saves ago and the state saved ``keep_states`` saves ago
-        (musubi-tuner's *_state options keep states apart from files)."""
-        if not self.main:
+    def _remove(self, name: str, part: str) -> None:
+        """Remove the LoRA file (``part`` "file") or the state folder ("state") of an older save, if
+        this run wrote it (musubi's *_state options rotate states apart from files)."""
+        path = self.directory / (f"{name}.safetensors" if part == "file" else f"{name}-state")
+        if not self.main or path not in self.written:
             return
-        if keep_files and index - every * keep_files > 0:
-            file = self.directory / f"{name_of(index - every * keep_files)}.safetensors"
-            if file in self.written:
-                file.unlink(missing_ok=True)
-        if keep_states and index - every * keep_states > 0:
-            folder = self.directory / f"{name_of(index - every * keep_states)}-state"
-            if folder in self.written:
-                remove_old(folder)
+        if part == "file":
+            path.unlink(missing_ok=True)
+        else:
+            remove_old(path)
 
     def after_step(self, position: Position) -> None:
         every, step, args = self.args.save_every_n_steps, position.step, self.args
@@ -305,7 +302,11 @@ class Checkpoints:
             name_of = lambda i: f"{args.output_name}-step{i:08d}"  # noqa: E731
             self._save(name_of(step), position, args.save_state)
             states = args.save_last_n_steps_state or args.save_last_n_steps
-            self._rotate(name_of, step, every, args.save_last_n_steps, states)
+            for keep, part in ((args.save_last_n_steps, "file"), (states, "state")):
+                if keep:  # musubi-tuner's meaning: the saves of the last N steps are kept
+                    old = step - keep - 1
+                    if old - old % every > 0:
+                        self._remove(name_of(old - old % every), part)
 
     def after_epoch(self, epoch: int, position: Position, last: bool) -> None:
         every, args = self.args.save_every_n_epochs, self.args
@@ -313,7 +314,9 @@ class Checkpoints:
             name_of = lambda i: f"{args.output_name}-{i:06d}"  # noqa: E731
             self._save(name_of(epoch), position, args.save_state)
             states = args.save_last_n_epochs_state or args.save_last_n_epochs
-            self._rotate(name_of, epoch, every, args.save_last_n_epochs, states)
+            for keep, part in ((args.save_last_n_epochs, "file"), (states, "state")):
+                if keep and epoch - every * keep > 0:  # the last N epoch saves are kept
+                    self._remove(name_of(epoch - every * keep), part)
 
     def final(self, position: Position) -> Path:
         return self._save(self.args.output_name, position, self.args.save_state or self.args.save_state_on_train_end)
