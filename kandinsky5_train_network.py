@@ -14,6 +14,7 @@ See docs/training.md.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -414,7 +415,8 @@ def main(argv=None) -> None:
     except ValueError as error:
         sys.exit(f"error: {error}")
     except TrainingInterrupted as stopped:
-        print(stopped, file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every process stops; the first one says so
+            print(stopped, file=sys.stderr)
         sys.exit(130)
     print(f"done: {final}")
 
