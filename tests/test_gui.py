@@ -107,6 +107,26 @@ def test_start_refuses_with_trainings_own_message_before_a_process_starts(served
     assert not projects.Project(folder).pid_file.exists()  # no process was started
 
 
+def test_caching_lists_a_broken_file_with_its_reason_and_caches_the_rest(served, tiny_tree, tmp_path):
+    from gradio_client import handle_file
+
+    client, _ = served
+    folder = str(tmp_path / "project")
+    good = write_image(tmp_path / "good.png", 64, 64, seed=0)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    client.predict(folder, [handle_file(str(good)), handle_file(str(broken))], api_name="/add_media")
+    table = {"headers": ["file", "caption"], "data": [["broken.png", "a fox"], ["good.png", "a fox"]]}
+    client.predict(folder, table, api_name="/save_captions")
+    client.predict(folder, "image", 64, 9, api_name="/write_config")
+    report = client.predict(folder, "tiny-t2v", str(tiny_tree / "vae"), str(tiny_tree / "text_encoder"),
+                            str(tiny_tree / "text_encoder2"), api_name="/cache")  # fmt: skip
+    latents, *failures, captions = report.splitlines()
+    assert latents.startswith("latents: cached 1,") and "failed 1" in latents
+    assert len(failures) == 1 and "broken.png" in failures[0]  # the script's per-item line, with its reason
+    assert captions.startswith("captions: cached 2,")
+
+
 def wait_for(check, timeout: float = 240.0, every: float = 0.5):
     import time
 

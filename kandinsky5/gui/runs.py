@@ -8,7 +8,11 @@ import sys
 
 
 class CommandFailed(Exception):
-    pass
+    """A script's error exit: its message, and what it printed before (a caching summary, say)."""
+
+    def __init__(self, message: str, printed: str = ""):
+        super().__init__(message)
+        self.printed = printed
 
 
 class _Copied(io.StringIO):
@@ -37,5 +41,5 @@ def run_command(main, argv: list[str]) -> str:
         if stop.code not in (0, None):  # sys.exit("error: ...") or argparse's "prog: error: ..." on stderr
             said = complaints.getvalue().strip().splitlines() or printed.getvalue().strip().splitlines()
             message = stop.code if isinstance(stop.code, str) else (said[-1] if said else f"exit status {stop.code}")
-            raise CommandFailed(message) from None
+            raise CommandFailed(message, printed.getvalue()) from None
     return printed.getvalue()

@@ -26,21 +26,28 @@ def _project(folder: str) -> projects.Project:
     return projects.Project(path)
 
 
-def _cache(folder, task, vae, qwen, clip) -> str:
+def _summary(printed: str) -> str:
+    """A caching script's summary: its counts line and the failed items listed under it."""
+    lines = printed.strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("cached ")]
+    return "\n".join(lines[starts[-1] :]) if starts else ""
+
+
+def _cache(folder, task, vae, qwen, clip, progress=gr.Progress(track_tqdm=True)) -> str:  # noqa: B008
     project = _project(folder)
     if not project.config.exists():
         raise gr.Error("write the dataset config first")
     common = ["--dataset_config", str(project.config), "--task", task]
     summaries = []
-    for main, extra in (
-        (kandinsky5_cache_latents.main, ["--vae", vae] if vae else []),
-        (kandinsky5_cache_text_encoder_outputs.main, [*(["--text_encoder_qwen", qwen] if qwen else []),
-                                                      *(["--text_encoder_clip", clip] if clip else [])]),
+    for what, main, extra in (
+        ("latents", kandinsky5_cache_latents.main, ["--vae", vae] if vae else []),
+        ("captions", kandinsky5_cache_text_encoder_outputs.main, [*(["--text_encoder_qwen", qwen] if qwen else []),
+                                                                  *(["--text_encoder_clip", clip] if clip else [])]),
     ):  # fmt: skip
         try:
-            summaries.append(run_command(main, [*common, *extra]).strip().splitlines()[-1])
-        except CommandFailed as failure:  # per-item failures: the others are cached; the summary says which
-            summaries.append(str(failure))
+            summaries.append(f"{what}: {_summary(run_command(main, [*common, *extra]))}")
+        except CommandFailed as failure:  # items that failed are listed; the others are cached
+            summaries.append(f"{what}: {_summary(failure.printed) or failure}")
     return "\n".join(summaries)
 
 
