@@ -304,6 +304,8 @@ def test_in_a_real_browser_a_dataset_is_built_cached_trained_watched_stopped_and
         *_, text, _ = client.predict(str(project.folder), api_name="/status")  # answered while steps run
         assert time.monotonic() - began < 2.0 and "steps/s" in text
         wait_for(lambda: page.find_elements(By.CSS_SELECTOR, ".gallery-item video, .gallery-item img"))
+        labels = page.find_elements(By.XPATH, "//*[contains(@class, 'gallery-item')]//*[normalize-space()='a fox']")
+        assert labels, "each sample is shown with its prompt"
         assert "steps/s" in page.find_element(By.TAG_NAME, "body").text and plotted_points(page, 1)
         page.save_screenshot(str(shots / "gui_train.png"))
         click(page, "Stop (saves a state)")

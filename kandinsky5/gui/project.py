@@ -102,6 +102,10 @@ class Project:
     def run_file(self) -> Path:
         return self.folder / "train.json"
 
+    @property
+    def sample_prompts_file(self) -> Path:
+        return self.folder / "sample_prompts.txt"
+
 
 def add_media(project: Project, files: list[str]) -> list[str]:
     """Copy images / videos into the project, and captions given as <name>.txt files with them;
@@ -272,6 +276,16 @@ def curves(project: Project) -> dict[str, list[tuple[int, float]]]:
         for tag in accumulator.Tags()["scalars"]:
             values.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
     return {tag: sorted(set(points)) for tag, points in values.items()}
+
+
+def sample_prompts(project: Project) -> dict[int, str]:
+    """The run's sample prompts by number, as the sample files are named (read as training reads them)."""
+    from kandinsky5.inference.prompt_file import PromptFileError, read_prompt_file
+
+    try:
+        return {index: line.prompt for index, line in enumerate(read_prompt_file(project.sample_prompts_file))}
+    except PromptFileError:  # none written yet
+        return {}
 
 
 def latest_samples(project: Project) -> list[Path]:

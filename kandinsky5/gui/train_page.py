@@ -73,7 +73,7 @@ def _start(folder, *values) -> str:
         raise gr.Error("write the dataset config first")
     options = training_options(*values)
     if "PROMPTS" in options:
-        prompts = project.folder / "sample_prompts.txt"
+        prompts = project.sample_prompts_file
         prompts.write_text(values[-2].strip() + "\n", encoding="utf-8")
         options[options.index("PROMPTS")] = str(prompts)
     try:  # training's own checks and messages (paths, caches, options), before a process starts for nothing
@@ -103,7 +103,12 @@ def status(folder):
             f" — step {done['step']} of {done['total']}, {done['steps_per_second']:.2f} steps/s, "
             f"{done['time_left']} left"
         )
-    samples = [str(p) for p in projects.latest_samples(project) if p.suffix in (".png", ".mp4")]
+    prompts = projects.sample_prompts(project)
+    samples = [  # <prompt number>_<seed>.mp4 / .png, shown with its prompt
+        (str(p), prompts.get(int(p.stem.split("_")[0]), p.name) if p.stem.split("_")[0].isdigit() else p.name)
+        for p in projects.latest_samples(project)
+        if p.suffix in (".png", ".mp4")
+    ]
     return loss, rate, samples, text, [str(p) for p in projects.finished_loras(project)]
 
 
