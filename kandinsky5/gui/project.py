@@ -278,12 +278,14 @@ def curves(project: Project) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(set(points)) for tag, points in values.items()}
 
 
-def sample_prompts(project: Project) -> dict[int, str]:
-    """The run's sample prompts by number, as the sample files are named (read as training reads them)."""
+def sample_prompts(project: Project) -> dict[str, str]:
+    """The run's sample prompts by the number that starts their files' names ("000" of 000_42.mp4),
+    read as training reads them."""
     from kandinsky5.inference.prompt_file import PromptFileError, read_prompt_file
 
     try:
-        return {index: line.prompt for index, line in enumerate(read_prompt_file(project.sample_prompts_file))}
+        lines = read_prompt_file(project.sample_prompts_file)
+        return {f"{index:03d}": line.prompt for index, line in enumerate(lines)}
     except PromptFileError:  # none written yet
         return {}
 

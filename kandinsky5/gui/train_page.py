@@ -105,7 +105,7 @@ def status(folder):
         )
     prompts = projects.sample_prompts(project)
     samples = [  # <prompt number>_<seed>.mp4 / .png, shown with its prompt
-        (str(p), prompts.get(int(p.stem.split("_")[0]), p.name) if p.stem.split("_")[0].isdigit() else p.name)
+        (str(p), prompts.get(p.stem.split("_")[0], p.name))
         for p in projects.latest_samples(project)
         if p.suffix in (".png", ".mp4")
     ]

@@ -305,8 +305,9 @@ class Checkpoints:
             for keep, part in ((args.save_last_n_steps, "file"), (states, "state")):
                 if keep:  # musubi-tuner's meaning: the saves of the last N steps are kept
                     old = step - keep - 1
-                    if old - old % every > 0:
-                        self._remove(name_of(old - old % every), part)
+                    old -= old % every
+                    if old > 0:
+                        self._remove(name_of(old), part)
 
     def after_epoch(self, epoch: int, position: Position, last: bool) -> None:
         every, args = self.args.save_every_n_epochs, self.args
