@@ -48,6 +48,12 @@ def parser() -> argparse.ArgumentParser:
     add_task_argument(p, default="k5-pro-t2v-5s-sd")
     data = p.add_argument_group("data and weights")
     data.add_argument("--dataset_config", help="the dataset config the caches were made from (required)")
+    data.add_argument(
+        "--skip_damaged_caches",
+        action="store_true",
+        help="leave out the items whose cache files are damaged (cut short, empty, unreadable), listing them; "
+        "by default training stops and names those files with the command that rebuilds them",
+    )
     data.add_argument("--dit", help="DiT checkpoint to train on (required)")
     data.add_argument("--vae", help="VAE for --sample_prompts (default: weights/vae or weights/flux/vae)")
     data.add_argument(

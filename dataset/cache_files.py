@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from modules.atomic_save import save_safetensors_atomic
 
@@ -41,6 +41,16 @@ LATENT_SUFFIX = "_k5tk.safetensors"
 TEXT_SUFFIX = "_k5tk_te.safetensors"
 FOREIGN_SUFFIXES = {"_k5.safetensors": "musubi-tuner", "_k5_te.safetensors": "musubi-tuner"}
 WRITER = "kandinsky5-toolkit"
+LATENT_TENSORS = ("latent",)
+TEXT_TENSORS = ("text", "pooled")
+
+
+class DamagedCache(ValueError):
+    """A cache file that cannot be read: cut short, empty, not safetensors, or without its tensors."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = Path(path), why
 
 
 def latent_cache_name(key: str, size: tuple[int, int], clip: tuple[int, int] | None = None) -> str:
@@ -128,6 +138,32 @@ def foreign_caches(folder: Path) -> list[tuple[Path, str]]:
 
 def is_current(path: Path, fingerprint: dict) -> bool:
     return stored_fingerprint(path) == json.loads(json.dumps(fingerprint, sort_keys=True))
+
+
+def cache_damage(path: Path, tensors: tuple[str, ...]) -> str | None:
+    """Why the cache file ``path`` cannot be read, or None when it can: a check of its header and of
+    the data's length against it (what a copy cut short or a full disk leaves), not of every value."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
+        with safe_open(str(path), framework="pt") as f:
+            missing = [name for name in tensors if name not in f.keys()]
+    except SafetensorError as error:
+        return f"cut short or damaged ({error})"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    return f"it holds no {' or '.join(missing)} tensor" if missing else None
+
+
+def read_tensors(path: Path, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The named tensors of a cache file (``optional`` ones where present); DamagedCache names the file
+    when it cannot be read, e.g. when it was changed after training checked it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            return {name: f.get_tensor(name) for name in names + optional if name in names or name in keys}
+    except (SafetensorError, OSError) as error:
+        raise DamagedCache(path, cache_damage(path, names) or f"cannot be read ({error})") from None
 
 
 def read_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

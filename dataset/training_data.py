@@ -15,7 +15,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .cache_files import LATENT_SUFFIX, item_key_of, text_cache_name
+from .cache_files import (
+    LATENT_SUFFIX,
+    LATENT_TENSORS,
+    TEXT_TENSORS,
+    DamagedCache,
+    cache_damage,
+    item_key_of,
+    read_tensors,
+    text_cache_name,
+)
 from .config import DatasetConfig
 
 
@@ -31,6 +40,7 @@ class DatasetSamples:
     dataset: DatasetConfig
     samples: list[TrainingSample]
     without_text: list[Path]
+    damaged: list[DamagedCache]  # its items are not in samples
 
 
 def _latent_shape(path: Path) -> tuple[int, ...]:
@@ -39,14 +49,23 @@ def _latent_shape(path: Path) -> tuple[int, ...]:
 
 
 def find_samples(dataset: DatasetConfig) -> DatasetSamples:
-    samples, without_text = [], []
+    """The dataset's cached samples; each cache file's header is checked, and an item with a damaged
+    latent or text cache is left out and listed in ``damaged`` (each file once)."""
+    samples, without_text, damaged = [], [], {}
     for latent in sorted(dataset.cache_directory.glob(f"*{LATENT_SUFFIX}")):
         text = dataset.cache_directory / text_cache_name(item_key_of(latent))
-        if text.exists():
-            samples.append(TrainingSample(latent, text, _latent_shape(latent)))
-        else:
+        if not text.exists():
             without_text.append(latent)
-    return DatasetSamples(dataset, samples, without_text)
+            continue
+        problems = [
+            (path, cache_damage(path, names)) for path, names in ((latent, LATENT_TENSORS), (text, TEXT_TENSORS))
+        ]
+        problems = [(path, why) for path, why in problems if why]
+        for path, why in problems:
+            damaged.setdefault(path, DamagedCache(path, why))
+        if not problems:
+            samples.append(TrainingSample(latent, text, _latent_shape(latent)))
+    return DatasetSamples(dataset, samples, without_text, list(damaged.values()))
 
 
 def epoch_batches(datasets: list[DatasetSamples], epoch: int, seed: int) -> list[list[TrainingSample]]:
@@ -73,15 +92,15 @@ def load_batch(samples: list[TrainingSample]) -> dict:
     so that the training step need not ask the device), and files: the latent cache files' paths."""
     latents, firsts, controls, texts, pooled = [], [], [], [], []
     for sample in samples:
-        with safe_open(str(sample.latent_file), framework="pt") as f:
-            latents.append(f.get_tensor("latent"))
-            if "first_frame" in f.keys():
-                firsts.append(f.get_tensor("first_frame"))
-            if "control" in f.keys():
-                controls.append(f.get_tensor("control"))
-        with safe_open(str(sample.text_file), framework="pt") as f:
-            texts.append(f.get_tensor("text"))
-            pooled.append(f.get_tensor("pooled"))
+        latent = read_tensors(sample.latent_file, LATENT_TENSORS, optional=("first_frame", "control"))
+        latents.append(latent["latent"])
+        if "first_frame" in latent:
+            firsts.append(latent["first_frame"])
+        if "control" in latent:
+            controls.append(latent["control"])
+        text = read_tensors(sample.text_file, TEXT_TENSORS)
+        texts.append(text["text"])
+        pooled.append(text["pooled"])
     length = max(t.shape[0] for t in texts)
     text = torch.zeros(len(texts), length, texts[0].shape[1], dtype=texts[0].dtype)
     mask = torch.zeros(len(texts), length, dtype=torch.bool)
@@ -117,9 +136,14 @@ class EpochBatches(torch.utils.data.Dataset):
         """Batches per epoch (the same in every epoch: only their order changes)."""
         return len(self.batches(self._epoch if self._epoch is not None else 0))
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        """The batch; or, when one of its cache files cannot be read, ``{"damaged": DamagedCache}``
+        (returned, not raised: a loader worker would wrap the error in its traceback)."""
         epoch, index = key
-        return load_batch(self.batches(epoch)[index])
+        try:
+            return load_batch(self.batches(epoch)[index])
+        except DamagedCache as damaged:
+            return {"damaged": damaged}
 
 
 class EpochOrder(torch.utils.data.Sampler):

@@ -107,7 +107,7 @@ def test_start_refuses_with_trainings_own_message_before_a_process_starts(served
     assert not projects.Project(folder).pid_file.exists()  # no process was started
 
 
-def test_caching_lists_a_broken_file_with_its_reason_and_caches_the_rest(served, tiny_tree, tmp_path):
+def test_caching_lists_a_broken_file_and_caches_the_rest_and_start_names_a_damaged_cache(served, tiny_tree, tmp_path):
     from gradio_client import handle_file
 
     client, _ = served
@@ -125,6 +125,20 @@ def test_caching_lists_a_broken_file_with_its_reason_and_caches_the_rest(served,
     assert latents.startswith("latents: cached 1,") and "failed 1" in latents
     assert len(failures) == 1 and "broken.png" in failures[0]  # the script's per-item line, with its reason
     assert captions.startswith("captions: cached 2,")
+
+    # a cache cut short afterwards: Start shows training's message naming it, and starts nothing
+    from gradio_client.exceptions import AppError
+
+    from kandinsky5.gui import project as projects
+
+    (latent,) = Path(folder).rglob("good-*_k5tk.safetensors")
+    latent.write_bytes(latent.read_bytes()[:100])
+    run = [folder, "tiny-t2v", str(tiny_tree / "model/tiny_t2v.safetensors"), str(tiny_tree / "vae"),
+           str(tiny_tree / "text_encoder"), str(tiny_tree / "text_encoder2"), "80 GB", 20, 1e-3, 4, "", 5,
+           1]  # fmt: skip
+    with pytest.raises(AppError, match=rf"(?s)are damaged:.*{latent}: cut short.*kandinsky5_cache_latents.py"):
+        client.predict(*run, api_name="/start_training")
+    assert not projects.Project(folder).pid_file.exists()
 
 
 def wait_for(check, timeout: float = 240.0, every: float = 0.5):

@@ -25,14 +25,14 @@ from accelerate.utils import set_seed
 from safetensors import safe_open
 from tqdm import tqdm
 
-from dataset.cache_files import foreign_caches
-from dataset.config import load_dataset_config
-from dataset.training_data import EpochBatches, EpochOrder, find_samples, load_batch, samples_fingerprint
+from dataset.cache_files import DamagedCache, foreign_caches
+from dataset.training_data import EpochBatches, EpochOrder, load_batch, samples_fingerprint
 from kandinsky5.inference.denoiser import i2i_channels, i2v_channels, t2v_channels
 from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import checkpoint_files, load_dit
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import TaskPreset
+from kandinsky5.training.cache_check import checked_samples, damaged_caches_message
 from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents
 from kandinsky5.training.musubi_runs import (
     HubUpload,
@@ -147,11 +147,10 @@ def training_loss(
 class Validation:
     """The loss on a held-out cached dataset at fixed noise and timesteps (seeded per batch), with dropout off."""
 
-    def __init__(self, config: str, seed: int):
-        datasets = [find_samples(d) for d in load_dataset_config(config)]
+    def __init__(self, datasets: list, config: str, seed: int):
         if not any(entry.samples for entry in datasets):
             raise TrainingError(f"--validation_dataset_config {config}: no cached samples (run the caching commands)")
-        self.batches, self.seed = EpochBatches(datasets, seed).batches(0), seed
+        self.batches, self.config, self.seed = EpochBatches(datasets, seed).batches(0), config, seed
 
     @torch.no_grad()
     def loss(self, dit, network, task: TaskPreset, args: argparse.Namespace, device, autocast) -> float:
@@ -159,8 +158,13 @@ class Validation:
         total = 0.0
         for i, samples in enumerate(self.batches):
             generator = torch.Generator().manual_seed(self.seed + 1_000_003 * (i + 1))
+            try:
+                batch = load_batch(samples)
+            except DamagedCache as damaged:
+                message = damaged_caches_message([damaged], self.config, "--validation_dataset_config", True)
+                raise TrainingError(message) from None
             with autocast():
-                total += training_loss(dit, load_batch(samples), task, args, device, generator).item()
+                total += training_loss(dit, batch, task, args, device, generator).item()
         network.train()
         return total / len(self.batches)
 
@@ -384,10 +388,11 @@ def check_latent_kind(datasets, task: TaskPreset) -> None:
                 )
 
 
-def preflight(args: argparse.Namespace) -> list:
+def preflight(args: argparse.Namespace) -> tuple[list, list | None]:
     """Every check that needs neither a model nor the accelerator, in the order a run meets them; returns
-    the datasets with their cached samples. train() starts with it and the web UI runs it before it
-    launches a run, so both give the same message."""
+    the datasets with their cached samples, and the validation datasets' (None without a validation
+    config). train() starts with it and the web UI runs it before it launches a run, so both give the
+    same message."""
     refuse_unavailable(args)
     check_backend(attention_backend(args))  # its package; whether it runs on the device is checked there
     if fsdp_settings():  # accelerate launch with an FSDP config
@@ -399,7 +404,11 @@ def preflight(args: argparse.Namespace) -> list:
     if args.sample_prompts:
         check_sample_paths(args, args.task)
     checkpoint_files(args.dit)
-    datasets = [find_samples(d) for d in load_dataset_config(args.dataset_config)]
+    datasets = checked_samples(args.dataset_config, "--dataset_config", args.skip_damaged_caches)
+    validation_sets = None
+    if args.validation_dataset_config:
+        option = "--validation_dataset_config"
+        validation_sets = checked_samples(args.validation_dataset_config, option, args.skip_damaged_caches)
     if not any(entry.samples for entry in datasets):
         folders = ", ".join(str(e.dataset.cache_directory) for e in datasets)
         foreign = [found for e in datasets for found in foreign_caches(e.dataset.cache_directory)]
@@ -412,12 +421,12 @@ def preflight(args: argparse.Namespace) -> list:
             )
         raise TrainingError(f"no training samples (latent + text caches) in {folders}: run the caching commands first")
     check_latent_kind(datasets, args.task)
-    return datasets
+    return datasets, validation_sets
 
 
 def train(args: argparse.Namespace) -> Path:
     task = args.task
-    datasets = preflight(args)
+    datasets, validation_sets = preflight(args)
     trackers = chosen_trackers(args)
     log_with = trackers or None
     # Several processes without CUDA (accelerate launch --multi_gpu --num_processes N on a CPU machine): gloo.
@@ -572,7 +581,7 @@ def train(args: argparse.Namespace) -> Path:
     with untouched_random_state(device):  # loading the encoders and VAE draws random initial weights
         sampling = args.sample_prompts and (main or everyone)
         sampler = TrainingSampler(args, task, device, write=main) if sampling else None
-        validation = Validation(args.validation_dataset_config, args.seed) if args.validation_dataset_config else None
+        validation = Validation(validation_sets, args.validation_dataset_config, args.seed) if validation_sets else None
 
     def validate() -> None:
         due = args.validate_every_n_steps and step % args.validate_every_n_steps == 0
@@ -610,6 +619,9 @@ def train(args: argparse.Namespace) -> Path:
             total = len(data.batches(epoch - 1))
             step_loss, micro_steps, step_files = None, 0, []
             for i, batch in enumerate(prefetch_to(loader, device), start=order.start):
+                if "damaged" in batch:
+                    message = damaged_caches_message([batch["damaged"]], args.dataset_config, "--dataset_config", True)
+                    raise TrainingError(message)
                 with accelerator.autocast():
                     loss = training_loss(dit, batch, task, args, device, buckets=buckets)
                 accelerator.backward(loss / accumulation)
