@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -62,16 +63,18 @@ def text_cache_name(key: str) -> str:
     return f"{key}{TEXT_SUFFIX}"
 
 
+# <stem>-<8 hex digits of the path's hash>, then a clip's _<start>-<frames>, then _<W>x<H>: the key is
+# anchored on its hash, so no stem (digits, dashes and underscores included) can be taken for a field
+LATENT_NAME = re.compile(r"(?P<key>.+-[0-9a-f]{8})(?:_\d{5,}-\d{3,})?_\d{4,}x\d{4,}" + re.escape(LATENT_SUFFIX))
+
+
 def item_key_of(cache_file: Path) -> str:
     """The item key a cache file belongs to (the part before the clip / size / suffix fields)."""
     name = cache_file.name
     if name.endswith(TEXT_SUFFIX):
         return name[: -len(TEXT_SUFFIX)]
-    fields = name[: -len(LATENT_SUFFIX)].split("_")
-    fields = fields[:-1]  # the WxH size
-    if fields and "-" in fields[-1] and fields[-1].replace("-", "").isdigit():
-        fields = fields[:-1]  # the clip's start-frames
-    return "_".join(fields)
+    match = LATENT_NAME.fullmatch(name)
+    return match["key"] if match else name[: -len(LATENT_SUFFIX)]
 
 
 def file_identity(path: str | Path) -> str:
