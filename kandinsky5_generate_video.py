@@ -16,7 +16,14 @@ import sys
 
 import torch
 
-from kandinsky5.cli import add_attention_arguments, add_magcache_arguments, add_nabla_arguments, add_task_argument
+from kandinsky5.cli import (
+    add_attention_arguments,
+    add_magcache_arguments,
+    add_nabla_arguments,
+    add_task_argument,
+    add_vae_tiling_arguments,
+    check_vae_tiling,
+)
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
 from kandinsky5.inference.generate import DTYPES, default_paths, generate
@@ -126,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
         help="accepted for musubi-tuner command lines: every stage here already loads only while "
         "it runs (text encoders, then DiT, then VAE), so this changes nothing",
     )
+    add_vae_tiling_arguments(p)
     add_attention_arguments(p)
     add_nabla_arguments(p)
     add_magcache_arguments(p)
@@ -141,6 +149,7 @@ def main(argv=None) -> None:
     p = parser()
     args = p.parse_args(argv)
     announce_notices(args, GENERATION_NOTICES)
+    check_vae_tiling(p, args)
     if args.image_last:
         sys.exit(
             "error: --image_last: Kandinsky 5's I2V models were trained to continue a first frame only (frame 0 "

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import toml
 
-from kandinsky5.cli import add_attention_arguments, add_nabla_arguments, add_task_argument
+from kandinsky5.cli import (
+    add_attention_arguments,
+    add_nabla_arguments,
+    add_task_argument,
+    add_vae_tiling_arguments,
+    check_vae_tiling,
+)
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.musubi_options import TRAINING_NOTICES, add_notice_options, announce_notices
 from kandinsky5.training.timesteps import SAMPLINGS, WEIGHTING_SCHEMES
@@ -236,6 +242,7 @@ def parser() -> argparse.ArgumentParser:
     mem.add_argument("--cuda_cudnn_benchmark", action="store_true", help="let cuDNN pick its fastest kernels")
     add_attention_arguments(p)
     add_nabla_arguments(p)
+    add_vae_tiling_arguments(p)  # for the samples
     comp = p.add_argument_group("torch.compile (with --compile, or --dynamo_backend other than NO)")
     comp.add_argument("--compile_backend", default="inductor", help="torch.compile backend (default inductor)")
     comp.add_argument(
@@ -384,6 +391,7 @@ def arguments(argv=None) -> argparse.Namespace:
         p.set_defaults(**read_config_file(first.config_file, p))
     args = p.parse_args(argv)
     announce_notices(args, TRAINING_NOTICES)
+    check_vae_tiling(p, args)
     if args.flow_shift is not None and args.scheduler_scale is None:
         args.scheduler_scale = args.flow_shift
     if args.full_bf16 and args.full_fp16:

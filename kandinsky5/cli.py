@@ -8,7 +8,7 @@ import sys
 from dataset.process_share import Processes
 from kandinsky5.inference.magcache import DEFAULT_MAX_SKIPS, DEFAULT_RETENTION, DEFAULT_THRESHOLD
 from kandinsky5.model.tasks import TASKS, TaskPreset, UnknownTaskError, get_task
-from modules.option_types import NON_NEGATIVE, NON_NEGATIVE_INT, number
+from modules.option_types import NON_NEGATIVE, NON_NEGATIVE_INT, integer, number
 
 ATTENTION_FLAGS = {
     "sdpa": "PyTorch scaled_dot_product_attention (works on CPU and GPU, needs no extra package)",
@@ -55,6 +55,42 @@ def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile each transformer block (the first step compiles: slower start, faster steps)",
     )
+
+
+def add_vae_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Generation's (and training samples') VAE decoding: tiled by default, as the official pipelines."""
+    group = parser.add_argument_group("VAE decoding (tiled by default, as the official pipelines)")
+    group.add_argument(
+        "--vae_tiling",
+        action="store_true",
+        default=True,
+        help="decode in overlapping tiles, blended (the default): bounded memory whatever the size and length",
+    )
+    group.add_argument(
+        "--no_vae_tiling",
+        dest="vae_tiling",
+        action="store_false",
+        help="decode in one piece: slightly different pixels, but far more memory (a 5 s HunyuanVideo "
+        "clip in one piece does not fit a 24 GB GPU; see docs/memory.md)",
+    )
+    group.add_argument(
+        "--vae_tile_size",
+        type=integer(64, 8192),
+        help="tile side in pixels, a multiple of 8; tiles overlap by a quarter "
+        "(default: 256 for the video VAE, 1024 for the FLUX image VAE)",
+    )
+    group.add_argument(
+        "--vae_tile_frames",
+        type=integer(4, 1024),
+        help="video: pixel frames per temporal tile, a multiple of 4; tiles overlap by a quarter (default 16)",
+    )
+
+
+def check_vae_tiling(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.vae_tile_size is not None and args.vae_tile_size % 8:
+        parser.error(f"--vae_tile_size: {args.vae_tile_size} is not a multiple of 8 (the VAE's pixels per latent)")
+    if args.vae_tile_frames is not None and args.vae_tile_frames % 4:
+        parser.error(f"--vae_tile_frames: {args.vae_tile_frames} is not a multiple of 4 (pixel frames per latent)")
 
 
 def run_caching(cache, args: argparse.Namespace) -> None:

@@ -43,6 +43,9 @@ SHARED_CONFIG_FIELDS = (
 )
 
 
+DEFAULT_TILE_FRAMES = 16  # pixel frames per temporal tile of the HunyuanVideo VAE (4 latent frames + 1)
+
+
 class VAEError(ValueError):
     pass
 
@@ -155,10 +158,12 @@ class VAE:
         return next(self.model.parameters()).dtype
 
     def enable_tiling(self, tile_size: int | None = None, tile_frames: int | None = None) -> None:
-        """Encode/decode in spatial tiles of ``tile_size`` pixels (and, for video, ``tile_frames`` frames)."""
+        """Encode/decode in spatial tiles of ``tile_size`` pixels (and, for video, ``tile_frames`` frames),
+        overlapping by a quarter and blended; None keeps the VAE's own size (``default_tile_size``)."""
         if self.kind is HUNYUAN:
             stride = None if tile_size is None else tile_size * 3 // 4  # tiles overlap by a quarter, blended
             frame_stride = None if tile_frames is None else tile_frames * 3 // 4
+            self.model.use_framewise_encoding = self.model.use_framewise_decoding = True
             self.model.enable_tiling(
                 tile_sample_min_height=tile_size,
                 tile_sample_min_width=tile_size,
@@ -172,6 +177,29 @@ class VAE:
             if tile_size:
                 self.model.tile_sample_min_size = tile_size
                 self.model.tile_latent_min_size = tile_size // 8
+
+    def disable_tiling(self) -> None:
+        """Encode/decode in one piece: no spatial tiles and, for video, no chunks of frames."""
+        self.model.use_tiling = False
+        if self.kind is HUNYUAN:
+            self.model.use_framewise_encoding = self.model.use_framewise_decoding = False
+
+    def default_tile_size(self) -> int:
+        """Tile side in pixels when none is given: 256 for HunyuanVideo (as diffusers and musubi-tuner),
+        the config's sample_size for FLUX (1024 for the real VAE: a 1024x1024 image is one tile)."""
+        return 256 if self.kind is HUNYUAN else int(self.model.config.sample_size)
+
+    def set_decode_tiling(self, tiled: bool, tile_size: int | None = None, tile_frames: int | None = None) -> str:
+        """Tiled (the default of generation) or one-piece decoding; returns what was chosen, in words."""
+        if not tiled:
+            self.disable_tiling()
+            return "VAE decode: in one piece (--no_vae_tiling)"
+        size = tile_size or self.default_tile_size()
+        frames = tile_frames or DEFAULT_TILE_FRAMES
+        self.enable_tiling(size, frames if self.kind is HUNYUAN else None)
+        chunks = f", {frames}-frame chunks overlapping by {frames - frames * 3 // 4}" if self.kind is HUNYUAN else ""
+        overlap = size - size * 3 // 4
+        return f"VAE decode: tiles of {size} px overlapping by {overlap} px{chunks} (--no_vae_tiling: one piece)"
 
     def check_frames(self, frames: int) -> None:
         if self.kind is FLUX and frames != 1:

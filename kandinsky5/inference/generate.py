@@ -3,7 +3,8 @@
 1. text: Qwen2.5-VL and CLIP encode every prompt and negative prompt, then are freed;
 2. images (I2V, I2I): the VAE encodes the first frames / source images;
 3. sampling: the DiT (with LoRAs merged in fp32) denoises each job's seeded noise;
-4. decoding: the VAE turns the latents into frames, written as .mp4 or .png with metadata.
+4. decoding: the VAE turns the latents into frames (in overlapping tiles unless --no_vae_tiling),
+   written as .mp4 or .png with metadata.
 
 So peak memory is the largest stage, not the sum. ``--latent_path`` runs stage 4 alone.
 """
@@ -310,9 +311,15 @@ def read_latent_file(path: str | Path) -> tuple[torch.Tensor, dict]:
         raise GenerationError(f"--latent_path {path}: not a safetensors file ({error})") from None
 
 
+def decode_tiling(vae, args) -> None:
+    """Tiled decoding unless --no_vae_tiling (set after any image was encoded: those stay in one piece)."""
+    print(vae.set_decode_tiling(args.vae_tiling, args.vae_tile_size, args.vae_tile_frames))
+
+
 def decode_latent_files(args, task: TaskPreset, device) -> None:
     latents = [read_latent_file(path) for path in args.latent_path]  # every file checked before the VAE loads
     vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)
+    decode_tiling(vae, args)
     for path, (latent, metadata) in zip(args.latent_path, latents, strict=True):
         made_with = TASKS.get(metadata["task"])
         if made_with is not None and made_with.vae != task.vae:
@@ -353,6 +360,7 @@ def generate(args: argparse.Namespace, task: TaskPreset) -> None:
     if vae is None:
         vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)
     vae.model.to(device)
+    decode_tiling(vae, args)
     for job, latent in zip(jobs, latents, strict=True):
         metadata = job_metadata(args, task, job)
         if args.save_latent:

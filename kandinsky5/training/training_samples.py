@@ -18,6 +18,7 @@ from tqdm import tqdm
 from kandinsky5.encoders.vae import load_vae
 from kandinsky5.inference.generate import (
     build_jobs,
+    decode_tiling,
     default_paths,
     encode_images,
     encode_texts,
@@ -85,6 +86,7 @@ class TrainingSampler:
         self.vae = load_vae(paths["vae"], task.vae, device="cpu", dtype=dtype, task_name=task.name)
         self.offload_dit = getattr(args, "offload_dit_during_sampling", False)
         self.image_latents = encode_images(self.vae, self.jobs)
+        decode_tiling(self.vae, args)
 
     @torch.no_grad()
     def sample(self, dit, network, step: int, tracker=None) -> list[Path]:
