@@ -28,6 +28,7 @@ from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
 from kandinsky5.inference.generate import DTYPES, default_paths, generate
 from kandinsky5.inference.magcache import task_ratios
+from kandinsky5.memory_presets import add_vram_argument, given_options
 from kandinsky5.musubi_options import GENERATION_NOTICES, add_notice_options, announce_notices
 from modules.option_types import FINITE, FRAMES, NON_NEGATIVE_INT, POSITIVE, SIDE, STEPS, annotate_ranges, number
 
@@ -134,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
         "it runs (text encoders, then DiT, then VAE), so this changes nothing",
     )
     add_vae_tiling_arguments(p)
+    add_vram_argument(
+        run, "--fp8_base, --blocks_to_swap, --separate_cfg_passes and Qwen's dtype (or CPU) for the task and size"
+    )
     add_attention_arguments(p)
     add_nabla_arguments(p)
     add_magcache_arguments(p)
@@ -150,6 +154,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     announce_notices(args, GENERATION_NOTICES)
     check_vae_tiling(p, args)
+    args.given_options = given_options(p, argv) if args.vram else set()
     if args.image_last:
         sys.exit(
             "error: --image_last: Kandinsky 5's I2V models were trained to continue a first frame only (frame 0 "

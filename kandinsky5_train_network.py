@@ -28,6 +28,7 @@ from kandinsky5.cli import (
     check_vae_tiling,
 )
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
+from kandinsky5.memory_presets import add_vram_argument, given_options
 from kandinsky5.musubi_options import TRAINING_NOTICES, add_notice_options, announce_notices
 from kandinsky5.training.timesteps import SAMPLINGS, WEIGHTING_SCHEMES
 from kandinsky5.training.trackers import CHOICES as TRACKER_CHOICES
@@ -207,6 +208,11 @@ def parser() -> argparse.ArgumentParser:
     )
 
     mem = p.add_argument_group("precision and memory")
+    add_vram_argument(
+        mem,
+        "--fp8_base, --blocks_to_swap, --gradient_checkpointing and its CPU offload for the task and the largest "
+        "cached sample",
+    )
     mem.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
@@ -392,6 +398,7 @@ def arguments(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     announce_notices(args, TRAINING_NOTICES)
     check_vae_tiling(p, args)
+    args.given_options = given_options(p, argv) if args.vram else set()
     if args.flow_shift is not None and args.scheduler_scale is None:
         args.scheduler_scale = args.flow_shift
     if args.full_bf16 and args.full_fp16:

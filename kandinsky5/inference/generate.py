@@ -40,6 +40,7 @@ from kandinsky5.inference.media import (
 from kandinsky5.inference.prompt_file import PromptLine, parse_prompt_line, read_prompt_file
 from kandinsky5.inference.sampling import flow_schedule, sample_euler
 from kandinsky5.inference.sizes import check_frames, check_size, i2v_size, nearest_allowed_size
+from kandinsky5.memory_presets import apply_choice, generation_choice, video_tokens
 from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, expected_shapes, load_dit, read_layout
 from kandinsky5.model.nabla import nabla_params
@@ -72,8 +73,8 @@ class Job:
     output: Path
 
 
-def free(*objects) -> None:
-    del objects
+def free() -> None:
+    """Give the memory of what the caller just deleted back (its names must be gone: ``del`` them first)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -178,7 +179,8 @@ def encode_texts(args, task: TaskPreset, jobs: list[Job], device) -> list[tuple[
         encoded = [encoder.encode([p], template, task.qwen_max_length, images) for p in prompts]
         texts = [TextCondition(e.embeddings.cpu(), e.mask.cpu(), e.pooled.cpu()) for e in encoded]
         conditions.append((texts[0], texts[1] if len(texts) > 1 else None))
-    free(encoder)
+    del encoder
+    free()
     return conditions
 
 
@@ -339,6 +341,9 @@ def generate(args: argparse.Namespace, task: TaskPreset) -> None:
         return
     check_backend(attention_backend(args), device)
     jobs = build_jobs(args, task)
+    if args.vram:
+        tokens = max(video_tokens(job.frames, job.width, job.height) for job in jobs)
+        print(apply_choice(args, generation_choice(task, tokens, args.vram), args.given_options, args.vram))
     # Refuse a wrong DiT or a broken LoRA before the text encoders spend any time (LoRAs are read once, here).
     check_architecture(read_layout(checkpoint_files(args.dit)), task, str(args.dit))
     loras = [(read_lora(path), m) for path, m in zip(args.lora_weight or [], lora_multipliers(args), strict=True)]
@@ -355,7 +360,8 @@ def generate(args: argparse.Namespace, task: TaskPreset) -> None:
 
     dit = load_generation_dit(args, task, device, loras)
     latents = [sample_job(dit, task, job, texts[i], image_latents[i], args, device) for i, job in enumerate(jobs)]
-    free(dit)
+    del dit  # the DiT leaves the device before the VAE decodes
+    free()
 
     if vae is None:
         vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)

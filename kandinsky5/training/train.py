@@ -28,6 +28,7 @@ from tqdm import tqdm
 from dataset.cache_files import DamagedCache, foreign_caches
 from dataset.training_data import EpochBatches, EpochOrder, load_batch, samples_fingerprint
 from kandinsky5.inference.denoiser import i2i_channels, i2v_channels, t2v_channels
+from kandinsky5.memory_presets import apply_choice, training_choice
 from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import checkpoint_files, load_dit
 from kandinsky5.model.nabla import nabla_params
@@ -427,6 +428,11 @@ def preflight(args: argparse.Namespace) -> tuple[list, list | None]:
 def train(args: argparse.Namespace) -> Path:
     task = args.task
     datasets, validation_sets = preflight(args)
+    if args.vram:
+        tokens = max(t * (h // 2) * (w // 2) for entry in datasets for t, h, w, _ in (s.shape for s in entry.samples))
+        line = apply_choice(args, training_choice(task, tokens, args.vram), args.given_options, args.vram)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(line)
     trackers = chosen_trackers(args)
     log_with = trackers or None
     # Several processes without CUDA (accelerate launch --multi_gpu --num_processes N on a CPU machine): gloo.
