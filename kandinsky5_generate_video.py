@@ -165,6 +165,7 @@ def main(argv=None) -> None:
         fill_from_comfy(args, task, ("dit", "vae", "text_encoder_qwen", "text_encoder_clip"))
     except ValueError as error:
         sys.exit(f"error: {error}")
+    args.given_paths = {name for name in default_paths(task) if getattr(args, name) is not None}
     for name, path in default_paths(task).items():
         if getattr(args, name) is None:
             setattr(args, name, path)

@@ -224,10 +224,10 @@ def vae_plan(device: str) -> list[dict]:
     return rows
 
 
-def dit_plan(device: str) -> list[dict]:
+def dit_plan(device: str, models: list[str]) -> list[dict]:
     rows = []
     # latents of 512x768 px (64x96): one or four latent frames, i.e. 1,536 and 6,144 tokens
-    for model in ("lite", "pro"):
+    for model in models:
         weights = dit_weights(model)
         for train in (False, True):
             for blocks, frames in ((1, 1), (1, 4), (3, 4)) if train else ((1, 1), (1, 4)):
@@ -261,6 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = ["text", "vae", "dit"]
     parser.add_argument("--only", nargs="*", choices=stages, default=stages, help="stages to run (default: all)")
+    parser.add_argument("--models", nargs="*", choices=sorted(MODELS), default=sorted(MODELS), help="DiTs to measure")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--child", choices=stages, help=argparse.SUPPRESS)
@@ -286,7 +287,7 @@ def main() -> None:
     if "vae" in args.only:
         figures["vae"] = vae_plan(args.device)
     if "dit" in args.only:
-        figures["dit"] = dit_plan(args.device)
+        figures["dit"] = dit_plan(args.device, args.models)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import kandinsky5_generate_video
 from kandinsky5.encoders.vae import load_vae
 from kandinsky5.inference.media import image_to_pixels, load_image, pixels_to_frames, read_metadata, resize_and_crop
 
@@ -204,10 +205,8 @@ def test_bad_requests_are_named(tiny_tree, extra, message):
         generate(tiny_tree, "tiny-t2v", "--prompt", "x", *extra)
 
 
-def test_wrong_checkpoint_fails_before_any_encoding(tiny_tree):
-    from .generation_helpers import kandinsky5_generate_video
-
-    with pytest.raises(SystemExit, match="does not fit task 'tiny-t2v'"):  # not the missing Qwen folder
+def test_wrong_checkpoint_fails_before_any_encoding(tiny_tree, tmp_path):
+    with pytest.raises(SystemExit, match="does not fit task 'tiny-t2v'"):  # not the empty Qwen folder
         kandinsky5_generate_video.main(
             [
                 "--task",
@@ -215,7 +214,11 @@ def test_wrong_checkpoint_fails_before_any_encoding(tiny_tree):
                 "--dit",
                 str(tiny_tree / "model/tiny_t2i.safetensors"),
                 "--text_encoder_qwen",
-                "missing-folder",
+                str(tmp_path),  # a folder without a model: loading it would fail
+                "--text_encoder_clip",
+                str(tiny_tree / "text_encoder2"),
+                "--vae",
+                str(tiny_tree / "vae"),
                 "--prompt",
                 "x",
             ]
@@ -345,3 +348,18 @@ def test_i2v_with_two_to_four_latent_frames_stays_finite(tiny_tree, tmp_path, fr
     )  # fmt: skip
     assert torch.isfinite(latent(tmp_path / "clip.mp4.latent.safetensors")).all()
     assert video_info(out)[0] == frames
+
+
+def test_every_missing_weight_is_named_in_one_message_before_anything_loads(tiny_tree, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no weights/ folder here: the defaults are missing too
+    with pytest.raises(SystemExit) as stopped:
+        kandinsky5_generate_video.main(
+            ["--task", "tiny-t2v", "--prompt", "x", "--dit", "nowhere.safetensors", "--text_encoder_clip",
+             str(tiny_tree / "text_encoder2"), "--lora_weight", "absent_lora.safetensors"]
+        )  # fmt: skip
+    assert str(stopped.value.code) == (
+        "error: --dit nowhere.safetensors; weights/vae (the default of --vae, which was not given); "
+        "weights/text_encoder (the default of --text_encoder_qwen, which was not given); "
+        "--lora_weight absent_lora.safetensors do not exist. The layout of the weights is in docs/weights.md; "
+        "python -m kandinsky5.download --task tiny-t2v fetches the task's files"
+    )

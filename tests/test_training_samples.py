@@ -126,9 +126,11 @@ def test_samples_without_encoder_paths_name_the_missing_default_before_the_dit_l
     )
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
-    assert message == (
+    assert message == (  # every missing path in one message
         "error: --sample_prompts needs the text encoders and the VAE: weights/text_encoder "
-        "(the default of --text_encoder_qwen, which was not given) does not exist"
+        "(the default of --text_encoder_qwen, which was not given) does not exist; weights/text_encoder2 "
+        "(the default of --text_encoder_clip, which was not given) does not exist; weights/vae "
+        "(the default of --vae, which was not given) does not exist"
     )
 
 

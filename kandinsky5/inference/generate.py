@@ -89,6 +89,27 @@ def default_paths(task: TaskPreset) -> dict[str, str]:
     }
 
 
+def missing_weights(paths: dict[str, str], given: set[str]) -> list[str]:
+    """Each path of ``paths`` (option name -> path) that does not exist, as the user gave it or as a default."""
+    return [
+        f"--{name} {path}" if name in given else f"{path} (the default of --{name}, which was not given)"
+        for name, path in paths.items()
+        if not Path(path).exists()
+    ]
+
+
+def check_weights(args: argparse.Namespace, task: TaskPreset) -> None:
+    """Every weight path the run needs, checked at once: one message names all that are missing."""
+    names = ("vae",) if args.latent_path else ("dit", "vae", "text_encoder_qwen", "text_encoder_clip")
+    missing = missing_weights({name: getattr(args, name) for name in names}, args.given_paths)
+    missing += [f"--lora_weight {path}" for path in args.lora_weight or [] if not Path(path).exists()]
+    if missing:
+        raise GenerationError(
+            f"{'; '.join(missing)} {'does' if len(missing) == 1 else 'do'} not exist. The layout of the weights is in "
+            f"docs/weights.md; python -m kandinsky5.download --task {task.name} fetches the task's files"
+        )
+
+
 def _output_for(args: argparse.Namespace, line: PromptLine, index: int, frames: int, seed: int) -> Path:
     extension = ".mp4" if frames > 1 else ".png"
     if args.from_file:
@@ -320,6 +341,7 @@ def decode_tiling(vae, args) -> None:
 
 def decode_latent_files(args, task: TaskPreset, device) -> None:
     latents = [read_latent_file(path) for path in args.latent_path]  # every file checked before the VAE loads
+    check_weights(args, task)
     vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)
     decode_tiling(vae, args)
     for path, (latent, metadata) in zip(args.latent_path, latents, strict=True):
@@ -341,6 +363,7 @@ def generate(args: argparse.Namespace, task: TaskPreset) -> None:
         return
     check_backend(attention_backend(args), device)
     jobs = build_jobs(args, task)
+    check_weights(args, task)
     if args.vram:
         tokens = max(video_tokens(job.frames, job.width, job.height) for job in jobs)
         print(apply_choice(args, generation_choice(task, tokens, args.vram), args.given_options, args.vram))

@@ -23,6 +23,7 @@ from kandinsky5.inference.generate import (
     encode_images,
     encode_texts,
     job_metadata,
+    missing_weights,
     sample_job,
     write_output,
 )
@@ -43,12 +44,15 @@ def sample_paths(args: argparse.Namespace, task: TaskPreset) -> dict[str, str]:
 
 
 def check_sample_paths(args: argparse.Namespace, task: TaskPreset) -> None:
-    """Before anything loads: every path that --sample_prompts needs exists (a default is named as one)."""
-    for name, path in sample_paths(args, task).items():
-        if not Path(path).exists():
-            given = getattr(args, name) is not None
-            where = f"--{name} {path}" if given else f"{path} (the default of --{name}, which was not given)"
-            raise SamplePathError(f"--sample_prompts needs the text encoders and the VAE: {where} does not exist")
+    """Before anything loads: every path that --sample_prompts needs exists (all missing ones named at once,
+    a default as one)."""
+    given = {name for name in ("text_encoder_qwen", "text_encoder_clip", "vae") if getattr(args, name) is not None}
+    missing = missing_weights(sample_paths(args, task), given)
+    if missing:
+        raise SamplePathError(
+            "--sample_prompts needs the text encoders and the VAE: "
+            + "; ".join(f"{where} does not exist" for where in missing)
+        )
 
 
 class TrainingSampler:
