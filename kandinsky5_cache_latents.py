@@ -13,7 +13,7 @@ import sys
 import torch
 
 from kandinsky5.caching.cache_latents import cache_latents
-from kandinsky5.cli import add_task_argument, run_caching
+from kandinsky5.cli import add_task_argument, given_options, run_caching
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.inference.generate import DTYPES, default_paths
 from modules.option_types import NON_NEGATIVE_INT, POSITIVE_INT, annotate_ranges, integer
@@ -62,7 +62,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    args.task_given = "task" in given_options(p, argv)
     task = args.task
     try:
         fill_from_comfy(args, task, ("vae",))

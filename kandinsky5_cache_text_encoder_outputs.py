@@ -12,7 +12,7 @@ import sys
 import torch
 
 from kandinsky5.caching.cache_text import cache_text
-from kandinsky5.cli import add_task_argument, run_caching
+from kandinsky5.cli import add_task_argument, given_options, run_caching
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
 from kandinsky5.inference.generate import default_paths
@@ -50,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    args.task_given = "task" in given_options(p, argv)
     task = args.task
     try:
         fill_from_comfy(args, task, ("text_encoder_qwen", "text_encoder_clip"))

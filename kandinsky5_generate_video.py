@@ -23,12 +23,13 @@ from kandinsky5.cli import (
     add_task_argument,
     add_vae_tiling_arguments,
     check_vae_tiling,
+    given_options,
 )
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
 from kandinsky5.inference.generate import DTYPES, default_paths, generate
 from kandinsky5.inference.magcache import task_ratios
-from kandinsky5.memory_presets import add_vram_argument, given_options
+from kandinsky5.memory_presets import add_vram_argument
 from kandinsky5.musubi_options import GENERATION_NOTICES, add_notice_options, announce_notices
 from modules.option_types import FINITE, FRAMES, NON_NEGATIVE_INT, POSITIVE, SIDE, STEPS, annotate_ranges, number
 

@@ -93,6 +93,19 @@ def check_vae_tiling(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--vae_tile_frames: {args.vae_tile_frames} is not a multiple of 4 (pixel frames per latent)")
 
 
+def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations the command line (or a --config_file read into the parser's defaults) sets."""
+    saved = [(action, action.default) for action in parser._actions]
+    for action, _ in saved:
+        action.default = argparse.SUPPRESS
+    try:
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(namespace))
+
+
 def run_caching(cache, args: argparse.Namespace) -> None:
     """Run a caching job, print its summary and exit 1 if any item failed (input errors exit with a
     message). Under ``accelerate launch --num_processes N`` the processes split the items and the
@@ -102,7 +115,8 @@ def run_caching(cache, args: argparse.Namespace) -> None:
     try:
         report = processes.merge(cache(args, args.task, processes))
     except ValueError as error:  # the toolkit's input errors: config, weights, encoders
-        sys.exit(f"error: {error}")
+        default = "" if args.task_given else f" (--task was not given, so the default task {args.task.name} applied)"
+        sys.exit(f"error: {error}{default}")
     processes.finish()
     if processes.main:
         print(report.summary(processes.count))

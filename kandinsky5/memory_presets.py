@@ -186,19 +186,6 @@ def training_choice(task: TaskPreset, tokens: int, vram: int) -> Choice:
     )
 
 
-def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The destinations the command line (or a --config_file read into the parser's defaults) sets."""
-    saved = [(action, action.default) for action in parser._actions]
-    for action, _ in saved:
-        action.default = argparse.SUPPRESS
-    try:
-        namespace, _ = parser.parse_known_args(argv)
-    finally:
-        for action, default in saved:
-            action.default = default
-    return set(vars(namespace))
-
-
 def option_text(dest: str, value: object) -> str:
     if isinstance(value, bool):
         return f"--{dest}" if value else f"--no_{dest}" if dest == "vae_tiling" else f"no --{dest}"

@@ -287,3 +287,27 @@ def test_a_jsonl_line_with_a_non_text_path_fails_alone(tiny_tree, tmp_path, caps
     assert "cached 1, already up to date 0, failed 1" in out
     assert "images.jsonl:1" in out and "'image_path' must be a path (text), got 5" in out
     assert len(files(tmp_path / "c", "_k5tk.safetensors")) == 1
+
+
+def test_an_error_caused_by_the_default_task_says_the_task_was_not_given(tiny_tree, tmp_path):
+    """musubi-tuner's caching commands give no --task: the default task's Qwen width is then the cause."""
+    (tmp_path / "images").mkdir()
+    caption(write_image(tmp_path / "images" / "a.png", 64, 64), "a cat")
+    config = tmp_path / "data.toml"
+    config.write_text(f'[[datasets]]\nimage_directory = "{tmp_path / "images"}"\nresolution = 64\n')
+    encoders = [
+        "--text_encoder_qwen",
+        str(tiny_tree / "text_encoder"),
+        "--text_encoder_clip",
+        str(tiny_tree / "text_encoder2"),
+    ]
+    with pytest.raises(SystemExit) as stopped:
+        kandinsky5_cache_text_encoder_outputs.main(["--dataset_config", str(config), *encoders])
+    message = str(stopped.value.code)
+    assert "has hidden size 32" in message
+    assert message.endswith("(--task was not given, so the default task k5-pro-t2v-5s-sd applied)")
+    with pytest.raises(SystemExit) as stopped:  # with --task the same mistake says nothing of a default
+        kandinsky5_cache_text_encoder_outputs.main(
+            ["--dataset_config", str(config), "--task", "k5-lite-t2v-5s-sd", *encoders]
+        )
+    assert "has hidden size 32" in str(stopped.value.code) and "not given" not in str(stopped.value.code)
