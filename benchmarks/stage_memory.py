@@ -5,7 +5,8 @@ a prompt (bf16 and fp8).
 
 Each case runs in a process of its own and reports the peak of the device it runs on above what the
 process held before the stage: torch.cuda.max_memory_allocated on a GPU; on a CPU the process's peak
-anonymous memory (RssAnon, sampled every 5 ms), which stands in for GPU memory. Figures from the CPU
+anonymous memory (RssAnon, sampled every 5 ms; allocations above 1 MiB mapped on their own, so that
+freed tensors leave it), which stands in for GPU memory. Figures from the CPU
 are fp32 for the VAEs (PyTorch's CPU 3-D convolutions have no fast bf16 path) and bf16 for the DiT and
 Qwen, as on a GPU.
 
@@ -197,6 +198,12 @@ def text_case(args) -> dict:
 
 
 def child(args) -> None:
+    if args.device == "cpu":
+        # every allocation above 1 MiB gets its own mapping, returned on free, so that the process's
+        # memory follows the live tensors (glibc's heap would keep freed activations and inflate it)
+        from modules.memory import LOADING_MMAP_THRESHOLD, set_mmap_threshold
+
+        set_mmap_threshold(LOADING_MMAP_THRESHOLD)
     cases = {"vae": vae_case, "dit": dit_case, "text": text_case}
     print(json.dumps(cases[args.stage](args)))
 

@@ -144,3 +144,45 @@ def test_every_command_not_run_is_in_the_docs():
 def test_the_docs_have_examples_to_run():
     runnable = [text for doc in DOCS for text in commands(doc) if not not_run_reason(text)]
     assert len(runnable) >= 15, runnable
+
+
+def test_ctrl_c_under_the_docs_accelerate_launch_ends_with_the_resume_command(docs_workspace):
+    """The worked example's training command under accelerate launch, stopped as a terminal's Ctrl-C stops
+    it (SIGINT to the launcher and the training process alike): one notice, a state saved, and the last
+    line is the --resume command, which then continues the run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    steps = commands(ROOT / "docs" / "training.md")
+    for caching in [t for t in steps if "kandinsky5_cache_" in t and "data/clips.toml" in t]:  # the walk's caches
+        check(run(tiny_command(caching, docs_workspace).argv, docs_workspace), caching)
+    (text,) = [t for t in steps if "--output_name walk_lora" in t]
+    argv = tiny_command(text, docs_workspace).argv
+    argv[argv.index("--max_train_epochs") + 1] = "100000"  # a run that is still going when Ctrl-C comes
+    argv += ["--output_name", "ctrl_c", "--save_every_n_steps", "2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(argv, cwd=docs_workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not (docs_workspace / "output" / "ctrl_c-step00000002.safetensors").exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the group
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "CalledProcessError" not in stderr
+    assert (stdout + stderr).count("stopping after this step") == 1
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"interrupted at step (\d+); continue with --resume (\S+)", last)
+    assert match, stderr[-2000:]
+    state = Path(match[2])
+    assert (docs_workspace / state / "train_state.json").exists() or (state / "train_state.json").exists()
+    resumed = [*argv, "--resume", match[2]]
+    resumed[resumed.index("--max_train_epochs") + 1] = "1"
+    resumed[resumed.index("--max_train_epochs")] = "--max_train_steps"
+    resumed[resumed.index("--max_train_steps") + 1] = str(int(match[1]) + 1)
+    result = run(resumed, docs_workspace)
+    check(result, "the --resume command")
+    assert f"resuming from {match[2]}: step {match[1]}" in result.stdout

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -335,8 +336,8 @@ class TrainingInterrupted(Exception):
 class StopRequest:
     """Turns SIGINT / SIGTERM into a request that the loop honours at the next optimizer step."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, main: bool = True):
+        self.requested, self.main = False, main
         self._previous = {}
 
     def __enter__(self) -> StopRequest:
@@ -345,8 +346,11 @@ class StopRequest:
         return self
 
     def _request(self, signum, frame) -> None:
+        # said once, by the first process: a terminal's Ctrl-C reaches every process and the launcher,
+        # which then sends SIGTERM as well
+        if not self.requested and self.main:
+            tqdm.write("stopping after this step; saving a state to resume from", file=sys.stderr)
         self.requested = True
-        tqdm.write("stopping after this step; saving a state to resume from")
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -358,6 +362,13 @@ class StopRequest:
             return self.requested
         flag = torch.tensor([float(self.requested)], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item())
+
+
+def leave_stopping_to_the_main_process(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C and SIGTERM (a terminal and accelerate's launcher send them to every
+    process): the training process finishes its step and saves a state, then its workers end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def check_latent_kind(datasets, task: TaskPreset) -> None:
@@ -491,6 +502,7 @@ def train(args: argparse.Namespace) -> Path:
         persistent_workers=args.persistent_data_loader_workers and workers > 0,
         generator=torch.Generator().manual_seed(args.seed),
         pin_memory=torch.device(device).type == "cuda",
+        worker_init_fn=leave_stopping_to_the_main_process,
     )
 
     # model and LoRA
@@ -619,7 +631,7 @@ def train(args: argparse.Namespace) -> Path:
     # the loop
     step, recent = position.step, deque(maxlen=20)
     bar = tqdm(total=args.max_train_steps, initial=step, desc="training", unit="step", disable=not main)
-    with StopRequest() as stop:
+    with StopRequest(main) as stop, contextlib.closing(bar):  # the bar ends before any last message
         for epoch in range(position.epoch, epochs + 1):
             order.set_epoch(epoch - 1, position.next_batch if epoch == position.epoch else 0)
             total = len(data.batches(epoch - 1))
@@ -679,6 +691,7 @@ def train(args: argparse.Namespace) -> Path:
                 if stop.requested_anywhere(accelerator):
                     folder = Path(args.output_dir) / f"{args.output_name}-step{step:08d}-state"
                     checkpoints.save_state(folder.name, position)
+                    bar.close()
                     raise TrainingInterrupted(f"interrupted at step {step}; continue with --resume {folder}")
                 if step >= args.max_train_steps:
                     break
