@@ -14,10 +14,11 @@ import sys
 
 from kandinsky5.model.fp8_checkpoint import convert_to_fp8
 from modules.fp8 import DEFAULT_BLOCK_SIZE
+from modules.option_types import ScriptParser
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="DiT checkpoint (.safetensors, diffusers folder or index.json)")
     p.add_argument("--output", required=True, help="the fp8 .safetensors file to write")
     p.add_argument(

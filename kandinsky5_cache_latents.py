@@ -16,11 +16,12 @@ from kandinsky5.caching.cache_latents import cache_latents
 from kandinsky5.cli import add_task_argument, given_options, run_caching
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.inference.generate import DTYPES, default_paths
-from modules.option_types import NON_NEGATIVE_INT, POSITIVE_INT, annotate_ranges, integer
+from kandinsky5.musubi_options import LATENT_CACHING_NOTICES, add_notice_options, announce_notices
+from modules.option_types import NON_NEGATIVE_INT, POSITIVE_INT, ScriptParser, annotate_ranges, integer
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ScriptParser(description=__doc__)
     p.add_argument("--dataset_config", required=True, help="dataset config file (.toml or .json)")
     add_task_argument(p, default="k5-pro-t2v-5s-sd")
     p.add_argument(
@@ -58,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
         "--vae_tile_frames", type=POSITIVE_INT, default=16, help="frames per temporal tile with --vae_tiling"
     )
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the VAE posterior samples")
+    add_notice_options(p, LATENT_CACHING_NOTICES, "musubi-tuner options with no effect here")
     return annotate_ranges(p)
 
 
@@ -65,6 +67,7 @@ def main(argv=None) -> None:
     p = parser()
     args = p.parse_args(argv)
     args.task_given = "task" in given_options(p, argv)
+    announce_notices(args, LATENT_CACHING_NOTICES)
     task = args.task
     try:
         fill_from_comfy(args, task, ("vae",))

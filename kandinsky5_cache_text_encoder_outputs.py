@@ -16,11 +16,11 @@ from kandinsky5.cli import add_task_argument, given_options, run_caching
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
 from kandinsky5.inference.generate import default_paths
-from modules.option_types import POSITIVE_INT, annotate_ranges
+from modules.option_types import POSITIVE_INT, ScriptParser, annotate_ranges
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ScriptParser(description=__doc__)
     p.add_argument("--dataset_config", required=True, help="dataset config file (.toml or .json)")
     add_task_argument(p, default="k5-pro-t2v-5s-sd")
     p.add_argument("--text_encoder_qwen", help="Qwen2.5-VL-7B-Instruct folder (default weights/text_encoder)")

@@ -31,11 +31,21 @@ from kandinsky5.inference.generate import DTYPES, default_paths, generate
 from kandinsky5.inference.magcache import task_ratios
 from kandinsky5.memory_presets import add_vram_argument
 from kandinsky5.musubi_options import GENERATION_NOTICES, add_notice_options, announce_notices
-from modules.option_types import FINITE, FRAMES, NON_NEGATIVE_INT, POSITIVE, SIDE, STEPS, annotate_ranges, number
+from modules.option_types import (
+    FINITE,
+    FRAMES,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    SIDE,
+    STEPS,
+    ScriptParser,
+    annotate_ranges,
+    number,
+)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ScriptParser(description=__doc__)
     add_task_argument(p, default="k5-pro-t2v-5s-sd")
     weights = p.add_argument_group("weights (defaults: the task's files under ./weights, see docs/weights.md)")
     weights.add_argument("--dit", help="DiT checkpoint: .safetensors file, diffusers folder or index.json")

@@ -17,12 +17,14 @@ import argparse
 import os
 from pathlib import Path
 
+from modules.option_types import ScriptParser
+
 # nothing leaves this machine: gradio's usage statistics and version check stay off
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")

@@ -41,6 +41,7 @@ from modules.option_types import (
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
+    ScriptParser,
     annotate_ranges,
     convert_config_value,
     integer,
@@ -51,7 +52,7 @@ NETWORK_MODULE = "networks.lora_kandinsky"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ScriptParser(description=__doc__)
     p.add_argument("--config_file", help="TOML file of options (tables are flattened; the command line wins)")
     add_task_argument(p, default="k5-pro-t2v-5s-sd")
     data = p.add_argument_group("data and weights")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kandinsky5.cli import add_task_argument
 from kandinsky5.model.tasks import TaskPreset
+from modules.option_types import ScriptParser
 
 QWEN_REPO = "Qwen/Qwen2.5-VL-7B-Instruct"
 QWEN_FILES = ["*.json", "*.txt", "*.safetensors"]  # config, tokenizer, processor, weights (not the READMEs)
@@ -152,7 +153,7 @@ def fetch(item: Fetch) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ScriptParser(
         prog="python -m kandinsky5.download", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_task_argument(parser, default="k5-lite-t2v-5s-sd")

@@ -24,7 +24,7 @@ import torch
 from kandinsky5.model.checkpoint import checkpoint_files, linear_shapes, read_layout
 from kandinsky5.model.fp8_checkpoint import rewrite_checkpoint
 from modules.atomic_save import save_safetensors_atomic
-from modules.option_types import FINITE
+from modules.option_types import FINITE, ScriptParser
 from networks.lora_files import LoRAFile, read_lora
 from networks.lora_merge import merge_plan, weighted_loras
 
@@ -108,7 +108,7 @@ def merge(dit: Path, loras: list[Path], multipliers: list[float], output: Path, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("to-diffusers", "PEFT/diffusers keys, alpha folded in (ComfyUI, diffusers, official)"),

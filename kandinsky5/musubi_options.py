@@ -85,6 +85,14 @@ GENERATION_NOTICES: dict[str, tuple[dict, str]] = {
     ),
 }
 
+LATENT_CACHING_NOTICES: dict[str, tuple[dict, str]] = {
+    "--nabla_resize": (
+        {"action": "store_true"},
+        "caching with a NABLA task (the 10 s and HD ones, or the --task you train with) already makes every "
+        "bucket a multiple of 128 px, which NABLA attention needs",
+    ),
+}
+
 
 def add_notice_options(parser: argparse.ArgumentParser, notices: dict[str, tuple[dict, str]], title: str) -> None:
     group = parser.add_argument_group(title, "accepted so that musubi-tuner command lines run; each says why")

@@ -42,6 +42,7 @@ from kandinsky5.model.checkpoint import save_dit
 from kandinsky5.model.dit import DiffusionTransformer3D
 from kandinsky5.model.tasks import TASKS, TINY_CLIP_DIM, TINY_TEXT_DIM
 from modules.atomic_save import save_safetensors_atomic
+from modules.option_types import ScriptParser
 
 TINY_SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS[:14]  # the tiny tokenizer's: Qwen's up to <|video_pad|>
 TOKENIZER_CORPUS = [
@@ -320,7 +321,7 @@ def build_tiny_tree(out: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="folder to write the tree into (created if needed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument(

@@ -10,8 +10,28 @@ range: expected an integer in [1, 1000]``. ``annotate_ranges`` adds each range t
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
+import re
 from collections.abc import Callable
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """argparse with short errors: one line naming the problem (an unknown option with the nearest known
+    one, "did you mean"), after a one-line usage pointing at --help instead of the whole option list."""
+
+    def error(self, message: str):
+        unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            known = [option for option in self._option_string_actions if option.startswith("--")]
+            parts = []
+            for word in unknown[1].split():
+                if not word.startswith("-"):
+                    continue
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.7)
+                parts.append(f"{word} (did you mean {close[0]}?)" if close else word)
+            message = f"unknown option(s): {', '.join(parts) or unknown[1]}"
+        self.exit(2, f"usage: {self.prog} [options]  ({self.prog} --help lists them)\n{self.prog}: error: {message}\n")
 
 
 class _Range:

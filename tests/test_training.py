@@ -347,3 +347,13 @@ def test_nabla_training_on_dense_caches_says_to_recache_with_the_nabla_task(tiny
             train_args(tiny_tree, video_only, tmp_path, "--max_train_steps", "1") + ["--task", "tiny-t2v-nabla"]
         )
     assert not (tmp_path / "lora.safetensors").exists()
+
+
+def test_a_warmup_as_long_as_the_run_is_noted(tiny_tree, cached_dataset, tmp_path, capsys):
+    _, _, video_only = cached_dataset
+    args = train_args(tiny_tree, video_only, tmp_path, "--max_train_steps", "2", "--lr_warmup_steps", "5")
+    kandinsky5_train_network.main(args)
+    assert (
+        "note: --lr_warmup_steps 5 is 5 steps, as long as or longer than the run (2 steps): the learning rate never "
+        "reaches --learning_rate 0.0001" in capsys.readouterr().out
+    )

@@ -9,6 +9,7 @@ gives its pooled output in fp32. Nothing is ever downloaded: both load from loca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -38,6 +39,19 @@ CLIP_MODEL = "openai/clip-vit-large-patch14"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 CLIP_KEY_PREFIXES = ("cond_stage_model.transformer.", "clip_l.transformer.", "transformer.", "clip_l.")
 CLIP_UNUSED_KEYS = ("text_projection.weight", "logit_scale", "embeddings.position_ids")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings (its load report, in terminal escape codes) silenced while a model loads."""
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
 
 
 class TextEncoderError(ValueError):
@@ -125,7 +139,10 @@ class QwenEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.tokenizer.padding_side = "right"
         try:
-            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, local_files_only=True)
+            with quiet_transformers():  # its load report flags the unused lm_head of a folder without it
+                self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                    folder, dtype=dtype, local_files_only=True
+                )
         except (OSError, SafetensorError) as error:  # a truncated or damaged weights file
             raise TextEncoderError(
                 f"Qwen2.5-VL text encoder: the weights in {folder} cannot be read ({error})"

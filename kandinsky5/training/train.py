@@ -549,6 +549,12 @@ def train(args: argparse.Namespace) -> Path:
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * steps_per_epoch
     epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    warmup = warmup_steps(args.lr_warmup_steps, args.max_train_steps)
+    if warmup >= args.max_train_steps and main:
+        print(
+            f"note: --lr_warmup_steps {args.lr_warmup_steps:g} is {warmup} steps, as long as or longer than the run "
+            f"({args.max_train_steps} steps): the learning rate never reaches --learning_rate {args.learning_rate:g}"
+        )
     optimizer = create_optimizer(
         args.optimizer_type,
         network.parameter_groups(args.learning_rate),
@@ -561,7 +567,7 @@ def train(args: argparse.Namespace) -> Path:
     scheduler = create_scheduler(
         args.lr_scheduler,
         optimizer,
-        warmup_steps(args.lr_warmup_steps, args.max_train_steps),
+        warmup,
         args.max_train_steps,
         args.lr_scheduler_num_cycles,
         args.lr_scheduler_power,
