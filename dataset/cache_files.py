@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -124,11 +125,46 @@ def stored_fingerprint(path: Path) -> dict | None:
 
 def written_by_us(path: Path) -> bool:
     """Whether ``path`` is a cache file this toolkit wrote (cleanup never deletes anything else)."""
+    return cache_metadata(path).get("writer") == WRITER
+
+
+def cache_metadata(path: Path) -> dict[str, str]:
+    """A cache file's metadata; empty when it cannot be read."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("writer") == WRITER
+            return f.metadata() or {}
     except Exception:
-        return False
+        return {}
+
+
+def recipes_of(metadata: dict[str, str]) -> set[str] | None:
+    """The recipes (dataset configs, see DatasetConfig.recipe) a cache file serves; None for a file written
+    before caches carried them, which serves any."""
+    text = metadata.get("recipes")
+    return set(json.loads(text)) if text else None
+
+
+def serves(metadata: dict[str, str], recipe: str) -> bool:
+    recipes = recipes_of(metadata)
+    return recipes is None or recipe in recipes
+
+
+def recipes_with(path: Path, recipe: str) -> str:
+    """The recipes a new file at ``path`` carries: those of the file it replaces, and ``recipe``."""
+    return json.dumps(sorted((recipes_of(cache_metadata(path)) or set()) | {recipe}))
+
+
+def set_recipes(path: Path, recipes: set[str]) -> None:
+    """Rewrite a cache file with these recipes (its tensors and other metadata as they are)."""
+    tensors, metadata = read_cache(path)
+    save_safetensors_atomic(tensors, path, metadata={**metadata, "recipes": json.dumps(sorted(recipes))})
+
+
+def add_recipe(path: Path, recipe: str) -> None:
+    """An up-to-date file that another config wrote now serves this one's as well."""
+    recipes = recipes_of(cache_metadata(path))
+    if recipes is None or recipe not in recipes:
+        set_recipes(path, (recipes or set()) | {recipe})
 
 
 def foreign_caches(folder: Path) -> list[tuple[Path, str]]:
@@ -143,19 +179,39 @@ def is_current(path: Path, fingerprint: dict) -> bool:
     return stored_fingerprint(path) == json.loads(json.dumps(fingerprint, sort_keys=True))
 
 
-def cache_damage(path: Path, tensors: tuple[str, ...]) -> str | None:
-    """Why the cache file ``path`` cannot be read, or None when it can: a check of its header and of
-    the data's length against it (what a copy cut short or a full disk leaves), not of every value."""
+@dataclass(frozen=True)
+class CacheHeader:
+    metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def read_header(path: Path, tensors: tuple[str, ...]) -> CacheHeader:
+    """A cache file's metadata and tensor shapes, from its header; DamagedCache when the header or the
+    data's length against it (what a copy cut short or a full disk leaves) is wrong, or a tensor is
+    missing. Not every value is read."""
     try:
         if path.stat().st_size == 0:
-            return "the file is empty"
+            raise DamagedCache(path, "the file is empty")
         with safe_open(str(path), framework="pt") as f:
-            missing = [name for name in tensors if name not in f.keys()]
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            metadata = f.metadata() or {}
     except SafetensorError as error:
-        return f"cut short or damaged ({error})"
+        raise DamagedCache(path, f"cut short or damaged ({error})") from None
     except OSError as error:
-        return f"cannot be read ({error.strerror or error})"
-    return f"it holds no {' or '.join(missing)} tensor" if missing else None
+        raise DamagedCache(path, f"cannot be read ({error.strerror or error})") from None
+    missing = [name for name in tensors if name not in shapes]
+    if missing:
+        raise DamagedCache(path, f"it holds no {' or '.join(missing)} tensor")
+    return CacheHeader(metadata, shapes)
+
+
+def cache_damage(path: Path, tensors: tuple[str, ...]) -> str | None:
+    """Why the cache file ``path`` cannot be read, or None when it can (see read_header)."""
+    try:
+        read_header(path, tensors)
+    except DamagedCache as damaged:
+        return damaged.why
+    return None
 
 
 def read_tensors(path: Path, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

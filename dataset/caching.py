@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from .cache_files import item_key_of, written_by_us
+from .cache_files import WRITER, cache_metadata, item_key_of, recipes_of, set_recipes
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -62,15 +62,31 @@ def remove_stale(
     keep_cache: bool,
     report: CacheReport,
     label: str,
+    recipe: str,
 ) -> None:
-    """Delete the cache files matching ``pattern`` that this run did not produce (unless ``keep_cache``).
-    Files of items that failed this time are kept: an old cache beats none; files this toolkit did not
-    write are never touched."""
-    stale = [
-        p
-        for p in cache_directory.glob(pattern)
-        if p not in produced and item_key_of(p) not in failed_keys and written_by_us(p)
-    ]
+    """Delete the cache files matching ``pattern`` that this dataset config wrote (its ``recipe``) and
+    this run did not produce (unless ``keep_cache``). Files of items that failed this time are kept (an
+    old cache beats none), and so are other configs' files in the same folder and files this toolkit
+    did not write."""
+    stale, shared, others = [], [], 0
+    for path in cache_directory.glob(pattern):
+        if path in produced or item_key_of(path) in failed_keys:
+            continue
+        metadata = cache_metadata(path)
+        if metadata.get("writer") != WRITER:
+            continue
+        recipes = recipes_of(metadata)
+        if recipes is not None and recipe not in recipes:
+            others += 1
+        elif recipes is not None and len(recipes) > 1:
+            shared.append((path, recipes - {recipe}))  # still another config's: only this one lets go
+        else:
+            stale.append(path)
+    if others:
+        tqdm.write(f"{label}: {others} caches of other dataset configs in {cache_directory} left as they are")
+    if not keep_cache:
+        for path, remaining in shared:
+            set_recipes(path, remaining)
     if not stale:
         return
     if not keep_cache:
@@ -78,4 +94,4 @@ def remove_stale(
             path.unlink()
         report.deleted += len(stale)
     verb = "kept (--keep_cache)" if keep_cache else "deleted"
-    tqdm.write(f"{label}: {len(stale)} stale caches of items no longer in the dataset {verb}")
+    tqdm.write(f"{label}: {len(stale)} stale caches of this config (items it no longer has or makes) {verb}")

@@ -16,8 +16,9 @@ the key, and says what was expected.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import warnings
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,9 @@ def four_k_plus_one(frames: list[int], where: str) -> list[int]:
     for value in frames:
         low = (value - 1) // 4 * 4 + 1
         if low != value:
-            warnings.warn(
-                f"{where}: target_frames value {value} is not 4k+1 (1, 5, 9, 13, 17, ...); using {low}", stacklevel=3
+            print(
+                f"note: {where}: target_frames value {value} is not 4k+1 (1, 5, 9, 13, 17, ...); using {low}",
+                file=sys.stderr,
             )
         rounded.append(low)
     return sorted(set(rounded))
@@ -162,6 +164,16 @@ class DatasetConfig:
     @property
     def name(self) -> str:
         return f"dataset {self.index} ({self.source})"
+
+    @property
+    def recipe(self) -> str:
+        """What this dataset's cache files depend on besides each item: its source and how clips and sizes
+        are made. Caches carry it, so that another config sharing the cache_directory (other target_frames,
+        say) neither reads nor deletes them."""
+        parts = [self.kind, str(self.source.resolve()), self.resolution, self.enable_bucket, self.bucket_no_upscale]
+        parts += [self.target_frames, self.frame_extraction, self.frame_stride, self.frame_sample, self.max_frames]
+        parts += [self.source_fps, str(self.control_directory)]
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 def _where(path: Path, error: v.Invalid) -> str:
@@ -233,8 +245,8 @@ def load_dataset_config(path: str | Path) -> list[DatasetConfig]:
         control = values.pop("control_directory", None) if kind == "image" else None  # image editing pairs
         for key in IGNORED_KEYS:
             if key in values:
-                warnings.warn(
-                    f"{path}: [[datasets]] number {i + 1}: {key!r} has no effect for Kandinsky 5", stacklevel=2
+                print(
+                    f"note: {path}: [[datasets]] number {i + 1}: {key!r} has no effect for Kandinsky 5", file=sys.stderr
                 )
                 values.pop(key)
         directory, jsonl = values.pop(f"{kind}_directory", None), values.pop(f"{kind}_jsonl_file", None)

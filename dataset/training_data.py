@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .cache_files import (
     LATENT_SUFFIX,
     LATENT_TENSORS,
     TEXT_TENSORS,
     DamagedCache,
-    cache_damage,
     item_key_of,
+    read_header,
     read_tensors,
+    serves,
     text_cache_name,
 )
 from .config import DatasetConfig
@@ -43,28 +43,30 @@ class DatasetSamples:
     damaged: list[DamagedCache]  # its items are not in samples
 
 
-def _latent_shape(path: Path) -> tuple[int, ...]:
-    with safe_open(str(path), framework="pt") as f:
-        return tuple(f.get_slice("latent").get_shape())
-
-
 def find_samples(dataset: DatasetConfig) -> DatasetSamples:
-    """The dataset's cached samples; each cache file's header is checked, and an item with a damaged
-    latent or text cache is left out and listed in ``damaged`` (each file once)."""
+    """The dataset's cached samples: the latent caches this config made (another config's files in the
+    same folder are not read), each with its item's text cache. Every file's header is checked; an item
+    with a damaged latent or text cache is left out and listed in ``damaged`` (each file once)."""
     samples, without_text, damaged = [], [], {}
     for latent in sorted(dataset.cache_directory.glob(f"*{LATENT_SUFFIX}")):
         text = dataset.cache_directory / text_cache_name(item_key_of(latent))
+        try:
+            header = read_header(latent, LATENT_TENSORS)
+        except DamagedCache as error:
+            damaged.setdefault(latent, error)
+            header = None
+        if header is not None and not serves(header.metadata, dataset.recipe):
+            continue
         if not text.exists():
             without_text.append(latent)
             continue
-        problems = [
-            (path, cache_damage(path, names)) for path, names in ((latent, LATENT_TENSORS), (text, TEXT_TENSORS))
-        ]
-        problems = [(path, why) for path, why in problems if why]
-        for path, why in problems:
-            damaged.setdefault(path, DamagedCache(path, why))
-        if not problems:
-            samples.append(TrainingSample(latent, text, _latent_shape(latent)))
+        try:
+            read_header(text, TEXT_TENSORS)
+        except DamagedCache as error:
+            damaged.setdefault(text, error)
+            continue
+        if header is not None:
+            samples.append(TrainingSample(latent, text, header.shapes["latent"]))
     return DatasetSamples(dataset, samples, without_text, list(damaged.values()))
 
 

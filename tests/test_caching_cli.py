@@ -311,3 +311,46 @@ def test_an_error_caused_by_the_default_task_says_the_task_was_not_given(tiny_tr
             ["--dataset_config", str(config), "--task", "k5-lite-t2v-5s-sd", *encoders]
         )
     assert "has hidden size 32" in str(stopped.value.code) and "not given" not in str(stopped.value.code)
+
+
+def test_a_second_config_on_the_same_cache_folder_neither_deletes_nor_mixes_the_first_ones_caches(
+    tiny_tree, tmp_path, capsys
+):
+    """#33: trying other target_frames on the same cache_directory deleted the main config's clips, and
+    training read every cache of the folder."""
+    from dataset.config import load_dataset_config
+    from dataset.training_data import find_samples
+
+    (tmp_path / "videos").mkdir()
+    for i in range(2):
+        caption(write_video(tmp_path / "videos" / f"walk_{i}.mp4", 9, 64, 64, seed=i), f"walk {i}")
+    configs = {}
+    for name, frames in (("main", 9), ("trial", 5)):
+        configs[name] = tmp_path / f"{name}.toml"
+        configs[name].write_text(
+            f'[[datasets]]\nvideo_directory = "{tmp_path / "videos"}"\ncache_directory = "{tmp_path / "cache"}"\n'
+            f"resolution = 64\ntarget_frames = [{frames}]\n"
+        )
+
+    def samples(config):
+        (entry,) = [find_samples(d) for d in load_dataset_config(config)]
+        return sorted(s.latent_file.name for s in entry.samples)
+
+    def cache_both(config):
+        for module in (kandinsky5_cache_latents, kandinsky5_cache_text_encoder_outputs):
+            run(module, tiny_tree, config)
+
+    cache_both(configs["main"])
+    main_files = samples(configs["main"])
+    assert len(main_files) == 2 and all("-009_" in name for name in main_files)
+    capsys.readouterr()
+    cache_both(configs["trial"])
+    out = capsys.readouterr()
+    assert "stale caches deleted 0" in out.out and "2 caches of other dataset configs" in out.out + out.err
+    assert samples(configs["main"]) == main_files  # kept, and each config reads its own
+    assert len(samples(configs["trial"])) == 2 and all("-005_" in name for name in samples(configs["trial"]))
+
+    (tmp_path / "videos" / "walk_1.mp4").unlink()  # the main config loses an item: only its own caches go
+    cache_both(configs["main"])
+    assert samples(configs["main"]) == main_files[:1]
+    assert len(samples(configs["trial"])) == 2

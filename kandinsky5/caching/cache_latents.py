@@ -15,10 +15,12 @@ from tqdm import tqdm
 from dataset.buckets import choose_bucket
 from dataset.cache_files import (
     LATENT_SUFFIX,
+    add_recipe,
     file_identity,
     is_current,
     item_key_of,
     latent_cache_name,
+    recipes_with,
     source_fingerprint,
     write_cache,
 )
@@ -114,7 +116,7 @@ def edit_source(item: MediaItem, target: Image.Image, folder: Path | None) -> Im
     return source
 
 
-def encode_units(vae: VAE, units: list[Unit], seed: int) -> list[tuple[Unit, str]]:
+def encode_units(vae: VAE, units: list[Unit], seed: int, recipe: str) -> list[tuple[Unit, str]]:
     """Encode units of one shape together and write their cache files; returns the units that failed,
     with the reason (a latent that is not finite, a write that failed: the disk is full), the others
     written."""
@@ -138,7 +140,8 @@ def encode_units(vae: VAE, units: list[Unit], seed: int) -> list[tuple[Unit, str
             failures.append((unit, "the VAE gave NaN or infinite latents (not written)"))
             continue
         try:
-            write_cache(unit.path, tensors, "latent", unit.fingerprint, {"vae": vae.kind.name})
+            extra = {"vae": vae.kind.name, "recipes": recipes_with(unit.path, recipe)}
+            write_cache(unit.path, tensors, "latent", unit.fingerprint, extra)
         except OSError as error:
             failures.append((unit, f"cannot write {unit.path.name}: {error.strerror or error}"))
     return failures
@@ -164,7 +167,7 @@ def cache_dataset(
     batch_size = args.batch_size or dataset.batch_size
 
     def flush(shape: tuple) -> None:
-        for unit, reason in encode_units(vae, pending.pop(shape), args.seed):
+        for unit, reason in encode_units(vae, pending.pop(shape), args.seed, dataset.recipe):
             report.fail(unit.source, reason)
             report.written -= 1
             failed.add(item_key_of(unit.path))  # its older cache, if any, is kept
@@ -179,6 +182,7 @@ def cache_dataset(
         for unit in result:
             produced.add(unit.path)
             if args.skip_existing and is_current(unit.path, unit.fingerprint):
+                add_recipe(unit.path, dataset.recipe)  # maybe another config's file: it serves this one too
                 report.skipped += 1
                 continue
             shape = unit.frames.shape
@@ -191,7 +195,16 @@ def cache_dataset(
     produced, failed = processes.union(produced), processes.union(failed)
     if processes.main:
         label = f"latents of {dataset.name}"
-        remove_stale(dataset.cache_directory, f"*{LATENT_SUFFIX}", produced, failed, args.keep_cache, report, label)
+        remove_stale(
+            dataset.cache_directory,
+            f"*{LATENT_SUFFIX}",
+            produced,
+            failed,
+            args.keep_cache,
+            report,
+            label,
+            dataset.recipe,
+        )
 
 
 def cache_latents(args: argparse.Namespace, task: TaskPreset, processes: Processes = ONE_PROCESS) -> CacheReport:

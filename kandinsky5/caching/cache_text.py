@@ -11,9 +11,11 @@ from tqdm import tqdm
 from dataset.buckets import choose_bucket
 from dataset.cache_files import (
     TEXT_SUFFIX,
+    add_recipe,
     caption_hash,
     file_identity,
     is_current,
+    recipes_with,
     source_fingerprint,
     text_cache_name,
     write_cache,
@@ -88,6 +90,7 @@ def cache_dataset(
         path = dataset.cache_directory / text_cache_name(item.key)
         produced.add(path)
         if args.skip_existing and is_current(path, fingerprint):
+            add_recipe(path, dataset.recipe)  # maybe another config's file: it serves this one too
             report.skipped += 1
         else:
             todo.append((item, path, fingerprint, image))
@@ -107,9 +110,9 @@ def cache_dataset(
                     )
                 tensors = {"text": encoded.embeddings[i, :length].cpu(), "pooled": encoded.pooled[i].cpu()}
                 try:
-                    write_cache(
-                        path, tensors, "text", fingerprint, {"caption": item.caption, "template": template.name}
-                    )
+                    extra = {"caption": item.caption, "template": template.name}
+                    extra["recipes"] = recipes_with(path, dataset.recipe)
+                    write_cache(path, tensors, "text", fingerprint, extra)
                 except OSError as error:  # the disk is full, say: this item fails, the others go on
                     report.fail(item.path, f"cannot write {path.name}: {error.strerror or error}")
                     failed.add(item.key)
@@ -119,7 +122,9 @@ def cache_dataset(
     produced, failed = processes.union(produced), processes.union(failed)
     if processes.main:
         label = f"text of {dataset.name}"
-        remove_stale(dataset.cache_directory, f"*{TEXT_SUFFIX}", produced, failed, args.keep_cache, report, label)
+        remove_stale(
+            dataset.cache_directory, f"*{TEXT_SUFFIX}", produced, failed, args.keep_cache, report, label, dataset.recipe
+        )
 
 
 def cache_text(args: argparse.Namespace, task: TaskPreset, processes: Processes = ONE_PROCESS) -> CacheReport:
