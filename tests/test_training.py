@@ -357,3 +357,34 @@ def test_a_warmup_as_long_as_the_run_is_noted(tiny_tree, cached_dataset, tmp_pat
         "note: --lr_warmup_steps 5 is 5 steps, as long as or longer than the run (2 steps): the learning rate never "
         "reaches --learning_rate 0.0001" in capsys.readouterr().out
     )
+
+
+def header_only_checkpoint(path, task_name: str):
+    """A safetensors file with the real architecture's header and no data (a sparse file: nothing is
+    written but the header), enough for every check that reads the header alone."""
+    import json
+    import struct
+
+    from kandinsky5.model.checkpoint import expected_shapes
+
+    header, offset = {}, 0
+    for name, shape in expected_shapes(get_task(task_name).dit_params).items():
+        size = 2 * int(torch.Size(shape).numel())
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + offset)
+    return path
+
+
+def test_a_real_shaped_dit_of_another_task_is_refused_before_training_loads_it(tiny_tree, cached_dataset, tmp_path):
+    """As generation refuses it: the checkpoint's header names the task it fits."""
+    _, _, video_only = cached_dataset
+    lite_t2v = header_only_checkpoint(tmp_path / "kandinsky5lite_t2v_sft_5s.safetensors", "k5-lite-t2v-5s-sd")
+    args = train_args(tiny_tree, video_only, tmp_path / "out")
+    args[args.index("--task") + 1], args[args.index("--dit") + 1] = "k5-lite-i2i-hd", str(lite_t2v)
+    with pytest.raises(SystemExit, match="does not fit task 'k5-lite-i2i-hd'.*k5-lite-t2v-5s-sd"):
+        kandinsky5_train_network.main(args)

@@ -31,7 +31,7 @@ from dataset.training_data import EpochBatches, EpochOrder, load_batch, samples_
 from kandinsky5.inference.denoiser import i2i_channels, i2v_channels, t2v_channels
 from kandinsky5.memory_presets import apply_choice, training_choice
 from kandinsky5.model.attention import attention_backend, check_backend
-from kandinsky5.model.checkpoint import checkpoint_files, load_dit
+from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, load_dit, read_layout
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import TaskPreset
 from kandinsky5.training.cache_check import checked_samples, damaged_caches_message
@@ -415,7 +415,7 @@ def preflight(args: argparse.Namespace) -> tuple[list, list | None]:
         check_writable_folder(args.logging_dir, "--logging_dir")
     if args.sample_prompts:
         check_sample_paths(args, args.task)
-    checkpoint_files(args.dit)
+    check_architecture(read_layout(checkpoint_files(args.dit)), args.task, str(args.dit))  # from the header alone
     datasets = checked_samples(args.dataset_config, "--dataset_config", args.skip_damaged_caches)
     validation_sets = None
     if args.validation_dataset_config:
