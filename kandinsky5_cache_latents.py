@@ -12,10 +12,10 @@ import sys
 
 import torch
 
-from kandinsky5.caching.cache_latents import cache_latents
 from kandinsky5.cli import add_task_argument, given_options, run_caching
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
-from kandinsky5.inference.generate import DTYPES, default_paths
+from kandinsky5.dtypes import DTYPES
+from kandinsky5.model.tasks import default_paths
 from kandinsky5.musubi_options import LATENT_CACHING_NOTICES, add_notice_options, announce_notices
 from modules.option_types import NON_NEGATIVE_INT, POSITIVE_INT, ScriptParser, annotate_ranges, integer
 
@@ -75,6 +75,8 @@ def main(argv=None) -> None:
         sys.exit(f"error: {error}")
     args.vae = args.vae or default_paths(task)["vae"]
     args.vae_dtype = DTYPES[args.vae_dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    from kandinsky5.caching.cache_latents import cache_latents  # the VAE's code, once the options are known
+
     run_caching(cache_latents, args)
 
 

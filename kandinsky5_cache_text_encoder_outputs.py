@@ -11,11 +11,10 @@ import sys
 
 import torch
 
-from kandinsky5.caching.cache_text import cache_text
 from kandinsky5.cli import add_task_argument, given_options, run_caching
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
-from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
-from kandinsky5.inference.generate import default_paths
+from kandinsky5.dtypes import TEXT_ENCODER_DTYPES
+from kandinsky5.model.tasks import default_paths
 from modules.option_types import POSITIVE_INT, ScriptParser, annotate_ranges
 
 
@@ -61,6 +60,8 @@ def main(argv=None) -> None:
     defaults = default_paths(task)
     args.text_encoder_qwen = args.text_encoder_qwen or defaults["text_encoder_qwen"]
     args.text_encoder_clip = args.text_encoder_clip or defaults["text_encoder_clip"]
+    from kandinsky5.caching.cache_text import cache_text  # the encoders' code, once the options are known
+
     run_caching(cache_text, args)
 
 

@@ -26,10 +26,10 @@ from kandinsky5.cli import (
     given_options,
 )
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
-from kandinsky5.encoders.text_encoders import TEXT_ENCODER_DTYPES
-from kandinsky5.inference.generate import DTYPES, default_paths, generate
+from kandinsky5.dtypes import DTYPES, TEXT_ENCODER_DTYPES
 from kandinsky5.inference.magcache import task_ratios
 from kandinsky5.memory_presets import add_vram_argument
+from kandinsky5.model.tasks import default_paths
 from kandinsky5.musubi_options import GENERATION_NOTICES, add_notice_options, announce_notices
 from modules.option_types import (
     FINITE,
@@ -193,6 +193,8 @@ def main(argv=None) -> None:
             p.error(str(error))
     if args.offload_dit_during_sampling:
         print("note: --offload_dit_during_sampling changes nothing: each stage already loads only while it runs")
+    from kandinsky5.inference.generate import generate  # the models' code, once the options are known
+
     try:
         generate(args, task)
     except ValueError as error:  # every input error of the toolkit is a ValueError with a message for the user

@@ -33,7 +33,6 @@ from kandinsky5.memory_presets import add_vram_argument
 from kandinsky5.musubi_options import TRAINING_NOTICES, add_notice_options, announce_notices
 from kandinsky5.training.timesteps import SAMPLINGS, WEIGHTING_SCHEMES
 from kandinsky5.training.trackers import CHOICES as TRACKER_CHOICES
-from kandinsky5.training.train import TrainingInterrupted, preflight, train
 from modules.optimizers import SCHEDULERS
 from modules.option_types import (
     FINITE,
@@ -425,6 +424,8 @@ def check(argv=None) -> None:
     """What a run would refuse before loading a model (options, paths, caches), without training: the web
     UI calls it before it launches a run, so its messages are this script's."""
     args = arguments(argv)
+    from kandinsky5.training.train import preflight  # the models' code, once the options are known
+
     try:
         preflight(args)
     except ValueError as error:
@@ -433,6 +434,8 @@ def check(argv=None) -> None:
 
 def main(argv=None) -> None:
     args = arguments(argv)
+    from kandinsky5.training.train import TrainingInterrupted, train  # the models' code, once the options are known
+
     try:
         final = train(args)
     except ValueError as error:

@@ -108,3 +108,31 @@ def test_a_qwen_folder_without_its_lm_head_loads_without_transformers_load_repor
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "LOAD REPORT" not in result.stderr + result.stdout and "\x1b[" not in result.stderr + result.stdout
+
+
+HEAVY_CHECK = """
+import contextlib, io, runpy, sys
+script = sys.argv[1]
+sys.argv = [script, *sys.argv[2:]]
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit:
+        pass
+print(sorted(m for m in sys.modules
+             if m.split(".")[0] in ("transformers", "diffusers", "gradio") or m.startswith("torch.distributed.tensor")))
+"""
+
+
+@pytest.mark.parametrize(
+    "script", [*SCRIPTS, "kandinsky5_gui.py", "kandinsky5/lora_tools.py", "kandinsky5/download.py"]
+)
+@pytest.mark.parametrize("arguments", [["--help"], ["--no_such_option"]], ids=["help", "typo"])
+def test_help_and_option_errors_answer_before_the_heavy_libraries_are_imported(script, arguments):
+    """transformers, diffusers, gradio and torch.distributed.tensor take seconds to import: --help and a
+    mistyped option answer in about the time of importing torch."""
+    result = subprocess.run(
+        [sys.executable, "-c", HEAVY_CHECK, script, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

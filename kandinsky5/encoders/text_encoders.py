@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from kandinsky5.dtypes import TEXT_ENCODER_DTYPES
 from kandinsky5.encoders.clip_vocab import CLIP_MAX_LENGTH, packaged_clip_tokenizer
 from kandinsky5.encoders.prompt_templates import PromptTemplate, edit_prompt_text
 from kandinsky5.encoders.qwen_single_file import (
@@ -333,9 +334,6 @@ class PromptEncoder:
     ) -> EncodedPrompts:
         embeddings, mask = self.qwen.encode(prompts, template, max_length, images)
         return EncodedPrompts(embeddings, mask, self.clip.encode(prompts), template.name)
-
-
-TEXT_ENCODER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "fp8": None}
 
 
 def load_prompt_encoder(

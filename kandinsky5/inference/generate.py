@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from kandinsky5.dtypes import DTYPES
 from kandinsky5.encoders.prompt_templates import template_for
 from kandinsky5.encoders.text_encoders import load_prompt_encoder
 from kandinsky5.encoders.vae import load_vae
@@ -50,7 +51,6 @@ from modules.output_paths import check_output_file
 from networks.lora_files import read_lora
 from networks.lora_merge import merge_plan
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LATENT_SUFFIX = ".latent.safetensors"
 
 
@@ -78,15 +78,6 @@ def free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def default_paths(task: TaskPreset) -> dict[str, str]:
-    return {
-        "dit": task.default_checkpoint_path,
-        "vae": "weights/vae" if task.vae == "hunyuan" else "weights/flux/vae",
-        "text_encoder_qwen": "weights/text_encoder",
-        "text_encoder_clip": "weights/text_encoder2",
-    }
 
 
 def missing_weights(paths: dict[str, str], given: set[str]) -> list[str]:

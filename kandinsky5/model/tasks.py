@@ -230,3 +230,13 @@ def get_task(name: str) -> TaskPreset:
         close = difflib.get_close_matches(name, list(TASKS), n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
         raise UnknownTaskError(f"unknown task {name!r}{hint} Known tasks: {', '.join(TASKS)}") from None
+
+
+def default_paths(task: TaskPreset) -> dict[str, str]:
+    """Where the scripts look for the task's weights when no path is given (docs/weights.md)."""
+    return {
+        "dit": task.default_checkpoint_path,
+        "vae": "weights/vae" if task.vae == "hunyuan" else "weights/flux/vae",
+        "text_encoder_qwen": "weights/text_encoder",
+        "text_encoder_clip": "weights/text_encoder2",
+    }
