@@ -84,7 +84,8 @@ def dit_sizes(task: TaskPreset) -> DitSizes:
 
 
 def family(task: TaskPreset) -> str:
-    return "pro" if task.dit_params["model_dim"] == 4096 else "lite"
+    """Which measured DiT a task's is: by its width (the tiny test models count as Lite)."""
+    return {4096: "pro", 2560: "image"}.get(task.dit_params["model_dim"], "lite")
 
 
 def resident_weights(task: TaskPreset, fp8: bool, swapped: int) -> int:
@@ -100,8 +101,10 @@ def linear(pair: tuple[int, int], tokens: int) -> int:
 
 
 def dit_step_peak(task: TaskPreset, tokens: int, fp8: bool, swapped: int, separate_cfg: bool) -> int:
+    """Measured for the CFG batch of 2; one pass at a time (or a task without CFG) needs half of it."""
     activations = linear(MEASURED[family(task)]["dit_step"], tokens)
-    return resident_weights(task, fp8, swapped) + (activations // 2 if separate_cfg else activations)
+    batched = abs(task.guidance - 1.0) > 1e-6 and not separate_cfg
+    return resident_weights(task, fp8, swapped) + (activations if batched else activations // 2)
 
 
 def training_step_peak(task: TaskPreset, tokens: int, fp8: bool, swapped: int, offload: bool) -> int:

@@ -19,7 +19,6 @@ from kandinsky5.encoders.vae import load_vae
 from kandinsky5.inference.generate import (
     build_jobs,
     decode_tiling,
-    default_paths,
     encode_images,
     encode_texts,
     job_metadata,
@@ -27,7 +26,7 @@ from kandinsky5.inference.generate import (
     sample_job,
     write_output,
 )
-from kandinsky5.model.tasks import TaskPreset
+from kandinsky5.model.tasks import TaskPreset, default_paths
 from modules.sharded_tensors import is_sharded
 
 SAMPLE_FRAMES, SAMPLE_STEPS = 17, 20
