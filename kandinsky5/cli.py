@@ -30,15 +30,17 @@ def task_table() -> str:
     return "\n".join(f"  {name:<28} {task.description}" for name, task in TASKS.items())
 
 
-def add_task_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+def add_task_argument(
+    parser: argparse.ArgumentParser, default: str | None = None, role: str = "the weights come from --dit"
+) -> None:
     parser.add_argument(
         "--task",
         type=_task,
         default=default,
         required=default is None,
         metavar="TASK",
-        help="model configuration: architecture and default settings (see the task list below); "
-        "the weights come from --dit" + (f" (default: {default})" if default else ""),
+        help=f"model configuration: architecture and default settings (see the task list below); {role}"
+        + (f" (default: {default})" if default else ""),
     )
     parser.epilog = ((parser.epilog or "") + "\n\ntasks:\n" + task_table()).strip()
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -17,10 +17,12 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from urllib.parse import urlparse
 
 from kandinsky5.cli import add_task_argument
 from kandinsky5.model.tasks import TaskPreset
@@ -109,6 +111,20 @@ def place(source: Path, target: Path) -> None:
     os.replace(partial, target)
 
 
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the hub (HF_ENDPOINT, as huggingface_hub uses it) opens in ``timeout`` s."""
+    url = urlparse(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def fetch(item: Fetch) -> int:
     """Download ``item`` unless present; returns the number of files placed."""
     from huggingface_hub import hf_hub_download, snapshot_download
@@ -156,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = ScriptParser(
         prog="python -m kandinsky5.download", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_task_argument(parser, default="k5-lite-t2v-5s-sd")
+    add_task_argument(parser, default="k5-lite-t2v-5s-sd", role="its DiT, VAE and text encoders are fetched")
     parser.add_argument("folder", nargs="?", default="weights", help="the weights folder (default: weights)")
     parser.add_argument("--dry_run", action="store_true", help="list what would be fetched and where, then stop")
     args = parser.parse_args(argv)
@@ -168,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
                 where = item.whole_folder or ", ".join(str(t) for t in item.targets)
                 print(f"{item.what}: {item.repo} {' '.join(item.sources)} -> {where}")
             return
+        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not hub_reachable():
+            # without this, each file would first retry its connection for tens of seconds
+            os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported, in fetch()
+            print(f"no connection to {hub_endpoint()}: taking what the Hugging Face cache holds")
         placed = sum(fetch(item) for item in items)
     except DownloadError as error:
         sys.exit(f"error: {error}")

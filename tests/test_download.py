@@ -98,3 +98,30 @@ def test_what_the_cache_lacks_offline_is_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert "error: DiT from kandinskylab/Kandinsky-5.0-T2V-Pro-sft-5s: not in the Hugging Face cache" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_without_a_connection_it_says_so_at_once_and_takes_the_cache(tmp_path):
+    """No HF_HUB_OFFLINE, and the hub unreachable (a closed local port as HF_ENDPOINT): one quick probe, then
+    the cache alone, instead of each file retrying its connection for tens of seconds."""
+    import time
+
+    cache = tmp_path / "hf"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(cache), PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "kandinsky5.download", "--task", "k5-lite-t2v-5s-sd", str(tmp_path / "weights")]
+    began = time.monotonic()
+    empty = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert time.monotonic() - began < 20
+    assert "no connection to http://127.0.0.1:9: taking what the Hugging Face cache holds" in empty.stdout
+    assert empty.returncode == 1 and "not in the Hugging Face cache" in empty.stderr
+    fill_cache(cache)
+    filled = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert filled.returncode == 0, filled.stderr
+    assert (tmp_path / "weights" / "model" / "kandinsky5lite_t2v_sft_5s.safetensors").read_bytes() == b"dit"
+
+
+def test_the_help_names_what_task_chooses_here():
+    help_text = subprocess.run(
+        [sys.executable, "-m", "kandinsky5.download", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    ).stdout
+    assert "--dit" not in help_text and "its DiT, VAE and text encoders are fetched" in help_text
