@@ -32,9 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tiny",
         nargs="?",
-        const="weights_tiny",
-        help="use the tiny random models (written to this folder, default weights_tiny, if missing) and the "
-        "tiny-t2v task: everything runs offline on a CPU in seconds",
+        const="tiny_weights",
+        help="use the tiny random models (written to this folder if missing; default tiny_weights, as the demo) and "
+        "the tiny-t2v task: everything runs offline on a CPU in seconds",
     )
     return p
 
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(args.output_dir) / ".gradio"))
     defaults = tiny_defaults(Path(args.tiny)) if args.tiny else {}
     app = build_app(defaults, Path(args.output_dir))
-    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    public = "" if args.share else "; --share adds a public gradio.live link"
+    print(f"Kandinsky 5 toolkit: open http://{args.host}:{args.port} (Ctrl-C stops it{public})", flush=True)
+    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, quiet=True)
 
 
 if __name__ == "__main__":

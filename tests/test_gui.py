@@ -373,3 +373,23 @@ def test_a_run_on_two_processes_is_launched_through_accelerate_stopped_with_a_st
     log = project.log_file.read_text()
     assert log.count("resuming from") == 1  # said once, by the first process
     assert max(step for step, _ in projects.curves(project)["loss/current"]) == 100
+
+
+def test_the_tiny_folder_is_the_demos_and_the_start_line_names_the_share_option(tmp_path):
+    import subprocess
+    import sys
+
+    demo = (Path(kandinsky5_gui.__file__).parent / ".ci" / "demo").read_text()
+    assert kandinsky5_gui.parser().parse_args(["--tiny"]).tiny == "tiny_weights" and "tiny_weights/" in demo
+    port = free_port()
+    command = [sys.executable, kandinsky5_gui.__file__, "--tiny", str(tmp_path / "tiny"), "--port", str(port),
+               "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = iter(server.stdout.readline, "")
+        first = next((line.strip() for line in lines if line.startswith("Kandinsky 5 toolkit")), "")
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+    assert first == f"Kandinsky 5 toolkit: open http://127.0.0.1:{port} (Ctrl-C stops it; --share adds a public " \
+        "gradio.live link)"  # fmt: skip

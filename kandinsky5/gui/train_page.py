@@ -151,7 +151,12 @@ def build(defaults: dict, lora_target=None) -> None:
             processes = gr.Number(
                 label="GPUs (more than 1: accelerate launch --multi_gpu, one process each)", value=1, precision=0
             )
-            prompt = gr.Textbox(label="Sample prompt (empty: no samples)", value=defaults.get("sample_prompt", ""))
+            prompt = gr.Textbox(
+                label="Sample prompt (empty: no samples)",
+                value=defaults.get("sample_prompt", ""),
+                info="a prompt-file line: the prompt, then options such as --f frames, --s steps, --w/--h size, "
+                "--d seed, --g guidance (docs/inference.md)",
+            )
             every = gr.Number(label="Save (and sample) every N steps", value=defaults.get("every", 250), precision=0)
             with gr.Row():
                 start = gr.Button("Start", variant="primary")
