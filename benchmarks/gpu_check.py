@@ -18,9 +18,18 @@ references are computed by the same code on a plainer path (fp32 on the CPU, no 
 - one fp16 training step through accelerate (its gradient scaler on CUDA): finite, and the step taken;
 - ``--compile`` blocks against eager.
 
-Then the timing table: seconds per CFG step (two forwards) at the Lite 5 s 512x768 size (31 latent
-frames of 64x96, 47,616 visual tokens), bf16, sdpa and the fastest installed backend. The official
-code reports 139 s for 100 steps on an H100 (1.39 s a step).
+Then the timing tables, at the Lite 5 s 512x768 size (31 latent frames of 64x96, 47,616 visual tokens),
+bf16, each section guarded so that one failure (out of memory, no compiler) keeps the others' figures:
+
+- seconds per CFG step (a batch of 2), sdpa and the fastest installed exact backend; the official
+  Lite figure is 139 s for 50 steps with CFG on an H100 (100 network evaluations), about 2.8 s a CFG step;
+- the same step with 0, 8 and 16 blocks swapped to CPU memory (block swap's overhead) and with fp8
+  weights, each with the step's peak device memory;
+- every stage's peak memory at the real architectures' widths (benchmarks/stage_memory.py on the
+  device: the VAE decodes, Qwen, a DiT step and a LoRA step of Lite, Pro and the image model).
+
+Needs a CUDA build of torch and the project's own dependencies; no network and no weights. About 5-8
+minutes on one H100/H200.
 """
 
 from __future__ import annotations
@@ -213,23 +222,74 @@ def check_fp16_step(task, size, device) -> None:
     report("fp16 training step", "ok" if ok else "FAIL", f"{scaler}; loss {loss.item():.4f}, step taken: {changed}")
 
 
+def timed_step(model, args, device, runs: int) -> tuple[float, float]:
+    """Median seconds of a forward of ``args`` and the device's peak memory during it, in GiB."""
+    forward(model, args)  # warm-up
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(runs):
+        synchronize(device)
+        start = time.perf_counter()
+        forward(model, args)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
 def time_cfg_step(task, size, device, runs: int, backends: list[str]) -> None:
     model = random_dit(task, torch.bfloat16, device)
     args = inputs(model, *size["time"], device, torch.bfloat16, batch=2)
     backends = ["sdpa"] + [b for b in backends if b not in ("sdpa", "sage")][:1]  # sage is not exact
     tokens = size["time"][0] * size["time"][1] * size["time"][2] // 4
-    print(f"\n| attention | seconds per CFG step (batch 2, {tokens} visual tokens, bf16) |\n|---|---|")
+    print(f"\n| attention | seconds per CFG step (batch 2, {tokens} visual tokens, bf16) | peak GiB |\n|---|---|---|")
     for name in backends:
         model.set_attention_backend(name)
-        forward(model, args)  # warm-up
-        times = []
-        for _ in range(runs):
-            synchronize(device)
-            start = time.perf_counter()
-            forward(model, args)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        print(f"| {name} | {statistics.median(times):.3f} |")
+        seconds, peak = timed_step(model, args, device, runs)
+        print(f"| {name} | {seconds:.3f} | {peak:.2f} |", flush=True)
+
+
+def time_memory_options(task, size, device, runs: int) -> None:
+    """The CFG step with blocks swapped to CPU memory and with fp8 weights, against the plain one."""
+    print("\n| DiT weights | seconds per CFG step | against bf16, no swap | peak GiB |\n|---|---|---|---|")
+    params = get_task(task).dit_params
+    count = params["num_text_blocks"] + params["num_visual_blocks"]
+    baseline = None
+    for name, swapped, fp8 in (("bf16", 0, False), ("bf16, 8 swapped", 8, False), ("bf16, 16 swapped", 16, False),
+                               ("fp8", 0, True), ("fp8, 16 swapped", 16, True)):  # fmt: skip
+        try:
+            model = random_dit(task, torch.bfloat16, "cpu" if swapped or fp8 else device)
+            if fp8:
+                quantize_linears(model, lambda layer: "transformer_blocks." in layer)
+            if swapped:
+                model.enable_block_swap(min(swapped, count - 1), device)
+            elif fp8:
+                model.to(device)
+            model.set_attention_backend("sdpa")
+            seconds, peak = timed_step(
+                model, inputs(model, *size["time"], device, torch.bfloat16, batch=2), device, runs
+            )
+            baseline = baseline or seconds
+            print(f"| {name} | {seconds:.3f} | {seconds / baseline:.2f}x | {peak:.2f} |", flush=True)
+            del model
+        except Exception as error:  # out of memory, say: the other rows still count
+            print(f"| {name} | failed: {type(error).__name__}: {str(error)[:120]} | | |", flush=True)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def stage_figures(device, tiny: bool) -> None:
+    """benchmarks/stage_memory.py's plan on this device (each case in its own process)."""
+    import subprocess
+
+    if tiny:
+        report("stage memory", "skip", "full-size stages only (python benchmarks/stage_memory.py)")
+        return
+    script = Path(__file__).with_name("stage_memory.py")
+    done = subprocess.run([sys.executable, str(script), "--device", str(device)], capture_output=True, text=True)
+    print(done.stdout, flush=True)
+    report("stage memory", "ok" if done.returncode == 0 else "FAIL", done.stderr.strip()[-300:] or "every stage ran")
 
 
 def main(argv=None) -> int:
@@ -240,6 +300,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--runs", type=int, default=3, help="timed CFG steps (median printed; default 3)")
     args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}; needs a CUDA build of torch on a GPU")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA device here; run with --device cpu --tiny to check the script itself")
     device = torch.device(args.device)
@@ -261,7 +322,15 @@ def main(argv=None) -> int:
             check()
         except Exception as error:  # one broken path must not hide the others' results
             report("check", "FAIL", f"{type(error).__name__}: {error}")
-    time_cfg_step(task, size, device, args.runs, backends)
+    for section in (
+        lambda: time_cfg_step(task, size, device, args.runs, backends),
+        lambda: time_memory_options(task, size, device, args.runs),
+        lambda: stage_figures(device, size["tiny"]),
+    ):
+        try:
+            section()
+        except Exception as error:  # an out-of-memory or a missing compiler must not lose the other figures
+            report("timing", "FAIL", f"{type(error).__name__}: {str(error)[:300]}")
     counts = {status: sum(1 for _, s, _ in RESULTS if s == status) for status in ("ok", "FAIL", "skip")}
     print(f"\n{counts['ok']} passed, {counts['FAIL']} failed, {counts['skip']} skipped")
     print(f"gpu_check: {time.perf_counter() - started:.0f} s on {device}")

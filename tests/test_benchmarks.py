@@ -119,3 +119,5 @@ def test_gpu_check_runs_every_check_at_tiny_size_on_the_cpu():
         assert any(line.startswith("ok") and check in line for line in result.stdout.splitlines()), check
     assert "ok    fp16 training step" in result.stdout and "ok    batch prefetch" in result.stdout
     assert "| sdpa |" in result.stdout and ", 0 failed," in result.stdout
+    for row in ("| bf16 | ", "| bf16, 16 swapped | ", "| fp8 | ", "| fp8, 16 swapped | "):  # the memory options, timed
+        assert any(line.startswith(row) and "failed" not in line for line in result.stdout.splitlines()), row

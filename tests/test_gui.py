@@ -366,7 +366,7 @@ def test_a_run_on_two_processes_is_launched_through_accelerate_stopped_with_a_st
     assert "stopping" in client.predict(folder, api_name="/stop_training")
     wait_for(lambda: not projects.running(project))
     log = project.log_file.read_text()
-    assert log.count("stopping after this step") == 2  # each training process was asked
+    assert log.count("stopping after this step") == 1  # each process is asked; the first one says so
     assert log.count("interrupted at step") == 1 and projects.latest_state(project) is not None
     assert "resumed" in client.predict(folder, api_name="/resume_training")
     wait_for(lambda: not projects.running(project) and (project.output / "lora.safetensors").exists())
