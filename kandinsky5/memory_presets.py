@@ -32,17 +32,32 @@ MARGIN = 0.08  # of the GPU, for fragmentation and the allocator's cached blocks
 CONTEXT_GIB = 0.6  # the CUDA context and cuBLAS/cuDNN workspaces
 
 # Measured by `python benchmarks/stage_memory.py` (2026-12-04, 2-core CPU machine, torch 2.13; the CPU's
-# peak anonymous memory stands in for the GPU's): bytes above the weights.
-#   dit_step: the CFG batch of 2, fixed + per token (1,536 and 6,144 tokens; real widths)
+# peak anonymous memory stands in for the GPU's), in bytes above the weights:
+#   dit_step: the CFG batch of 2, (fixed, per token), fitted to 1,536 and 6,144 tokens at the real widths
 #   train_block: a LoRA step (rank 16, AdamW) with gradient checkpointing over 1 text + 1 visual block,
-#     fixed + per token; stored_per_block: each further visual block at 6,144 tokens (3 blocks - 1) / 2
+#     (fixed, per token); stored_per_block: (tokens, bytes) of each further visual block, (3 blocks - 1) / 2
 MEASURED = {
-    "lite": {"dit_step": (0, 0), "train_block": (0, 0), "stored_per_block": (6144, 0)},
-    "pro": {"dit_step": (0, 0), "train_block": (0, 0), "stored_per_block": (6144, 0)},
+    "lite": {
+        "dit_step": (9_938_261, 78_383),
+        "train_block": (34_212_523, 133_270),
+        "stored_per_block": (6144, 26_267_648),
+    },
+    "pro": {
+        "dit_step": (14_510_763, 180_660),
+        "train_block": (31_921_493, 305_242),
+        "stored_per_block": (6144, 53_100_544),
+    },
+    "image": {
+        "dit_step": (7_180_288, 113_056),
+        "train_block": (28_284_245, 191_058),
+        "stored_per_block": (6144, 34_451_456),
+    },
 }
 QWEN_BF16, QWEN_FP8 = 16_584_333_312, 10_466_875_392  # Qwen2.5-VL-7B's weights (counted on the meta device)
-QWEN_ACTIVATIONS = 64_430_080  # a 256-token prompt
-VAE_TILED = {"hunyuan": 2_158_000_000, "flux": 0}  # tiled decode, fp32 (bf16 on a GPU needs about half)
+QWEN_ACTIVATIONS = 42_668_032  # a 256-token prompt
+# the tiled decode's peak in fp32 (bf16 on a GPU needs about half): HunyuanVideo's 256 px tiles of 17 frames
+# (the same at 256x256 and 512x256: bounded by the tile), FLUX's 1024 px tile (a 1024x1024 image)
+VAE_TILED = {"hunyuan": 2_130_558_976, "flux": 3_226_808_320}
 VAE_WEIGHTS = {"hunyuan": 985_915_212, "flux": 335_278_732}  # fp32; bf16 on a GPU is half
 LORA_BYTES_PER_PARAMETER = 16  # fp32 weight, gradient and AdamW's two moments
 
@@ -61,11 +76,17 @@ class DitSizes:
     lora_per_block: int  # rank-16 LoRA parameters of one visual block
 
 
-@cache
 def dit_sizes(task: TaskPreset) -> DitSizes:
+    return _dit_sizes(task.name)
+
+
+@cache
+def _dit_sizes(task_name: str) -> DitSizes:
     from kandinsky5.model.checkpoint import expected_shapes
     from kandinsky5.model.dit import keeps_fp32
+    from kandinsky5.model.tasks import get_task
 
+    task = get_task(task_name)
     bf16 = fp8 = block_bf16 = block_fp8 = lora = 0
     for name, shape in expected_shapes(task.dit_params).items():
         count = 1

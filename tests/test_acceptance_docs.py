@@ -127,6 +127,8 @@ def test_the_examples_wrote_what_the_docs_say(docs_workspace):
         "output/winter_edit.safetensors",
         "winter_edit.png",
         "comfy_fox.mp4",
+        "pro_on_24gb.mp4",
+        "output/vram_lora.safetensors",
     ]
     missing = [name for name in expected if not (docs_workspace / name).exists()]
     assert not missing, missing

@@ -1,19 +1,21 @@
-"""Memory settings per GPU size, as docs/memory.md suggests them for generation."""
+"""The web UI's GPU-memory presets: the --vram choices, and for the Generate page the two options its
+form shows, from the measured table of kandinsky5/memory_presets.py (docs/memory.md)."""
 
 from __future__ import annotations
 
-# (fp8 DiT weights, blocks to swap) per model family and GPU memory
-GENERATION_PRESETS = {
-    "Lite": {"80 GB": (False, 0), "48 GB": (False, 0), "24 GB": (False, 0), "16 GB": (False, 0), "12 GB": (True, 0)},
-    "Pro": {"80 GB": (False, 0), "48 GB": (True, 0), "24 GB": (True, 16), "16 GB": (True, 32), "12 GB": (True, 45)},
-}
+from kandinsky5.memory_presets import VramError, dit_sizes, generation_choice, video_tokens
+from kandinsky5.model.tasks import get_task
+
 VRAM_CHOICES = ["80 GB", "48 GB", "24 GB", "16 GB", "12 GB"]
 
 
-def family(task_name: str) -> str:
-    return "Pro" if "-pro-" in task_name else "Lite"
-
-
 def generation_preset(task_name: str, vram: str) -> tuple[bool, int]:
-    """(--fp8_base, --blocks_to_swap) for a task on a GPU of ``vram``."""
-    return GENERATION_PRESETS[family(task_name)][vram]
+    """(--fp8_base, --blocks_to_swap) for the task at its default size on a GPU of ``vram``; every block
+    swapped where nothing fits (the generation then says what it needs)."""
+    task = get_task(task_name)
+    tokens = video_tokens(task.frames, task.resolution, task.resolution)
+    try:
+        options = generation_choice(task, tokens, int(vram.split()[0])).options
+    except VramError:
+        return True, dit_sizes(task).blocks
+    return options["fp8_base"], options["blocks_to_swap"]

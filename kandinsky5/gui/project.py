@@ -30,41 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".gif"}
 PROGRESS = re.compile(r"training:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[([^<\]]*)<([^,\]]*),\s*([\d.]+)(s/step|step/s)")
-# --mixed_precision, --fp8_base, --blocks_to_swap, --gradient_checkpointing per model family and GPU memory
-TRAINING_PRESETS = {
-    "Lite": {
-        "80 GB": [],
-        "48 GB": [],
-        "24 GB": ["--gradient_checkpointing"],
-        "16 GB": ["--gradient_checkpointing", "--fp8_base"],
-        "12 GB": ["--gradient_checkpointing", "--fp8_base"],
-    },
-    "Pro": {
-        "80 GB": ["--gradient_checkpointing"],
-        "48 GB": ["--gradient_checkpointing", "--fp8_base"],
-        "24 GB": [
-            "--fp8_base",
-            "--blocks_to_swap",
-            "30",
-            "--gradient_checkpointing",
-            "--gradient_checkpointing_cpu_offload",
-        ],
-        "16 GB": [
-            "--fp8_base",
-            "--blocks_to_swap",
-            "45",
-            "--gradient_checkpointing",
-            "--gradient_checkpointing_cpu_offload",
-        ],
-        "12 GB": [
-            "--fp8_base",
-            "--blocks_to_swap",
-            "60",
-            "--gradient_checkpointing",
-            "--gradient_checkpointing_cpu_offload",
-        ],
-    },
-}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import kandinsky5_cache_latents
 import kandinsky5_cache_text_encoder_outputs
 import kandinsky5_train_network
 from kandinsky5.gui import project as projects
-from kandinsky5.gui.presets import VRAM_CHOICES, family
+from kandinsky5.gui.presets import VRAM_CHOICES
 from kandinsky5.gui.runs import CommandFailed, run_command
 from kandinsky5.model.tasks import TASKS
 
@@ -56,7 +56,7 @@ def training_options(task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt
     dit, vae, qwen, clip = (str(Path(p).resolve()) if (p or "").strip() else "" for p in (dit, vae, qwen, clip))
     options = ["--task", task, "--dit", dit, "--max_train_steps", str(int(steps)), "--learning_rate", str(rate)]
     options += ["--network_dim", str(int(rank)), "--save_every_n_steps", str(int(every)), "--save_state"]
-    options += ["--max_data_loader_n_workers", "0", *projects.TRAINING_PRESETS[family(task)][vram]]
+    options += ["--max_data_loader_n_workers", "0", "--vram", vram.split()[0]]  # training picks and prints its options
     if (prompt or "").strip():
         options += ["--sample_prompts", "PROMPTS", "--sample_every_n_steps", str(int(every))]
         for option, value in (("--vae", vae), ("--text_encoder_qwen", qwen), ("--text_encoder_clip", clip)):

@@ -354,10 +354,10 @@ def generate(args: argparse.Namespace, task: TaskPreset) -> None:
         return
     check_backend(attention_backend(args), device)
     jobs = build_jobs(args, task)
-    check_weights(args, task)
-    if args.vram:
+    if args.vram:  # what the request needs of the GPU, before the weights are looked for
         tokens = max(video_tokens(job.frames, job.width, job.height) for job in jobs)
         print(apply_choice(args, generation_choice(task, tokens, args.vram), args.given_options, args.vram))
+    check_weights(args, task)
     # Refuse a wrong DiT or a broken LoRA before the text encoders spend any time (LoRAs are read once, here).
     check_architecture(read_layout(checkpoint_files(args.dit)), task, str(args.dit))
     loras = [(read_lora(path), m) for path, m in zip(args.lora_weight or [], lora_multipliers(args), strict=True)]
