@@ -118,6 +118,25 @@ def load_batch(samples: list[TrainingSample]) -> dict:
     return batch
 
 
+def common_count(batches: list, processes: int) -> list:
+    """The epoch's batches made a multiple of the process count, so that every process takes as many
+    steps: fewer batches than processes are repeated from the start (padded), more have their
+    remainder left out (the order changes every epoch, so no batch is always the one left out)."""
+    if len(batches) < processes:
+        return [batches[i % len(batches)] for i in range(processes)] if batches else []
+    return batches[: len(batches) - len(batches) % processes]
+
+
+def sharing_note(count: int, processes: int) -> str | None:
+    """What common_count does to an epoch of ``count`` batches, in words; None when nothing."""
+    if processes == 1 or count % processes == 0:
+        return None
+    if count < processes:
+        return f"{processes} processes, {count} batches an epoch: {processes - count} repeated so that each has one"
+    left = count % processes
+    return f"{processes} processes, {count} batches an epoch: {left} left out each epoch so that each has as many"
+
+
 class EpochBatches(torch.utils.data.Dataset):
     """Batches keyed by (epoch, index), for a DataLoader with ``batch_size=None``. Each process gets
     every world_size-th batch (all shares equally long); the key carries the epoch, so loader workers
@@ -129,9 +148,8 @@ class EpochBatches(torch.utils.data.Dataset):
 
     def batches(self, epoch: int) -> list[list[TrainingSample]]:
         if epoch != self._epoch:
-            batches = epoch_batches(self.datasets, epoch, self.seed)
-            usable = len(batches) - len(batches) % self.world_size if len(batches) >= self.world_size else len(batches)
-            self._epoch, self._batches = epoch, batches[:usable][self.rank :: self.world_size]
+            batches = common_count(epoch_batches(self.datasets, epoch, self.seed), self.world_size)
+            self._epoch, self._batches = epoch, batches[self.rank :: self.world_size]
         return self._batches
 
     def __len__(self) -> int:

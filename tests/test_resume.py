@@ -177,3 +177,44 @@ def test_an_fp16_runs_loss_scale_is_saved_with_the_state_and_restored(tiny_tree,
         )
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)  # the wrapper made one; later tests make their own
+
+
+def test_three_processes_on_two_batches_and_a_two_process_state_resumed_with_three(tiny_tree, cached_dataset, tmp_path):
+    """#36: with fewer batches than processes one process had none and finished alone, and a state saved by
+    2 processes resumed by 3 crashed; now every process takes as many steps, and the position maps."""
+    _, config, _ = cached_dataset  # a clip and two images in one batch: 2 batches an epoch
+    out = tmp_path / "out"
+    fresh = subprocess.run(
+        accelerate_launch(3, *train_args(tiny_tree, config, out, "--max_train_steps", "3", "--save_every_n_steps", "1",
+                                         "--save_state")),
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "3 processes, 2 batches an epoch: 1 repeated so that each has one" in fresh.stdout
+    sums = re.findall(r"process (\d): LoRA checksum (\S+?e[+-]\d\d)", fresh.stdout)
+    assert sorted(rank for rank, _ in sums) == ["0", "1", "2"] and len({value for _, value in sums}) == 1
+
+    # the same caches in 7 batches an epoch: a 2-process state saved mid-epoch
+    seven = tmp_path / "seven.toml"
+    seven.write_text(config.read_text().replace("batch_size = 2", "batch_size = 1\nnum_repeats = 3"))
+    two = tmp_path / "two"
+    saved = subprocess.run(
+        accelerate_launch(2, *train_args(tiny_tree, seven, two, "--max_train_steps", "1", "--save_every_n_steps", "1",
+                                         "--save_state")),
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    assert "2 processes, 7 batches an epoch: 1 left out each epoch" in saved.stdout
+    state = two / "lora-step00000001-state"
+    assert json.loads((state / "train_state.json").read_text())["processes"] == 2
+    resumed = subprocess.run(
+        accelerate_launch(3, *train_args(tiny_tree, seven, two, "--max_train_steps", "3", "--resume", str(state))),
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        "the state was saved by 2 process(es), this run has 3: 2 batches of epoch 1 were done, so each process goes "
+        "on from batch 0 of its share of epoch 1; the step count goes on from 1" in resumed.stdout
+    )
+    assert steps_in(two / "lora.safetensors") == "3"
+    assert len(re.findall(r"process \d: LoRA checksum", resumed.stdout)) == 3

@@ -27,7 +27,14 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dataset.cache_files import DamagedCache, foreign_caches
-from dataset.training_data import EpochBatches, EpochOrder, load_batch, samples_fingerprint
+from dataset.training_data import (
+    EpochBatches,
+    EpochOrder,
+    epoch_batches,
+    load_batch,
+    samples_fingerprint,
+    sharing_note,
+)
 from kandinsky5.inference.denoiser import i2i_channels, i2v_channels, t2v_channels
 from kandinsky5.memory_presets import apply_choice, training_choice
 from kandinsky5.model.attention import attention_backend, check_backend
@@ -364,6 +371,24 @@ class StopRequest:
         return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
+def continue_with_this_process_count(position: Position, processes: int, share: int, main: bool) -> Position:
+    """A state saved by another number of processes: the batches its processes had done in the epoch,
+    counted over all of them, give where each of this run's processes goes on in its share (a few
+    batches may be seen twice, none skipped)."""
+    if position.processes == processes:
+        return position
+    done = position.next_batch * position.processes
+    start = done // processes
+    epoch, start = (position.epoch + 1, 0) if start >= share else (position.epoch, start)
+    if main:
+        print(
+            f"the state was saved by {position.processes} process(es), this run has {processes}: {done} batches of "
+            f"epoch {position.epoch} were done, so each process goes on from batch {start} of its share of "
+            f"epoch {epoch}; the step count goes on from {position.step}"
+        )
+    return Position(position.step, epoch, start, position.data_fingerprint, processes)
+
+
 def leave_stopping_to_the_main_process(worker_id: int) -> None:
     """Loader workers ignore Ctrl-C and SIGTERM (a terminal and accelerate's launcher send them to every
     process): the training process finishes its step and saves a state, then its workers end with it."""
@@ -492,6 +517,9 @@ def train(args: argparse.Namespace) -> Path:
         return drawn or Path(args.output_dir)
     fingerprint = samples_fingerprint(datasets)
     data = EpochBatches(datasets, args.seed, accelerator.process_index, accelerator.num_processes)
+    note = sharing_note(len(epoch_batches(datasets, 0, args.seed)), accelerator.num_processes)
+    if note and main:
+        print(note)
     order = EpochOrder(data)
     workers = args.max_data_loader_n_workers
     loader = torch.utils.data.DataLoader(
@@ -577,7 +605,7 @@ def train(args: argparse.Namespace) -> Path:
         class_path=args.lr_scheduler_type,
         class_args=args.lr_scheduler_args,
     )
-    position, rng_states = Position(0, 1, 0, fingerprint), None
+    position, rng_states = Position(0, 1, 0, fingerprint, accelerator.num_processes), None
     if args.resume and args.resume_from_huggingface:
         args.resume = state_from_hub(args)
     if args.resume:
@@ -586,6 +614,7 @@ def train(args: argparse.Namespace) -> Path:
             print(f"warning: the training data changed since {args.resume} was saved")
         if main:
             print(f"resuming from {args.resume}: step {position.step}, epoch {position.epoch}")
+        position = continue_with_this_process_count(position, accelerator.num_processes, len(data), main)
     started = time.time()
     upload = HubUpload(args)
     checkpoints = Checkpoints(
@@ -682,7 +711,8 @@ def train(args: argparse.Namespace) -> Path:
                 recent.append(value)
                 step += 1
                 done_epoch = i + 1 >= total
-                position = Position(step, epoch + done_epoch, 0 if done_epoch else i + 1, fingerprint)
+                next_batch = 0 if done_epoch else i + 1
+                position = Position(step, epoch + done_epoch, next_batch, fingerprint, accelerator.num_processes)
                 average = sum(recent) / len(recent)
                 bar.update(1)
                 bar.set_postfix(loss=f"{average:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")

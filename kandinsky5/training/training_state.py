@@ -38,6 +38,7 @@ class Position:
     epoch: int  # the epoch (from 1) the next batch belongs to
     next_batch: int  # index of that batch within this process's share of the epoch
     data_fingerprint: str
+    processes: int = 1  # how many processes shared the epoch's batches (states of before: 1)
 
 
 def _several_processes() -> bool:
@@ -146,7 +147,10 @@ def _read_position(folder: Path) -> Position:
     path = folder / STATE_FILE
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
-        return Position(**{name: values[name] for name in Position.__dataclass_fields__})
+        return Position(
+            **{name: values[name] for name in ("step", "epoch", "next_batch", "data_fingerprint")},
+            processes=values.get("processes", 1),
+        )
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise StateError(f"--resume {folder}: {STATE_FILE} cannot be read ({error})") from None
     except (KeyError, TypeError) as error:
