@@ -4,6 +4,7 @@ that stay inside the folder the user gave."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -28,6 +29,12 @@ def check_writable_folder(folder: str | Path, option: str) -> Path:
         raise OutputPathError(f"{option} {folder}: {existing} is a file, so the folder cannot be created")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputPathError(f"{option} {folder}: {existing} is not writable")
+    if existing == folder.absolute():  # a folder that holds no files (/proc, say) passes the access check
+        try:
+            with tempfile.TemporaryFile(dir=existing):  # unnamed, gone when closed
+                pass
+        except OSError as error:
+            raise OutputPathError(f"{option} {folder}: files cannot be made there ({error.strerror})") from None
     return folder
 
 

@@ -261,6 +261,7 @@ def test_the_script_runs_as_a_program(tiny_tree, tmp_path):
         ("clip.webm", "unknown extension '.webm'"),
         ("clip", "unknown extension '\\(none\\)'"),
         ("folder.mp4", "is a folder"),
+        ("/proc/clip.mp4", "its folder /proc: files cannot be made there"),  # writable to root, but holds no files
     ],
 )
 def test_the_output_is_checked_before_anything_loads(tiny_tree, tmp_path, output, message):
