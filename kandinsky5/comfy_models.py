@@ -20,6 +20,7 @@ import argparse
 from pathlib import Path
 
 from kandinsky5.model.tasks import TaskPreset
+from modules.safetensors_read import SafetensorsFile, SafetensorsFormatError
 
 TEXT_FOLDERS = ("text_encoders", "clip")
 VAE_NAMES = {
@@ -46,13 +47,31 @@ def add_comfy_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _first(folders: list[Path], names: tuple[str, ...]) -> Path | None:
-    """The first file matching ``names`` in order (exact names before patterns), in the folders or below them."""
+def not_a_dit(path: Path) -> str | None:
+    """What the file is when it is not a DiT checkpoint (read from its header), else None."""
+    try:
+        with SafetensorsFile(path) as f:
+            keys = list(f.keys())
+    except (OSError, SafetensorsFormatError):
+        return "not a readable safetensors file"
+    if any("lora" in key for key in keys):
+        return "a LoRA"
+    if not any("visual_transformer_blocks." in key for key in keys):
+        return "not a Kandinsky 5 DiT (no visual_transformer_blocks)"
+    return None
+
+
+def _first(folders: list[Path], names: tuple[str, ...], passed: list[str], reject=None) -> Path | None:
+    """The first file matching ``names`` in order (exact names before patterns), in the folders or below them,
+    that ``reject`` (path -> reason or None) accepts; those it passes over go to ``passed``."""
     for name in names:
         for folder in folders:
-            found = sorted(folder.glob(name)) or sorted(folder.rglob(name))
-            if found:
-                return found[0]
+            for found in sorted(folder.glob(name)) or sorted(folder.rglob(name)):
+                why = reject(found) if reject else None
+                if why is None:
+                    return found
+                if f"{found} ({why})" not in passed:
+                    passed.append(f"{found} ({why})")
     return None
 
 
@@ -81,7 +100,10 @@ def fill_from_comfy(args: argparse.Namespace, task: TaskPreset, options: tuple[s
         if getattr(args, option, None) is not None:
             continue
         folders, names = wanted[option]
-        found = _first([f for f in folders if f.is_dir()], names)
+        passed: list[str] = []
+        found = _first([f for f in folders if f.is_dir()], names, passed, not_a_dit if option == "dit" else None)
+        for what in passed:
+            print(f"--comfy_models_dir: passed over {what} for --{option}")
         if found is None:
             where = " or ".join(str(f.relative_to(root)) + "/" for f in folders)
             print(f"--comfy_models_dir: no {' / '.join(names)} in {root}/{where}; give --{option}")

@@ -141,3 +141,20 @@ def test_what_the_folder_lacks_is_named(comfy, tmp_path, capsys):
     assert "--comfy_models_dir: no hunyuan_video_vae_bf16.safetensors" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="is not a folder"):
         kandinsky5_cache_latents.main(["--dataset_config", "x.toml", "--comfy_models_dir", str(tmp_path / "none")])
+
+
+def test_a_lora_named_like_the_dit_is_passed_over_by_its_contents(comfy, tmp_path, capsys):
+    """#34: `<dit name>_anime_lora.safetensors` beside the DiT matched the DiT's name pattern and was taken."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "models"
+    shutil.copytree(comfy, folder)
+    models = folder / "diffusion_models"
+    (models / "tiny_t2v.safetensors").rename(models / "tiny_t2v_fp8.safetensors")  # no exact name: patterns decide
+    lora = models / "tiny_t2v_anime_lora.safetensors"  # sorts before the DiT
+    save_file({"lora_unet_visual_transformer_blocks_0_self_attention_to_query.lora_down.weight": torch.zeros(4, 64)},
+              str(lora))  # fmt: skip
+    generate(folder, tmp_path, "tiny-t2v", "fox.mp4", "--frames", "5")
+    out = capsys.readouterr().out
+    assert f"--comfy_models_dir: passed over {lora} (a LoRA) for --dit" in out
+    assert f"--comfy_models_dir: --dit {models / 'tiny_t2v_fp8.safetensors'}" in out
