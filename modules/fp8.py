@@ -21,6 +21,23 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 DEFAULT_BLOCK_SIZE = 64
 
 
+class FP8ScaleError(ValueError):
+    pass
+
+
+def check_scale(scale: torch.Tensor, name: str, source: str) -> torch.Tensor:
+    """An fp8 weight's scale as read from a file: every value finite and positive, or a named error (a
+    scale of 0 zeroes its layer, NaN poisons every output; neither comes from a sound quantizer)."""
+    bad = ~torch.isfinite(scale) | (scale <= 0)
+    if bool(bad.any()):
+        values = scale[bad].flatten()[:3].tolist()
+        raise FP8ScaleError(
+            f"{source}: the fp8 scale {name} holds {int(bad.sum())} value(s) that are not finite and positive "
+            f"(such as {values}): the file is damaged or not a sound fp8 checkpoint"
+        )
+    return scale
+
+
 def quantize_weight(weight: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 weight (out, in), fp32 scale (out, in/bs, 1) or (out, 1) when ``in`` is not a multiple of bs)."""
     w = weight.float()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from modules.fp8 import check_scale
 from modules.safetensors_read import SafetensorsFile, SafetensorsFormatError
 
 CONFIG_FILE = Path(__file__).parent / "data" / "qwen2_5_vl_7b_config.json"
@@ -84,7 +85,7 @@ def read_qwen_file(path: Path, dtype: torch.dtype) -> tuple[dict, dict[str, torc
                 if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                     if layer not in scales:
                         raise QwenFileError(f"{path}: {key} is float8 but has no scale ({layer}.scale_weight)")
-                    scale = f.get_tensor(scales[layer]).float()
+                    scale = check_scale(f.get_tensor(scales[layer]).float(), scales[layer], str(path))
                     if scale.ndim == 1 and scale.numel() == tensor.shape[0]:
                         scale = scale[:, None]
                     tensor = tensor.float() * scale

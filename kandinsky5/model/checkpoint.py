@@ -24,7 +24,7 @@ from torch import nn
 from kandinsky5.model.dit import DiffusionTransformer3D, keeps_fp32
 from kandinsky5.model.tasks import TASKS, TaskPreset
 from modules.atomic_save import save_safetensors_atomic
-from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8Linear, dequantize_weight, quantize_weight
+from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8Linear, check_scale, dequantize_weight, quantize_weight
 from modules.memory import LOADING_MMAP_THRESHOLD, RUNNING_MMAP_THRESHOLD, release_freed_memory, set_mmap_threshold
 from modules.safetensors_read import SafetensorsFile, SafetensorsFormatError
 
@@ -220,7 +220,7 @@ def _loaded(handles, key, file, file_key, scales, deltas, device):
     module_name = key.rpartition(".")[0]
     if module_name in scales and key.endswith(".weight"):
         scale_file, scale_key, _ = scales[module_name]
-        scale = handles[scale_file].get_tensor(scale_key).float()
+        scale = check_scale(handles[scale_file].get_tensor(scale_key).float(), scale_key, str(scale_file))
         if module_name not in deltas:
             return tensor, scale
         tensor = dequantize_weight(tensor, scale, torch.float32)
