@@ -25,6 +25,8 @@ bf16, each section guarded so that one failure (out of memory, no compiler) keep
   Lite figure is 139 s for 50 steps with CFG on an H100 (100 network evaluations), about 2.8 s a CFG step;
 - the same step with 0, 8 and 16 blocks swapped to CPU memory (block swap's overhead) and with fp8
   weights, each with the step's peak device memory;
+- a Pro LoRA training step with the spec's flags (fp8, 10 blocks swapped, checkpointing) on a 17-frame
+  512x512 clip: time and peak memory, against 24 GB and against the --vram estimate;
 - every stage's peak memory at the real architectures' widths (benchmarks/stage_memory.py on the
   device: the VAE decodes, Qwen, a DiT step and a LoRA step of Lite, Pro and the image model).
 
@@ -279,6 +281,41 @@ def time_memory_options(task, size, device, runs: int) -> None:
             torch.cuda.empty_cache()
 
 
+def pro_training_step(device, tiny: bool) -> None:
+    """A Pro LoRA training step with the spec's flags (--fp8_base --blocks_to_swap 10
+    --gradient_checkpointing; rank 16, AdamW) on a 17-frame 512x512 clip: its time and peak device memory,
+    against 24 GB and against the --vram preset's estimate for the same options."""
+    from kandinsky5.memory_presets import GIB, training_step_peak
+
+    task, size, swapped = ("tiny-pro-t2v", (3, 8, 8, 16), 3) if tiny else ("k5-pro-t2v-5s-sd", (5, 64, 64, 128), 10)
+    model = random_dit(task, torch.bfloat16, "cpu")
+    quantize_linears(model, lambda layer: "transformer_blocks." in layer)
+    model.enable_block_swap(swapped, device)
+    model.gradient_checkpointing = True
+    network = create_network(model, 16, 16.0, 0.0, None)
+    network.apply_to(model)
+    network.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-4)
+    args = inputs(model, *size, device, torch.bfloat16)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    start = time.perf_counter()
+    model(*args).float().square().mean().backward()
+    optimizer.step()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    tokens = size[0] * size[1] * size[2] // 4
+    estimate = training_step_peak(get_task(task), tokens, True, swapped, False) / GIB
+    if torch.device(device).type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / GIB
+        fits = "within" if peak <= 24 else "above"
+        report("Pro LoRA step, the spec's flags", "ok", f"{seconds:.1f} s, peak {peak:.2f} GiB ({fits} 24 GiB; "
+               f"--vram estimate {estimate:.2f} GiB), {tokens} tokens")  # fmt: skip
+    else:
+        report("Pro LoRA step, the spec's flags", "ok", f"{seconds:.1f} s on {device} (peak memory on CUDA only)")
+
+
 def stage_figures(device, tiny: bool) -> None:
     """benchmarks/stage_memory.py's plan on this device (each case in its own process)."""
     import subprocess
@@ -325,6 +362,7 @@ def main(argv=None) -> int:
     for section in (
         lambda: time_cfg_step(task, size, device, args.runs, backends),
         lambda: time_memory_options(task, size, device, args.runs),
+        lambda: pro_training_step(device, size["tiny"]),
         lambda: stage_figures(device, size["tiny"]),
     ):
         try:

@@ -24,9 +24,12 @@ from kandinsky5.memory_presets import (  # noqa: E402
 )
 from kandinsky5.model.tasks import get_task  # noqa: E402
 
-# (task, width, height, frames): the sizes people run (SD 768x512, HD 1024x1024; 5 s = 121 frames)
+# (task, width, height, frames): the sizes people run (SD 768x512, HD 1024x1024; 5 s = 121 frames). I2V and
+# I2I tasks have the architecture and sizes of their T2V and T2I ones, so their tables are the same; the
+# CFG-distilled ones run one pass a step (guidance 1).
 CASES = [
     ("k5-lite-t2v-5s-sd", 768, 512, 121),
+    ("k5-lite-t2v-5s-distil-sd", 768, 512, 121),
     ("k5-lite-t2v-10s-sd", 768, 512, 241),
     ("k5-pro-t2v-5s-sd", 768, 512, 121),
     ("k5-pro-t2v-10s-sd", 768, 512, 241),
@@ -34,6 +37,13 @@ CASES = [
     ("k5-pro-t2v-10s-hd", 1024, 1024, 241),
     ("k5-lite-t2i-hd", 1024, 1024, 1),
 ]
+
+SAME_TABLE = {
+    "k5-lite-t2v-5s-sd": "k5-lite-i2v-5s-sd",
+    "k5-pro-t2v-5s-sd": "k5-pro-i2v-5s-sd",
+    "k5-pro-t2v-5s-hd": "k5-pro-i2v-5s-hd",
+    "k5-lite-t2i-hd": "k5-lite-i2i-hd",
+}
 
 
 def cell(chooser, task, tokens: int, vram: int) -> tuple[str, str]:
@@ -51,7 +61,8 @@ def main() -> None:
     for name, width, height, frames in CASES:
         task = get_task(name)
         tokens = video_tokens(frames, width, height)
-        print(f"\n### {name} ({task.description}), {width}x{height}, {frames} frame(s): {tokens:,} tokens\n")
+        same = f" (and {SAME_TABLE[name]})" if name in SAME_TABLE else ""
+        print(f"\n### {name}{same} ({task.description}), {width}x{height}, {frames} frame(s): {tokens:,} tokens\n")
         print("| GPU | generation options | its peaks (GiB) | LoRA training options | its peak (GiB) |")
         print("|---|---|---|---|---|")
         for vram in VRAM_CHOICES:

@@ -121,3 +121,13 @@ def test_gpu_check_runs_every_check_at_tiny_size_on_the_cpu():
     assert "| sdpa |" in result.stdout and ", 0 failed," in result.stdout
     for row in ("| bf16 | ", "| bf16, 16 swapped | ", "| fp8 | ", "| fp8, 16 swapped | "):  # the memory options, timed
         assert any(line.startswith(row) and "failed" not in line for line in result.stdout.splitlines()), row
+
+
+def test_docs_memory_md_shows_the_vram_table_the_presets_compute_today():
+    """Every cell of docs/memory.md's --vram tables is what benchmarks/vram_table.py prints from the measured
+    figures: a change of the figures or of the presets without the docs fails here."""
+    table = subprocess.run(
+        [sys.executable, "benchmarks/vram_table.py"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.strip() in (ROOT / "docs" / "memory.md").read_text()
