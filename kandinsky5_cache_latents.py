@@ -14,7 +14,7 @@ import torch
 
 from kandinsky5.cli import add_task_argument, given_options, run_caching
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
-from kandinsky5.dtypes import DTYPES
+from kandinsky5.model.dtypes import DTYPES
 from kandinsky5.model.tasks import default_paths
 from kandinsky5.musubi_options import LATENT_CACHING_NOTICES, add_notice_options, announce_notices
 from modules.option_types import NON_NEGATIVE_INT, POSITIVE_INT, ScriptParser, annotate_ranges, integer

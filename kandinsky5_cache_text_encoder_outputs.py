@@ -13,7 +13,7 @@ import torch
 
 from kandinsky5.cli import add_task_argument, given_options, run_caching
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
-from kandinsky5.dtypes import TEXT_ENCODER_DTYPES
+from kandinsky5.model.dtypes import TEXT_ENCODER_DTYPES
 from kandinsky5.model.tasks import default_paths
 from modules.option_types import POSITIVE_INT, ScriptParser, annotate_ranges
 

@@ -26,9 +26,9 @@ from kandinsky5.cli import (
     given_options,
 )
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
-from kandinsky5.dtypes import DTYPES, TEXT_ENCODER_DTYPES
 from kandinsky5.inference.magcache import task_ratios
-from kandinsky5.memory_presets import add_vram_argument
+from kandinsky5.model.dtypes import DTYPES, TEXT_ENCODER_DTYPES
+from kandinsky5.model.memory_presets import add_vram_argument
 from kandinsky5.model.tasks import default_paths
 from kandinsky5.musubi_options import GENERATION_NOTICES, add_notice_options, announce_notices
 from modules.option_types import (

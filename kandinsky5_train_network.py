@@ -29,7 +29,7 @@ from kandinsky5.cli import (
     given_options,
 )
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
-from kandinsky5.memory_presets import add_vram_argument
+from kandinsky5.model.memory_presets import add_vram_argument
 from kandinsky5.musubi_options import TRAINING_NOTICES, add_notice_options, announce_notices
 from kandinsky5.training.timesteps import SAMPLINGS, WEIGHTING_SCHEMES
 from kandinsky5.training.trackers import CHOICES as TRACKER_CHOICES

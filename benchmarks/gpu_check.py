@@ -285,7 +285,7 @@ def pro_training_step(device, tiny: bool) -> None:
     """A Pro LoRA training step with the spec's flags (--fp8_base --blocks_to_swap 10
     --gradient_checkpointing; rank 16, AdamW) on a 17-frame 512x512 clip: its time and peak device memory,
     against 24 GB and against the --vram preset's estimate for the same options."""
-    from kandinsky5.memory_presets import GIB, training_step_peak
+    from kandinsky5.model.memory_presets import GIB, training_step_peak
 
     task, size, swapped = ("tiny-pro-t2v", (3, 8, 8, 16), 3) if tiny else ("k5-pro-t2v-5s-sd", (5, 64, 64, 128), 10)
     model = random_dit(task, torch.bfloat16, "cpu")

@@ -1,6 +1,6 @@
 """The --vram presets of every task as a Markdown table: for each GPU size, the options generation and
 LoRA training take and each stage's estimated peak, from the figures benchmarks/stage_memory.py
-measured (kandinsky5/memory_presets.py holds them). docs/memory.md shows this table.
+measured (kandinsky5/model/memory_presets.py holds them). docs/memory.md shows this table.
 
     python benchmarks/vram_table.py
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kandinsky5.memory_presets import (  # noqa: E402
+from kandinsky5.model.memory_presets import (  # noqa: E402
     GIB,
     VRAM_CHOICES,
     VramError,

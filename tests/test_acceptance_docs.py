@@ -23,6 +23,7 @@ from kandinsky5.tiny import build_comfy_tree
 from networks.lora_kandinsky import create_network
 
 from .acceptance import ROOT, check, make_workspace, run, split_commands, tiny_command
+from .training_helpers import running_until
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -154,8 +155,6 @@ def test_ctrl_c_under_the_docs_accelerate_launch_ends_with_the_resume_command(do
     line is the --resume command, which then continues the run."""
     import os
     import signal
-    import subprocess
-    import time
 
     steps = commands(ROOT / "docs" / "training.md")
     for caching in [t for t in steps if "kandinsky5_cache_" in t and "data/clips.toml" in t]:  # the walk's caches
@@ -165,12 +164,8 @@ def test_ctrl_c_under_the_docs_accelerate_launch_ends_with_the_resume_command(do
     argv[argv.index("--max_train_epochs") + 1] = "100000"  # a run that is still going when Ctrl-C comes
     argv += ["--output_name", "ctrl_c", "--save_every_n_steps", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    process = subprocess.Popen(argv, cwd=docs_workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 300
-    while not (docs_workspace / "output" / "ctrl_c-step00000002.safetensors").exists():
-        assert process.poll() is None and time.time() < deadline, process.communicate()
-        time.sleep(0.1)
+    saved = docs_workspace / "output" / "ctrl_c-step00000002.safetensors"
+    process = running_until(argv, saved, 300, cwd=docs_workspace, env=env, start_new_session=True)
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the group
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr[-3000:]

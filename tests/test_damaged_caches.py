@@ -5,9 +5,7 @@ out on request, validation caches, and a cache that becomes unreadable while tra
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import kandinsky5_cache_text_encoder_outputs
 import kandinsky5_train_network
 from dataset.cache_files import LATENT_SUFFIX, TEXT_SUFFIX, cache_damage
 
-from .training_helpers import ROOT, train_args
+from .training_helpers import running_until, train_args
 
 
 def copied_dataset(cached_dataset, root: Path) -> Path:
@@ -123,11 +121,7 @@ def test_a_cache_damaged_while_training_runs_is_named(tiny_tree, cached_dataset,
         "kandinsky5_train_network.py",
         *train_args(tiny_tree, config, out, "--max_train_steps", "100000", "--save_every_n_steps", "1"),
     ]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (out / "lora-step00000001.safetensors").exists():
-        assert process.poll() is None and time.time() < deadline, process.communicate()
-        time.sleep(0.1)
+    process = running_until(command, out / "lora-step00000001.safetensors")
     two_text = next((tmp_path / "cache_images").glob(f"two-*{TEXT_SUFFIX}"))
     cut_short(two_text)
     _, stderr = process.communicate(timeout=240)

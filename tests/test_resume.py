@@ -3,7 +3,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 import kandinsky5_train_network
 
 from .generation_helpers import accelerate_launch
-from .training_helpers import ROOT, sampling_args, train_args
+from .training_helpers import ROOT, running_until, sampling_args, train_args
 
 STEADY = ["--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--network_dropout", "0.1"]
 
@@ -74,11 +73,7 @@ def test_sigint_saves_a_state_that_resumes(tiny_tree, cached_dataset, tmp_path):
         "kandinsky5_train_network.py",
         *train_args(tiny_tree, video_only, out, "--max_train_steps", "100000", "--save_every_n_steps", "5"),
     ]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (out / "lora-step00000005.safetensors").exists():
-        assert process.poll() is None and time.time() < deadline, process.communicate()
-        time.sleep(0.2)
+    process = running_until(command, out / "lora-step00000005.safetensors")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
@@ -183,12 +178,12 @@ def test_three_processes_on_two_batches_and_a_two_process_state_resumed_with_thr
     """#36: with fewer batches than processes one process had none and finished alone, and a state saved by
     2 processes resumed by 3 crashed; now every process takes as many steps, and the position maps."""
     _, config, _ = cached_dataset  # a clip and two images in one batch: 2 batches an epoch
-    out = tmp_path / "out"
-    fresh = subprocess.run(
-        accelerate_launch(3, *train_args(tiny_tree, config, out, "--max_train_steps", "3", "--save_every_n_steps", "1",
-                                         "--save_state")),
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+
+    def launch(processes: int, data, out, *extra):
+        command = accelerate_launch(processes, *train_args(tiny_tree, data, out, *extra))
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    fresh = launch(3, config, tmp_path / "out", "--max_train_steps", "3", "--save_every_n_steps", "1", "--save_state")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "3 processes, 2 batches an epoch: 1 repeated so that each has one" in fresh.stdout
     sums = re.findall(r"process (\d): LoRA checksum (\S+?e[+-]\d\d)", fresh.stdout)
@@ -198,19 +193,12 @@ def test_three_processes_on_two_batches_and_a_two_process_state_resumed_with_thr
     seven = tmp_path / "seven.toml"
     seven.write_text(config.read_text().replace("batch_size = 2", "batch_size = 1\nnum_repeats = 3"))
     two = tmp_path / "two"
-    saved = subprocess.run(
-        accelerate_launch(2, *train_args(tiny_tree, seven, two, "--max_train_steps", "1", "--save_every_n_steps", "1",
-                                         "--save_state")),
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    saved = launch(2, seven, two, "--max_train_steps", "1", "--save_every_n_steps", "1", "--save_state")
     assert saved.returncode == 0, saved.stderr[-3000:]
     assert "2 processes, 7 batches an epoch: 1 left out each epoch" in saved.stdout
     state = two / "lora-step00000001-state"
     assert json.loads((state / "train_state.json").read_text())["processes"] == 2
-    resumed = subprocess.run(
-        accelerate_launch(3, *train_args(tiny_tree, seven, two, "--max_train_steps", "3", "--resume", str(state))),
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    resumed = launch(3, seven, two, "--max_train_steps", "3", "--resume", str(state))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (
         "the state was saved by 2 process(es), this run has 3: 2 batches of epoch 1 were done, so each process goes "

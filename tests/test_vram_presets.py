@@ -7,7 +7,7 @@ import pytest
 
 import kandinsky5_generate_video
 import kandinsky5_train_network
-from kandinsky5.memory_presets import (
+from kandinsky5.model.memory_presets import (
     VRAM_CHOICES,
     VramError,
     budget,

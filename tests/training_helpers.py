@@ -57,6 +57,20 @@ target_frames = [9]
     return root, config, video_only
 
 
+def running_until(command: list[str], saved: Path, timeout: float = 240, **popen):
+    """Start a training command and return its process once it has written ``saved`` (still running)."""
+    import subprocess
+    import time
+
+    popen = {"cwd": ROOT, **popen}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.time() + timeout
+    while not saved.exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.1)
+    return process
+
+
 def train_args(tree, config, out, *extra):
     return [
         "--task",

@@ -20,7 +20,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from kandinsky5.dtypes import TEXT_ENCODER_DTYPES
 from kandinsky5.encoders.clip_vocab import CLIP_MAX_LENGTH, packaged_clip_tokenizer
 from kandinsky5.encoders.prompt_templates import PromptTemplate, edit_prompt_text
 from kandinsky5.encoders.qwen_single_file import (
@@ -31,6 +30,7 @@ from kandinsky5.encoders.qwen_single_file import (
     read_qwen_file,
 )
 from kandinsky5.encoders.qwen_vocab import packaged_qwen_tokenizer
+from kandinsky5.model.dtypes import TEXT_ENCODER_DTYPES
 from modules.fp8 import quantize_linears
 
 IMAGE_PAD = "<|image_pad|>"

@@ -1,9 +1,9 @@
 """The web UI's GPU-memory presets: the --vram choices, and for the Generate page the two options its
-form shows, from the measured table of kandinsky5/memory_presets.py (docs/memory.md)."""
+form shows, from the measured table of kandinsky5/model/memory_presets.py (docs/memory.md)."""
 
 from __future__ import annotations
 
-from kandinsky5.memory_presets import VramError, dit_sizes, generation_choice, video_tokens
+from kandinsky5.model.memory_presets import VramError, dit_sizes, generation_choice, video_tokens
 from kandinsky5.model.tasks import get_task
 
 VRAM_CHOICES = ["80 GB", "48 GB", "24 GB", "16 GB", "12 GB"]

@@ -22,7 +22,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from kandinsky5.dtypes import DTYPES
 from kandinsky5.encoders.prompt_templates import template_for
 from kandinsky5.encoders.text_encoders import load_prompt_encoder
 from kandinsky5.encoders.vae import load_vae
@@ -41,9 +40,10 @@ from kandinsky5.inference.media import (
 from kandinsky5.inference.prompt_file import PromptLine, parse_prompt_line, read_prompt_file
 from kandinsky5.inference.sampling import flow_schedule, sample_euler
 from kandinsky5.inference.sizes import check_frames, check_size, i2v_size, nearest_allowed_size
-from kandinsky5.memory_presets import apply_choice, generation_choice, video_tokens
 from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, expected_shapes, load_dit, read_layout
+from kandinsky5.model.dtypes import DTYPES
+from kandinsky5.model.memory_presets import apply_choice, generation_choice, video_tokens
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import TASKS, TaskPreset
 from modules.atomic_save import save_safetensors_atomic

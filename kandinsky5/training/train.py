@@ -36,9 +36,9 @@ from dataset.training_data import (
     sharing_note,
 )
 from kandinsky5.inference.denoiser import i2i_channels, i2v_channels, t2v_channels
-from kandinsky5.memory_presets import apply_choice, training_choice
 from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, load_dit, read_layout
+from kandinsky5.model.memory_presets import apply_choice, training_choice
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import TaskPreset
 from kandinsky5.training.cache_check import checked_samples, damaged_caches_message
