@@ -361,7 +361,7 @@ def test_a_run_on_two_processes_is_launched_through_accelerate_stopped_with_a_st
     run = [folder, "tiny-t2v", str(tiny_tree / "model/tiny_t2v.safetensors"), "", "", "", "80 GB", 100, 1e-3, 4,
            "", 25, 2]  # fmt: skip
     assert "training started" in client.predict(*run, api_name="/start_training")
-    assert "accelerate.commands.launch" in open(f"/proc/{project.pid_file.read_text()}/cmdline").read()
+    assert "accelerate.commands.launch" in open(f"/proc/{projects.training_pid(project)}/cmdline").read()
     wait_for(lambda: len(projects.curves(project).get("loss/current", [])) >= 2, every=0.1)
     assert "stopping" in client.predict(folder, api_name="/stop_training")
     wait_for(lambda: not projects.running(project))
@@ -393,3 +393,26 @@ def test_the_tiny_folder_is_the_demos_and_the_start_line_names_the_share_option(
         server.communicate(timeout=60)
     assert first == f"Kandinsky 5 toolkit: open http://127.0.0.1:{port} (Ctrl-C stops it; --share adds a public " \
         "gradio.live link)"  # fmt: skip
+
+
+def test_stop_never_signals_a_process_that_took_over_a_stale_pid(tmp_path):
+    """#34: a run that ended while no page was open leaves train.pid; its number can go to another process."""
+    import subprocess
+    import time
+
+    from kandinsky5.gui import project as projects
+
+    project = projects.Project(tmp_path / "project")
+    project.folder.mkdir()
+    project.run_file.write_text('{"options": [], "processes": 1}')
+    stranger = subprocess.Popen(["sleep", "60"])  # a live process that is not ours
+    try:
+        for stale in (f"{stranger.pid} 1", str(stranger.pid)):  # another start time; an old file without one
+            project.pid_file.write_text(stale)
+            assert not projects.stop_training(project) and not projects.running(project)
+            assert not project.pid_file.exists()  # the stale file is cleared
+            time.sleep(0.2)
+            assert stranger.poll() is None  # and the process was not signalled
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -5,7 +5,8 @@
     <project>/cache/          latent and text caches
     <project>/output/         LoRA files, states, samples (output/sample/step.../)
     <project>/logs/           tensorboard logs: the loss and learning-rate curves
-    <project>/train.log       what the training process prints; <project>/train.pid its process id
+    <project>/train.log       what the training process prints; <project>/train.pid its process id and
+                              start time (a pid reused by another process since does not match)
     <project>/train.json      the run's options and process count, for Resume
 
 Caching runs the caching scripts' entry points; training runs as a process of its own session
@@ -121,23 +122,39 @@ def write_dataset_config(project: Project, kind: str, resolution: int, frames: i
     return text
 
 
-def running(project: Project) -> bool:
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from Linux's /proc); None when there is none."""
+    try:  # the name, in parentheses, may hold spaces: the start time is the 20th field after it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def training_pid(project: Project) -> int | None:
+    """The pid of this project's training process, if it is still that process. The pid file holds the pid
+    and the process's start time: a pid the system gave to another process since (the run ended while no
+    page was open) does not match, and the stale file is cleared."""
     if not project.pid_file.exists():
-        return False
+        return None
     try:
-        pid = int(project.pid_file.read_text())
+        pid, started = project.pid_file.read_text().split()
+        pid = int(pid)
     except ValueError:
-        return False
-    try:  # a run this UI started and that has ended is reaped here (else it would linger as a zombie)
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass  # started by an earlier UI: only the system can tell
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
+        pid, started = None, None
+    if pid is not None:
+        try:  # a run this UI started and that has ended is reaped here (else it would linger as a zombie)
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                pid = None
+        except ChildProcessError:
+            pass  # started by an earlier UI: only the system can tell
+    if pid is None or _start_time(pid) != started:
+        project.pid_file.unlink(missing_ok=True)
+        return None
+    return pid
+
+
+def running(project: Project) -> bool:
+    return training_pid(project) is not None
 
 
 def training_arguments(project: Project, options: list[str], resume: Path | None = None) -> list[str]:
@@ -172,7 +189,7 @@ def start_training(project: Project, options: list[str], resume: Path | None = N
         start_new_session=True,
         env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
     )
-    project.pid_file.write_text(str(process.pid))
+    project.pid_file.write_text(f"{process.pid} {_start_time(process.pid)}")
     project.run_file.write_text(json.dumps({"options": options, "processes": processes}, indent=1), encoding="utf-8")
     return process.pid
 
@@ -194,9 +211,9 @@ def stop_training(project: Project) -> bool:
     """Ask the run to stop: it saves a state at the end of its current step and exits. Under
     accelerate launch the training processes are asked, not the launcher, which would give them only
     a short time before killing them."""
-    if not running(project):
+    pid = training_pid(project)
+    if pid is None:
         return False
-    pid = int(project.pid_file.read_text())
     several = json.loads(project.run_file.read_text(encoding="utf-8")).get("processes", 1) > 1
     for target in (_children(pid) if several else []) or [pid]:
         os.kill(target, signal.SIGINT)
