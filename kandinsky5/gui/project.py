@@ -139,7 +139,7 @@ def training_pid(project: Project) -> int | None:
     try:
         pid, started = project.pid_file.read_text().split()
         pid = int(pid)
-    except ValueError:
+    except ValueError:  # a file of an older UI (the pid alone): its process cannot be told from another
         pid, started = None, None
     if pid is not None:
         try:  # a run this UI started and that has ended is reaped here (else it would linger as a zombie)
@@ -189,7 +189,9 @@ def start_training(project: Project, options: list[str], resume: Path | None = N
         start_new_session=True,
         env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
     )
-    project.pid_file.write_text(f"{process.pid} {_start_time(process.pid)}")
+    written = project.pid_file.with_name(f".{project.pid_file.name}.tmp")
+    written.write_text(f"{process.pid} {_start_time(process.pid)}")
+    written.replace(project.pid_file)  # whole or not at all: the status page reads it every 2 s
     project.run_file.write_text(json.dumps({"options": options, "processes": processes}, indent=1), encoding="utf-8")
     return process.pid
 
