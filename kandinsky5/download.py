@@ -90,13 +90,41 @@ def plan(task: TaskPreset, weights: Path) -> list[Fetch]:
     ]
 
 
-def qwen_complete(folder: Path) -> bool:
-    """The folder holds the config, tokenizer, processor config and every weight shard of its index."""
+def qwen_complete(folder: Path, repo: str) -> bool:
+    """The folder holds the config, tokenizer, processor config and every weight shard of its index, each
+    of the repository's size."""
     needed = ["config.json", "tokenizer.json", "preprocessor_config.json", "model.safetensors.index.json"]
     if not all((folder / name).is_file() for name in needed):
         return False
-    shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
-    return all((folder / shard).is_file() for shard in shards)
+    try:
+        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    except (ValueError, KeyError):
+        return False  # a damaged index: fetched again
+    files = needed + sorted(shards)
+    return all((folder / name).is_file() and not size_mismatch(folder / name, repo, name) for name in files)
+
+
+def size_mismatch(target: Path, repo: str, source: str) -> bool:
+    """Whether a file already in the weights folder differs in size from the repository's (cut short by an
+    interrupted copy, say), which the Hugging Face cache tells, or the hub when it can be reached; it is
+    said, and the caller fetches the file again. Without either, a present file is taken as it is."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, source)
+    if isinstance(cached, str):
+        expected = Path(cached).stat().st_size
+    elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    else:
+        try:
+            expected = get_hf_file_metadata(hf_hub_url(repo, source)).size
+        except Exception:  # no answer from the hub: nothing to compare with
+            return False
+    found = target.stat().st_size
+    if expected is None or found == expected:
+        return False
+    print(f"{target} is {found} bytes, {repo}'s {source} {expected}: fetching it again")
+    return True
 
 
 def place(source: Path, target: Path) -> None:
@@ -132,7 +160,7 @@ def fetch(item: Fetch) -> int:
 
     try:
         if item.whole_folder is not None:
-            if qwen_complete(item.whole_folder):
+            if qwen_complete(item.whole_folder, item.repo):
                 print(f"{item.what}: present in {item.whole_folder}")
                 return 0
             snapshot = Path(snapshot_download(item.repo, allow_patterns=list(item.sources)))
@@ -146,7 +174,11 @@ def fetch(item: Fetch) -> int:
                 place(file, item.whole_folder / file.relative_to(snapshot))
             print(f"{item.what}: {len(files)} files in {item.whole_folder}")
             return len(files)
-        missing = [(s, t) for s, t in zip(item.sources, item.targets, strict=True) if not t.is_file()]
+        missing = [
+            (s, t)
+            for s, t in zip(item.sources, item.targets, strict=True)
+            if not t.is_file() or size_mismatch(t, item.repo, s)
+        ]
         if not missing:
             print(f"{item.what}: present ({', '.join(str(t) for t in item.targets)})")
             return 0

@@ -125,3 +125,21 @@ def test_the_help_names_what_task_chooses_here():
         [sys.executable, "-m", "kandinsky5.download", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
     ).stdout
     assert "--dit" not in help_text and "its DiT, VAE and text encoders are fetched" in help_text
+
+
+def test_a_truncated_file_in_the_weights_folder_is_fetched_again(tmp_path):
+    """#34: a file cut short (an interrupted copy) was reported 'present' and kept."""
+    cache = tmp_path / "hub"
+    fill_cache(cache)
+    weights = tmp_path / "weights"
+    assert download(weights, "k5-lite-t2v-5s-sd", cache).returncode == 0
+    dit = weights / "model/kandinsky5lite_t2v_sft_5s.safetensors"
+    shard = weights / "text_encoder/model-00002-of-00002.safetensors"
+    for path, cut in ((dit, b"di"), (shard, b"")):  # copies cut short (new files: the placed ones are hard links)
+        path.unlink()
+        path.write_bytes(cut)
+    again = download(weights, "k5-lite-t2v-5s-sd", cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    repo_file = "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s's model/kandinsky5lite_t2v_sft_5s.safetensors"
+    assert f"{dit} is 2 bytes, {repo_file} 3: fetching it again" in again.stdout
+    assert dit.read_bytes() == b"dit" and shard.read_bytes() == b"2"
