@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 from kandinsky5.cli import add_task_argument
 from kandinsky5.model.tasks import TaskPreset
 from modules.option_types import ScriptParser
+from modules.output_paths import OutputPathError, check_writable_folder
 
 QWEN_REPO = "Qwen/Qwen2.5-VL-7B-Instruct"
 QWEN_FILES = ["*.json", "*.txt", "*.safetensors"]  # config, tokenizer, processor, weights (not the READMEs)
@@ -129,14 +130,17 @@ def size_mismatch(target: Path, repo: str, source: str) -> bool:
 
 def place(source: Path, target: Path) -> None:
     """``target`` becomes the cached file: a hard link, or a copy across disks; written whole or not at all."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.k5tmp")
-    partial.unlink(missing_ok=True)
     try:
-        os.link(source.resolve(), partial)
-    except OSError:
-        shutil.copyfile(source, partial)
-    os.replace(partial, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.k5tmp")
+        partial.unlink(missing_ok=True)
+        try:
+            os.link(source.resolve(), partial)
+        except OSError:
+            shutil.copyfile(source, partial)
+        os.replace(partial, target)
+    except OSError as error:  # a file where a folder belongs, a read-only folder, a full disk
+        raise DownloadError(f"cannot place {target}: {error.strerror or error}") from None
 
 
 def hub_endpoint() -> str:
@@ -210,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     weights = Path(args.folder)
     try:
+        check_writable_folder(weights, "the weights folder")
         items = plan(args.task, weights)
         if args.dry_run:
             for item in items:
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
             os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported, in fetch()
             print(f"no connection to {hub_endpoint()}: taking what the Hugging Face cache holds")
         placed = sum(fetch(item) for item in items)
-    except DownloadError as error:
+    except (DownloadError, OutputPathError) as error:
         sys.exit(f"error: {error}")
     print(f"done: {placed} files placed in {weights}" if placed else f"done: {weights} already holds everything")
 

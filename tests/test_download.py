@@ -143,3 +143,21 @@ def test_a_truncated_file_in_the_weights_folder_is_fetched_again(tmp_path):
     repo_file = "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s's model/kandinsky5lite_t2v_sft_5s.safetensors"
     assert f"{dit} is 2 bytes, {repo_file} 3: fetching it again" in again.stdout
     assert dit.read_bytes() == b"dit" and shard.read_bytes() == b"2"
+
+
+def test_path_problems_are_one_line_errors(tmp_path):
+    """#34: a weights folder that is a file, and a file where one of its folders belongs, ended in tracebacks."""
+    cache = tmp_path / "hub"
+    fill_cache(cache)
+    (tmp_path / "afile").write_text("x")
+    as_file = download(tmp_path / "afile", "k5-lite-t2v-5s-sd", cache)
+    assert as_file.returncode == 1 and "Traceback" not in as_file.stderr
+    assert as_file.stderr.strip() == f"error: the weights folder {tmp_path / 'afile'} is a file, not a folder"
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model").write_text("not a folder")  # where the DiT's folder belongs
+    blocked = download(weights, "k5-lite-t2v-5s-sd", cache)
+    assert blocked.returncode == 1 and "Traceback" not in blocked.stderr
+    assert blocked.stderr.strip().startswith(
+        f"error: cannot place {weights / 'model' / 'kandinsky5lite_t2v_sft_5s.safetensors'}"
+    )
