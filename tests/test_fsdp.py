@@ -110,6 +110,7 @@ def test_fsdp_in_bf16_with_checkpointing_samples_and_validation(tiny_tree, cache
         (["--fp8_base"], "leave out --fp8_base"),
         (["--mixed_precision", "fp16"], "use --mixed_precision bf16"),
         (["--gradient_checkpointing", "--gradient_checkpointing_cpu_offload"], "use --gradient_checkpointing alone"),
+        (["--vram", "24"], "leave out --vram"),
     ],
 )
 def test_what_does_not_combine_with_fsdp_stops_before_loading(

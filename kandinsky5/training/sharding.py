@@ -92,6 +92,11 @@ def check_fsdp_options(args: argparse.Namespace, mixed_precision: str) -> None:
             args.gradient_checkpointing_cpu_offload,
             "--gradient_checkpointing_cpu_offload is not combined with FSDP: use --gradient_checkpointing alone",
         ),
+        (
+            getattr(args, "vram", None),
+            "--vram picks one GPU's options (fp8, block swap, activation offload), which FSDP does not take: "
+            "leave out --vram (FSDP divides the weights by the number of processes; see docs/runs.md)",
+        ),
     ]
     for refused, message in refusals:
         if refused:
