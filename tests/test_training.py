@@ -347,6 +347,11 @@ def test_nabla_training_on_dense_caches_says_to_recache_with_the_nabla_task(tiny
             train_args(tiny_tree, video_only, tmp_path, "--max_train_steps", "1") + ["--task", "tiny-t2v-nabla"]
         )
     assert not (tmp_path / "lora.safetensors").exists()
+    with pytest.raises(SystemExit, match="64x64 px frames, but --force_nabla_attention asks for NABLA attention.*"
+                       "re-cache the latents with a NABLA task of this model"):  # fmt: skip
+        kandinsky5_train_network.main(
+            train_args(tiny_tree, video_only, tmp_path, "--max_train_steps", "1", "--force_nabla_attention")
+        )
 
 
 def test_a_warmup_as_long_as_the_run_is_noted(tiny_tree, cached_dataset, tmp_path, capsys):

@@ -64,7 +64,7 @@ class TaskPreset:
     @property
     def size_multiple(self) -> int:
         """Pixel sides must be multiples of this (NABLA works on 8x8 tiles of 2x2 patches of 8x8 pixels)."""
-        return 128 if self.nabla is not None else 16
+        return NABLA_SIZE_MULTIPLE if self.nabla is not None else 16
 
     @property
     def default_checkpoint_path(self) -> str:
@@ -108,6 +108,7 @@ LITE_IMAGE = _dit_params(2560, 10240, 512, 2, 50, (32, 48, 48), visual_cond=Fals
 LITE_IMAGE_EDIT = _dit_params(2560, 10240, 512, 2, 50, (32, 48, 48), visual_cond=False, instruct_type="channel")
 
 SD, HD = (1.0, 2.0, 2.0), (1.0, 3.16, 3.16)
+NABLA_SIZE_MULTIPLE = 128  # pixels: NABLA works on 8x8 tiles of 2x2 patches of 8x8 pixels
 IMAGE_ROPE = (1.0, 1.0, 1.0)
 FRAMES_5S, FRAMES_10S = 121, 241  # 24 fps, pixel frames (31 and 61 latent frames)
 

@@ -40,7 +40,7 @@ from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, load_dit, read_layout
 from kandinsky5.model.memory_presets import apply_choice, training_choice
 from kandinsky5.model.nabla import nabla_params
-from kandinsky5.model.tasks import TaskPreset
+from kandinsky5.model.tasks import NABLA_SIZE_MULTIPLE, TaskPreset
 from kandinsky5.training.cache_check import checked_samples, damaged_caches_message
 from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents
 from kandinsky5.training.musubi_runs import (
@@ -396,9 +396,9 @@ def leave_stopping_to_the_main_process(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def check_latent_kind(datasets, task: TaskPreset) -> None:
-    """The caches fit the task: latents of its VAE, editing pairs for I2I and, for NABLA tasks,
-    frames NABLA can tile."""
+def check_latent_kind(datasets, task: TaskPreset, forced_nabla: bool = False) -> None:
+    """The caches fit the task: latents of its VAE, editing pairs for I2I and, for NABLA tasks (or NABLA
+    forced on a dense one), frames NABLA can tile."""
     for entry in datasets:
         for sample in entry.samples[:1]:
             with safe_open(str(sample.latent_file), framework="pt") as f:
@@ -413,15 +413,23 @@ def check_latent_kind(datasets, task: TaskPreset) -> None:
                     f"{sample.latent_file} was cached with the {vae} VAE, but task {task.name} "
                     f"needs {task.vae} latents: cache with --task {task.name}"
                 )
-        if task.nabla is None:
+        if task.nabla is None and not forced_nabla:
             continue
         for sample in entry.samples:
             _, height, width, _ = sample.shape
-            if (height * 8) % task.size_multiple or (width * 8) % task.size_multiple:
+            if (height * 8) % NABLA_SIZE_MULTIPLE or (width * 8) % NABLA_SIZE_MULTIPLE:
+                who, fix = (
+                    (f"task {task.name} uses NABLA attention", f"with --task {task.name}")
+                    if task.nabla is not None
+                    else (
+                        "--force_nabla_attention asks for NABLA attention",
+                        "with a NABLA task of this model (the 10 s or HD presets)",
+                    )
+                )
                 raise TrainingError(
-                    f"{sample.latent_file} holds {width * 8}x{height * 8} px frames, but task {task.name} uses NABLA "
-                    f"attention, which needs sides in multiples of {task.size_multiple} px: re-cache the latents "
-                    f"with --task {task.name} (its buckets are multiples of {task.size_multiple})"
+                    f"{sample.latent_file} holds {width * 8}x{height * 8} px frames, but {who}, which needs sides in "
+                    f"multiples of {NABLA_SIZE_MULTIPLE} px: re-cache the latents {fix} (its buckets are multiples of "
+                    f"{NABLA_SIZE_MULTIPLE}), or train without NABLA"
                 )
 
 
@@ -457,7 +465,7 @@ def preflight(args: argparse.Namespace) -> tuple[list, list | None]:
                 "commands (they write *_k5tk.safetensors beside those and leave them alone)"
             )
         raise TrainingError(f"no training samples (latent + text caches) in {folders}: run the caching commands first")
-    check_latent_kind(datasets, args.task)
+    check_latent_kind(datasets, args.task, getattr(args, "force_nabla_attention", False))
     return datasets, validation_sets
 
 
