@@ -63,6 +63,7 @@ def test_generation_with_vram_prints_its_choice_and_keeps_explicit_options(tiny_
              "--output", str(tmp_path / "b.mp4"))  # fmt: skip
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("--vram 12:"))
     assert "kept as given: --text_encoder_dtype float32" in line
+    assert "(the preset's estimated peaks, not counting the options kept as given: text encoding about 9.8" in line
     assert (tmp_path / "a.mp4").exists() and (tmp_path / "b.mp4").exists()
 
 

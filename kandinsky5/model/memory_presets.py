@@ -233,9 +233,10 @@ def apply_choice(args: argparse.Namespace, choice: Choice, given: set[str], vram
                 chosen.append(option_text(dest, value))
     peaks = ", ".join(f"{stage} about {peak / GIB:.1f} GiB" for stage, peak in choice.peaks.items())
     line = f"--vram {vram}: {' '.join(chosen) or 'no memory option needed'}"
-    if kept:
+    if kept:  # the estimates are the preset's: the options kept as given may need more or less
         line += f"; kept as given: {' '.join(kept)}"
-    return f"{line} (estimated peaks: {peaks}; docs/memory.md)"
+    label = "the preset's estimated peaks, not counting the options kept as given" if kept else "estimated peaks"
+    return f"{line} ({label}: {peaks}; docs/memory.md)"
 
 
 def add_vram_argument(parser: argparse.ArgumentParser, what: str) -> None:
