@@ -148,9 +148,16 @@ class EpochBatches(torch.utils.data.Dataset):
 
     def batches(self, epoch: int) -> list[list[TrainingSample]]:
         if epoch != self._epoch:
-            batches = common_count(epoch_batches(self.datasets, epoch, self.seed), self.world_size)
+            batches = epoch_batches(self.datasets, epoch, self.seed)
+            self.epoch_size = len(batches)  # before common_count (the same in every epoch)
+            batches = common_count(batches, self.world_size)
             self._epoch, self._batches = epoch, batches[self.rank :: self.world_size]
         return self._batches
+
+    def sharing(self) -> str | None:
+        """What making the epoch's batches a multiple of the process count does, in words (sharing_note)."""
+        self.batches(self._epoch if self._epoch is not None else 0)
+        return sharing_note(self.epoch_size, self.world_size)
 
     def __len__(self) -> int:
         """Batches per epoch (the same in every epoch: only their order changes)."""

@@ -46,6 +46,11 @@ SHARED_CONFIG_FIELDS = (
 DEFAULT_TILE_FRAMES = 16  # pixel frames per temporal tile of the HunyuanVideo VAE (4 latent frames + 1)
 
 
+def tile_stride(length: int) -> int:
+    """The step between tiles of ``length`` (pixels or frames): they overlap by a quarter, blended."""
+    return length * 3 // 4
+
+
 class VAEError(ValueError):
     pass
 
@@ -161,8 +166,8 @@ class VAE:
         """Encode/decode in spatial tiles of ``tile_size`` pixels (and, for video, ``tile_frames`` frames),
         overlapping by a quarter and blended; None keeps the VAE's own size (``default_tile_size``)."""
         if self.kind is HUNYUAN:
-            stride = None if tile_size is None else tile_size * 3 // 4  # tiles overlap by a quarter, blended
-            frame_stride = None if tile_frames is None else tile_frames * 3 // 4
+            stride = None if tile_size is None else tile_stride(tile_size)
+            frame_stride = None if tile_frames is None else tile_stride(tile_frames)
             self.model.use_framewise_encoding = self.model.use_framewise_decoding = True
             self.model.enable_tiling(
                 tile_sample_min_height=tile_size,
@@ -197,8 +202,10 @@ class VAE:
         size = tile_size or self.default_tile_size()
         frames = tile_frames or DEFAULT_TILE_FRAMES
         self.enable_tiling(size, frames if self.kind is HUNYUAN else None)
-        chunks = f", {frames}-frame chunks overlapping by {frames - frames * 3 // 4}" if self.kind is HUNYUAN else ""
-        overlap = size - size * 3 // 4
+        chunks = (
+            f", {frames}-frame chunks overlapping by {frames - tile_stride(frames)}" if self.kind is HUNYUAN else ""
+        )
+        overlap = size - tile_stride(size)
         return f"VAE decode: tiles of {size} px overlapping by {overlap} px{chunks} (--no_vae_tiling: one piece)"
 
     def check_frames(self, frames: int) -> None:
