@@ -15,7 +15,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -30,10 +29,8 @@ from dataset.cache_files import DamagedCache, foreign_caches
 from dataset.training_data import (
     EpochBatches,
     EpochOrder,
-    epoch_batches,
     load_batch,
     samples_fingerprint,
-    sharing_note,
 )
 from kandinsky5.inference.denoiser import i2i_channels, i2v_channels, t2v_channels
 from kandinsky5.model.attention import attention_backend, check_backend
@@ -354,9 +351,10 @@ class StopRequest:
 
     def _request(self, signum, frame) -> None:
         # said once, by the first process: a terminal's Ctrl-C reaches every process and the launcher,
-        # which then sends SIGTERM as well
+        # which then sends SIGTERM as well. On stdout: accelerate's launcher relays the process's stderr
+        # and may lose what arrives while its own Ctrl-C interrupts it (tqdm clears the bar either way)
         if not self.requested and self.main:
-            tqdm.write("stopping after this step; saving a state to resume from", file=sys.stderr)
+            tqdm.write("stopping after this step; saving a state to resume from")
         self.requested = True
 
     def __exit__(self, *exc) -> None:
@@ -525,7 +523,7 @@ def train(args: argparse.Namespace) -> Path:
         return drawn or Path(args.output_dir)
     fingerprint = samples_fingerprint(datasets)
     data = EpochBatches(datasets, args.seed, accelerator.process_index, accelerator.num_processes)
-    note = sharing_note(len(epoch_batches(datasets, 0, args.seed)), accelerator.num_processes)
+    note = data.sharing()
     if note and main:
         print(note)
     order = EpochOrder(data)
@@ -735,7 +733,6 @@ def train(args: argparse.Namespace) -> Path:
                 if stop.requested_anywhere(accelerator):
                     folder = Path(args.output_dir) / f"{args.output_name}-step{step:08d}-state"
                     checkpoints.save_state(folder.name, position)
-                    bar.close()
                     raise TrainingInterrupted(f"interrupted at step {step}; continue with --resume {folder}")
                 if step >= args.max_train_steps:
                     break
