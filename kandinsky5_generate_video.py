@@ -20,6 +20,7 @@ from kandinsky5.cli import (
     add_attention_arguments,
     add_magcache_arguments,
     add_nabla_arguments,
+    add_prompt_expansion_arguments,
     add_task_argument,
     add_vae_tiling_arguments,
     check_vae_tiling,
@@ -76,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--from_file",
         help="a file of prompts, one per line, each with optional --w --h --f --d --s "
-        "--g --n --i overrides; all are generated in one run without reloading the models",
+        "--g --n --i --expand overrides; all are generated in one run without reloading the models",
     )
     what.add_argument("--image", help="first frame (I2V tasks) or source image (I2I tasks)")
     what.add_argument(
@@ -145,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
         help="accepted for musubi-tuner command lines: every stage here already loads only while "
         "it runs (text encoders, then DiT, then VAE), so this changes nothing",
     )
+    add_prompt_expansion_arguments(p)
     add_vae_tiling_arguments(p)
     add_vram_argument(
         run, "--fp8_base, --blocks_to_swap, --separate_cfg_passes and Qwen's dtype (or CPU) for the task and size"

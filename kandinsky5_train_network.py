@@ -302,6 +302,11 @@ def parser() -> argparse.ArgumentParser:
     meta = p.add_argument_group("metadata of the saved LoRA files (ss_* and modelspec.* keys)")
     meta.add_argument("--no_metadata", action="store_true", help="save the weights without any metadata")
     meta.add_argument("--training_comment", help="free text stored as ss_training_comment")
+    meta.add_argument(
+        "--trigger_word",
+        help="the word(s) your captions use for what the LoRA learns; stored as the file's 'trigger' metadata "
+        "(followed by a space), which generation and the official pipelines put before each expanded prompt",
+    )
     for key, what in (
         ("title", "title (default: --output_name)"),
         ("author", "author"),
@@ -352,6 +357,12 @@ def parser() -> argparse.ArgumentParser:
     sampling.add_argument("--sample_every_n_steps", type=POSITIVE_INT, help="sample every N optimizer steps")
     sampling.add_argument("--sample_every_n_epochs", type=POSITIVE_INT, help="sample after every N epochs")
     sampling.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
+    sampling.add_argument(
+        "--sample_expand_prompt",
+        action="store_true",
+        help="expand the sample prompts with Qwen as generation does by default (with --trigger_word before "
+        "them); without it samples use the prompts as typed, so they compare step to step",
+    )
     out.add_argument("--logging_dir", help="log folder: tensorboard's logs, and wandb's local files")
     out.add_argument(
         "--log_with",

@@ -88,6 +88,32 @@ def add_vae_tiling_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_prompt_expansion_arguments(parser: argparse.ArgumentParser) -> None:
+    """Generation's prompt expansion (on by default, as the official pipelines) and LoRA trigger words."""
+    group = parser.add_argument_group("prompt expansion (on by default, as the official pipelines)")
+    group.add_argument(
+        "--expand_prompt",
+        action="store_const",
+        const=True,
+        default=None,
+        help="Qwen2.5-VL rewrites each prompt into a detailed one with the official instruction of the task "
+        "(I2V and I2I show it the image) before encoding; the default. Costs one Qwen answer (up to 256 tokens) "
+        "per prompt; needs Qwen's language-model head (the full Qwen folder has it)",
+    )
+    group.add_argument(
+        "--no_expand_prompt",
+        dest="expand_prompt",
+        action="store_const",
+        const=False,
+        help="encode the prompts as typed (what musubi-tuner and diffusers do)",
+    )
+    group.add_argument(
+        "--lora_trigger",
+        help="text put directly before each expanded prompt instead of the LoRAs' own trigger words "
+        "(their 'trigger' metadata, which the official pipelines read); '' for none",
+    )
+
+
 def check_vae_tiling(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.vae_tile_size is not None and args.vae_tile_size % 8:
         parser.error(f"--vae_tile_size: {args.vae_tile_size} is not a multiple of 8 (the VAE's pixels per latent)")

@@ -50,9 +50,19 @@ DIT_REPOS = {
     "kandinsky5pro_t2v_sft_5s": "Kandinsky-5.0-T2V-Pro-sft-5s",
     "kandinsky5pro_t2v_sft_10s": "Kandinsky-5.0-T2V-Pro-sft-10s",
     "kandinsky5pro_i2v_sft_5s": "Kandinsky-5.0-I2V-Pro-sft-5s",
+    "kandinsky5pro_t2v_pretrain_5s": "Kandinsky-5.0-T2V-Pro-pretrain-5s",
+    "kandinsky5pro_t2v_pretrain_10s": "Kandinsky-5.0-T2V-Pro-pretrain-10s",
     "kandinsky5lite_t2i": "Kandinsky-5.0-T2I-Lite",
     "kandinsky5lite_i2i": "Kandinsky-5.0-I2I-Lite",
 }
+# checkpoints published in the diffusers layout only -> their repository, whose transformer/ is the DiT folder
+DIFFUSERS_DIT_REPOS = {
+    "kandinsky5pro_t2v_distilled_5s": "Kandinsky-5.0-T2V-Pro-distilled-5s-Diffusers",
+    "kandinsky5pro_i2v_distilled_5s": "Kandinsky-5.0-I2V-Pro-distilled-5s-Diffusers",
+    "kandinsky5lite_t2i_pretrain": "Kandinsky-5.0-T2I-Lite-pretrain-Diffusers",
+    "kandinsky5lite_i2i_pretrain": "Kandinsky-5.0-I2I-Lite-pretrain-Diffusers",
+}
+DIFFUSERS_DIT_FILES = ("transformer/*.json", "transformer/*.safetensors")
 ORGANIZATION = "kandinskylab"
 
 
@@ -68,41 +78,56 @@ class Fetch:
     repo: str
     sources: tuple[str, ...]
     targets: tuple[Path, ...]
-    whole_folder: Path | None = None  # for a repository taken whole: where its files go
+    whole_folder: Path | None = None  # for a repository (or its ``subfolder``) taken whole: where its files go
+    subfolder: str = ""
 
 
-def plan(task: TaskPreset, weights: Path) -> list[Fetch]:
+def dit_fetch(task: TaskPreset, weights: Path) -> Fetch:
+    if task.diffusers_layout:
+        if task.checkpoint not in DIFFUSERS_DIT_REPOS:
+            raise DownloadError(f"task {task.name}: no published repository holds {task.checkpoint}")
+        repo = f"{ORGANIZATION}/{DIFFUSERS_DIT_REPOS[task.checkpoint]}"
+        folder = weights / "model" / task.checkpoint
+        return Fetch("DiT", repo, DIFFUSERS_DIT_FILES, (), whole_folder=folder, subfolder="transformer")
     stem = task.checkpoint.removesuffix(".safetensors")
     if stem not in DIT_REPOS:
         raise DownloadError(f"task {task.name}: no published repository holds {task.checkpoint}")
+    path = weights / "model" / task.checkpoint
+    return Fetch("DiT", f"{ORGANIZATION}/{DIT_REPOS[stem]}", (f"model/{task.checkpoint}",), (path,))
+
+
+def plan(task: TaskPreset, weights: Path) -> list[Fetch]:
+    dit = dit_fetch(task, weights)
     vae_repo, vae_folder = (
         (HUNYUAN_VAE_REPO, weights / "vae") if task.vae == "hunyuan" else (FLUX_REPO, weights / "flux" / "vae")
     )
     return [
-        Fetch(
-            "DiT",
-            f"{ORGANIZATION}/{DIT_REPOS[stem]}",
-            (f"model/{task.checkpoint}",),
-            (weights / "model" / task.checkpoint,),
-        ),
+        dit,
         Fetch(f"{task.vae} VAE", vae_repo, VAE_FILES, tuple(vae_folder / Path(f).name for f in VAE_FILES)),
         Fetch("Qwen2.5-VL-7B-Instruct", QWEN_REPO, tuple(QWEN_FILES), (), whole_folder=weights / "text_encoder"),
         Fetch("CLIP-L", CLIP_REPO, (CLIP_FILE,), (weights / "text_encoder2" / "clip_l.safetensors",)),
     ]
 
 
-def qwen_complete(folder: Path, repo: str) -> bool:
-    """The folder holds the config, tokenizer, processor config and every weight shard of its index, each
-    of the repository's size."""
-    needed = ["config.json", "tokenizer.json", "preprocessor_config.json", "model.safetensors.index.json"]
-    if not all((folder / name).is_file() for name in needed):
-        return False
-    try:
-        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
-    except (ValueError, KeyError):
-        return False  # a damaged index: fetched again
-    files = needed + sorted(shards)
-    return all((folder / name).is_file() and not size_mismatch(folder / name, repo, name) for name in files)
+def folder_complete(item: Fetch) -> bool:
+    """The folder holds the config (Qwen: its tokenizer and processor config too) and every weight file:
+    the shards its index lists, or the one file without an index, each of the repository's size."""
+    folder, prefix = item.whole_folder, f"{item.subfolder}/" if item.subfolder else ""
+    qwen = item.repo == QWEN_REPO
+    needed = ["config.json", "tokenizer.json", "preprocessor_config.json"] if qwen else ["config.json"]
+    single = "model.safetensors" if qwen else "diffusion_pytorch_model.safetensors"
+    index = f"{single.removesuffix('.safetensors')}.safetensors.index.json"
+    if (folder / index).is_file():
+        try:
+            shards = set(json.loads((folder / index).read_text())["weight_map"].values())
+        except (ValueError, KeyError):
+            return False  # a damaged index: fetched again
+        needed += [index, *sorted(shards)]
+    else:
+        needed.append(single)
+    return all(
+        (folder / name).is_file() and not size_mismatch(folder / name, item.repo, prefix + name) for name in needed
+    )
 
 
 def size_mismatch(target: Path, repo: str, source: str) -> bool:
@@ -164,10 +189,11 @@ def fetch(item: Fetch) -> int:
 
     try:
         if item.whole_folder is not None:
-            if qwen_complete(item.whole_folder, item.repo):
+            if folder_complete(item):
                 print(f"{item.what}: present in {item.whole_folder}")
                 return 0
             snapshot = Path(snapshot_download(item.repo, allow_patterns=list(item.sources)))
+            root = snapshot / item.subfolder if item.subfolder else snapshot
             # (a cached snapshot may hold more than was asked for: the same patterns pick the files)
             files = [
                 p
@@ -175,7 +201,7 @@ def fetch(item: Fetch) -> int:
                 if p.is_file() and any(fnmatch(p.relative_to(snapshot).as_posix(), pattern) for pattern in item.sources)
             ]
             for file in files:
-                place(file, item.whole_folder / file.relative_to(snapshot))
+                place(file, item.whole_folder / file.relative_to(root))
             print(f"{item.what}: {len(files)} files in {item.whole_folder}")
             return len(files)
         missing = [

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from kandinsky5.encoders.prompt_expansion import QWEN_GENERATION
 from kandinsky5.encoders.prompt_templates import TEMPLATES
 from kandinsky5.encoders.qwen_vocab import FIRST_SPECIAL_ID, QWEN_PRETOKENIZE, QWEN_SPECIAL_TOKENS
 from kandinsky5.model.checkpoint import save_dit
@@ -54,6 +55,21 @@ TOKENIZER_CORPUS = [
     "Make the sky purple and add a rainbow over the mountains.",
 ]
 TINY_VAE_CHANNELS = [8, 8, 16, 16]
+# Qwen2.5-VL-7B-Instruct's chat template (its chat_template.json), which the tiny folder carries as the real one does
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_qwen_tokenizer() -> Tokenizer:
@@ -143,13 +159,13 @@ def tiny_real_vocab_qwen(seed: int):
     return Qwen2_5_VLForConditionalGeneration(tiny_qwen_config(QWEN_VOCAB_SIZE, ids))
 
 
-def write_qwen_single_file(file: Path, seed: int, fp8_scaled: bool = False) -> None:
+def write_qwen_single_file(file: Path, seed: int, fp8_scaled: bool = False, lm_head: bool = False) -> None:
     """Qwen2.5-VL as ComfyUI's text_encoders/qwen_2.5_vl_7b[_fp8_scaled].safetensors holds it: one bf16
-    file under the published names, without lm_head; fp8_scaled: the language model's Linear weights
-    in float8_e4m3fn with a per-tensor ``scale_weight`` and the ``scaled_fp8`` marker. Its tiny
+    file under the published names, without lm_head unless asked; fp8_scaled: the language model's Linear
+    weights in float8_e4m3fn with a per-tensor ``scale_weight`` and the ``scaled_fp8`` marker. Its tiny
     configuration travels in the metadata (``config``): the real file is read with Qwen2.5-VL-7B's."""
     model = tiny_real_vocab_qwen(seed).to(torch.bfloat16)
-    state = {k: v for k, v in qwen_published_state(model).items() if not k.startswith("lm_head.")}
+    state = {k: v for k, v in qwen_published_state(model).items() if lm_head or not k.startswith("lm_head.")}
     if fp8_scaled:
         for key in [k for k in state if k.startswith("model.layers.") and k.endswith("_proj.weight")]:
             weight = state[key].float()
@@ -188,6 +204,11 @@ def write_qwen(folder: Path, seed: int, language: dict | None = None, dtype: tor
     Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=256 * 256).save_pretrained(folder)
     processor_config = {"processor_class": "Qwen2_5_VLProcessor"}
     (folder / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
+    # What the real folder carries for writing text: its chat template and generation settings.
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_CHAT_TEMPLATE}, indent=2))
+    end, stop = ids["<|endoftext|>"], ids["<|im_end|>"]
+    generation = {**QWEN_GENERATION, "bos_token_id": end, "pad_token_id": end, "eos_token_id": [stop, end]}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
 def write_clip(file: Path, seed: int) -> None:

@@ -53,6 +53,7 @@ caption_extension = ".txt"
 
 # The real tasks and the tiny task of the same kind (and shape: Pro-shaped for Pro).
 TINY_TASKS = [
+    (r"k5-pro-i2v-5s-distil-sd", "tiny-i2v-distil"),
     (r"k5-pro-i2v-\S+", "tiny-i2v"),
     (r"k5-pro-t2v-\S+", "tiny-pro-t2v"),
     (r"k5-lite-i2v-\S+", "tiny-i2v"),
@@ -71,6 +72,7 @@ DEFAULT_TINY_TASK = "tiny-pro-t2v"
 TINY_DIT = {
     "tiny-t2v": "tiny_t2v",
     "tiny-i2v": "tiny_t2v",
+    "tiny-i2v-distil": "tiny_t2v",
     "tiny-pro-t2v": "tiny_pro_t2v",
     "tiny-t2i": "tiny_t2i",
     "tiny-i2i": "tiny_i2i",

@@ -130,9 +130,20 @@ def test_the_examples_wrote_what_the_docs_say(docs_workspace):
         "comfy_fox.mp4",
         "pro_on_24gb.mp4",
         "output/vram_lora.safetensors",
+        "typed.mp4",
+        "output/zxq_style.safetensors",
+        "zxq.mp4",
     ]
     missing = [name for name in expected if not (docs_workspace / name).exists()]
     assert not missing, missing
+    from safetensors import safe_open
+
+    from kandinsky5.inference.media import read_metadata
+
+    with safe_open(str(docs_workspace / "output/zxq_style.safetensors"), "pt") as f:
+        assert f.metadata()["trigger"] == "zxq style, "  # training.md's trigger word, as inference.md says
+    assert read_metadata(docs_workspace / "zxq.mp4")["expanded_prompt"].startswith("zxq style, ")
+    assert read_metadata(docs_workspace / "typed.mp4")["expanded_prompt"] is None
     assert len(list((docs_workspace / "out_folder").iterdir())) == 2  # one file per prompt line
     assert list((docs_workspace / "logs").rglob("events.out.tfevents.*"))
     assert list((docs_workspace / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -91,10 +91,10 @@ def test_official_architecture_mismatch_names_the_official_tasks():
     )
     assert expected in message
     pro_tasks = [n for n in matching_tasks(expected_shapes(get_task("k5-pro-t2v-5s-sd").dit_params))]
-    assert pro_tasks == [n for n in pro_tasks if n.startswith("k5-pro-")] and len(pro_tasks) == 6
+    assert pro_tasks == [n for n in pro_tasks if n.startswith("k5-pro-")] and len(pro_tasks) == 10  # 6 SFT, 4 others
     assert "fits these tasks: " + ", ".join(pro_tasks) in message
     image_layout = {k: (None, k, shape) for k, shape in expected_shapes(get_task("k5-lite-t2i-hd").dit_params).items()}
-    with pytest.raises(CheckpointError, match="fits these tasks: k5-lite-t2i-hd\\."):
+    with pytest.raises(CheckpointError, match="fits these tasks: k5-lite-t2i-hd, k5-lite-t2i-pretrain-hd\\."):
         check_architecture(image_layout, get_task("k5-lite-i2i-hd"), "t2i.safetensors")
 
 

@@ -42,7 +42,7 @@ def form(tree, **changes):
         frames=9, steps=2, guidance=None, seed=7, fp8=False, blocks_to_swap=0,
         dit=str(tree / "model/tiny_t2v.safetensors"), vae=str(tree / "vae"),
         text_encoder_qwen=str(tree / "text_encoder"), text_encoder_clip=str(tree / "text_encoder2"),
-        comfy_models_dir="", dtype="float32",
+        comfy_models_dir="", dtype="float32", expand_prompt=True,
     )  # fmt: skip
     values.update(changes)
     return list(values.values())
@@ -55,9 +55,10 @@ def test_the_ui_listens_on_localhost_only_unless_told():
 
 def test_generate_writes_the_video_and_lists_it(served, tiny_tree):
     client, output = served
-    video, picture, settings, gallery = client.predict(*form(tiny_tree), api_name="/generate")
+    video, picture, expanded, settings, gallery = client.predict(*form(tiny_tree), api_name="/generate")
     written = list(output.glob("*_7.mp4"))
     assert len(written) == 1 and picture is None and settings["prompt"] == "a red fox in the snow"
+    assert expanded and expanded == settings["expanded_prompt"]  # the prompt Qwen wrote, shown
     with av.open(str(written[0])) as container:
         assert sum(1 for _ in container.decode(video=0)) == 9
     assert len(gallery) == 1
@@ -65,6 +66,7 @@ def test_generate_writes_the_video_and_lists_it(served, tiny_tree):
     assert settings["prompt"] == "a red fox in the snow" and settings["seed"] == 7 and settings["frames"] == 9
     again = client.predict(str(written[0]), api_name="/reuse_settings")
     assert list(again[:2]) == ["tiny-t2v", "a red fox in the snow"] and again[10] == 7  # the form, filled again
+    assert again[12] is True  # expansion was on
 
 
 def test_a_bad_path_shows_the_scripts_message(served, tiny_tree, tmp_path):

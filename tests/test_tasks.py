@@ -11,6 +11,12 @@ k5-lite-t2v-10s-distil-sd k5-lite-t2v-5s-nocfg-sd k5-lite-t2v-10s-nocfg-sd k5-li
 k5-lite-t2v-10s-pretrain-sd k5-pro-t2v-5s-sd k5-pro-t2v-5s-hd k5-pro-t2v-10s-sd k5-pro-t2v-10s-hd k5-pro-i2v-5s-sd
 k5-pro-i2v-5s-hd
 """.split()
+# Published checkpoints beyond the spec's list (issue #32): Pro pretrain, Pro distilled (diffusers layout only),
+# Image Lite pretrain (diffusers layout).
+PUBLISHED_TASKS = """
+k5-pro-t2v-5s-pretrain-sd k5-pro-t2v-10s-pretrain-sd k5-pro-t2v-5s-distil-sd k5-pro-i2v-5s-distil-sd
+k5-lite-t2i-pretrain-hd k5-lite-i2i-pretrain-hd
+""".split()
 
 # Parameter counts of the published models (official class instantiated on meta).
 LITE_VIDEO, PRO_VIDEO, LITE_IMAGE = 2_007_702_848, 19_311_325_248, 6_022_080_576
@@ -24,12 +30,12 @@ def count_on_meta(task_name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_the_seventeen_official_tasks_exist():
-    assert sorted(OFFICIAL_TASKS) == sorted(SPEC_TASKS)
+def test_the_seventeen_spec_tasks_and_the_other_published_checkpoints_exist():
+    assert sorted(OFFICIAL_TASKS) == sorted(SPEC_TASKS + PUBLISHED_TASKS)
     assert len(SPEC_TASKS) == 17
 
 
-@pytest.mark.parametrize("name", SPEC_TASKS)
+@pytest.mark.parametrize("name", SPEC_TASKS + PUBLISHED_TASKS)
 def test_every_official_task_instantiates_with_the_published_parameter_count(name):
     expected = {"t2v": None, "i2v": None, "t2i": LITE_IMAGE, "i2i": LITE_IMAGE_EDIT}[get_task(name).kind]
     if expected is None:
@@ -73,7 +79,32 @@ REFERENCE = {
         241,
         "kandinsky5lite_t2v_distilled16steps_10s",
     ),
-    "k5-lite-t2v-10s-nocfg-sd": (50, 1.0, 10, (1, 2, 2), 512, 0.9, "hunyuan", 256, 241, "kandinsky5lite_t2v_sft_10s"),
+    # (the official config names the SFT file; the CFG-distilled 10 s file is published as nocfg_10s)
+    "k5-lite-t2v-10s-nocfg-sd": (50, 1.0, 10, (1, 2, 2), 512, 0.9, "hunyuan", 256, 241, "kandinsky5lite_t2v_nocfg_10s"),
+    "k5-pro-t2v-5s-pretrain-sd": (
+        50,
+        5.0,
+        10,
+        (1, 2, 2),
+        512,
+        None,
+        "hunyuan",
+        256,
+        121,
+        "kandinsky5pro_t2v_pretrain_5s",
+    ),
+    "k5-pro-t2v-10s-pretrain-sd": (
+        50,
+        5.0,
+        10,
+        (1, 2, 2),
+        512,
+        0.9,
+        "hunyuan",
+        256,
+        241,
+        "kandinsky5pro_t2v_pretrain_10s",
+    ),  # fmt: skip
     "k5-lite-i2v-5s-sd": (50, 5.0, 10, (1, 2, 2), 512, None, "hunyuan", 256, 121, "kandinsky5lite_i2v_5s"),
     "k5-pro-t2v-5s-hd": (50, 5.0, 10, (1, 3.16, 3.16), 1024, 0.8, "hunyuan", 256, 121, "kandinsky5pro_t2v_sft_5s"),
     "k5-pro-t2v-10s-hd": (50, 5.0, 10, (1, 3.16, 3.16), 1024, 0.7, "hunyuan", 256, 241, "kandinsky5pro_t2v_sft_10s"),
@@ -134,3 +165,17 @@ def test_unknown_task_suggests_the_nearest_names():
         get_task("k5-lite-t2v-5s")
     with pytest.raises(UnknownTaskError, match=r"unknown task 'zzz'\. Known tasks: k5-lite-t2i-hd"):
         get_task("zzz")
+
+
+def test_presets_of_checkpoints_published_in_the_diffusers_layout_only_name_a_folder():
+    for name in (
+        "k5-pro-t2v-5s-distil-sd",
+        "k5-pro-i2v-5s-distil-sd",
+        "k5-lite-t2i-pretrain-hd",
+        "k5-lite-i2i-pretrain-hd",
+    ):
+        task = get_task(name)
+        assert task.diffusers_layout and task.default_checkpoint_path == f"weights/model/{task.checkpoint}"
+    distilled = get_task("k5-pro-i2v-5s-distil-sd")
+    assert (distilled.steps, distilled.guidance, distilled.image_in_condition) == (16, 1.0, True)
+    assert not any(get_task(n).image_in_condition for n in OFFICIAL_TASKS if n != "k5-pro-i2v-5s-distil-sd")

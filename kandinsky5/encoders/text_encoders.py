@@ -10,6 +10,7 @@ gives its pooled output in fp32. Nothing is ever downloaded: both load from loca
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, GenerationConfig
 
 from kandinsky5.encoders.clip_vocab import CLIP_MAX_LENGTH, packaged_clip_tokenizer
+from kandinsky5.encoders.prompt_expansion import QWEN_GENERATION
 from kandinsky5.encoders.prompt_templates import PromptTemplate, edit_prompt_text
 from kandinsky5.encoders.qwen_single_file import (
     IMAGE_PROCESSOR,
@@ -32,6 +34,7 @@ from kandinsky5.encoders.qwen_single_file import (
 from kandinsky5.encoders.qwen_vocab import packaged_qwen_tokenizer
 from kandinsky5.model.dtypes import TEXT_ENCODER_DTYPES
 from modules.fp8 import quantize_linears
+from modules.safetensors_read import SafetensorsFile
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -164,9 +167,11 @@ class QwenEncoder:
             )
         self.folder, self.single_file = None, file
         self.tokenizer = packaged_qwen_tokenizer()
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            None, config=Qwen2_5_VLConfig(**config), state_dict=state, dtype=dtype
-        )
+        with quiet_transformers():  # its load report flags the lm_head of a file without one
+            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                None, config=Qwen2_5_VLConfig(**config), state_dict=state, dtype=dtype
+            )
+        self.model.generation_config = GenerationConfig(**QWEN_GENERATION)
         self._finish(fp8, hidden)
 
     def _finish(self, fp8: bool, hidden: int) -> None:
@@ -209,14 +214,39 @@ class QwenEncoder:
                 padding="longest",
                 return_tensors="pt",
             )
+        # The image tokens follow the prompt, so nothing is truncated here (as in the official code).
+        return self._with_images(texts, images)
+
+    def _with_images(self, texts: list[str], images) -> dict:
+        """Tokens of texts holding one image placeholder per image, with the images' vision inputs."""
         processor = self._image_processor()
         vision = processor(images=list(images), return_tensors="pt")
         # Each image stands for (t * h * w) / merge^2 tokens; the text holds one placeholder per image.
         counts = (vision["image_grid_thw"].prod(dim=1) // processor.merge_size**2).tolist()
         texts = [t.replace(IMAGE_PAD, IMAGE_PAD * n, 1) for t, n in zip(texts, counts, strict=True)]
-        # The image tokens follow the prompt, so nothing is truncated here (as in the official code).
-        tokens = self.tokenizer(texts, add_special_tokens=False, padding="longest", return_tensors="pt")
+        tokens = dict(self.tokenizer(texts, add_special_tokens=False, padding="longest", return_tensors="pt"))
+        if "mm_token_type_ids" in inspect.signature(self.model.model.forward).parameters:
+            # transformers 5 gives the image tokens their 2-D rotary positions only when told which they are
+            # (its processor does this); without it they would get the positions of text
+            tokens["mm_token_type_ids"] = (tokens["input_ids"] == self.model.config.image_token_id).int()
         return {**tokens, "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+
+    @torch.no_grad()
+    def answer_ids(self, text: str, image=None, max_new_tokens: int = 256) -> list[int]:
+        """The token ids of Qwen's answer to a chat ``text`` (already in the chat format, the assistant's
+        turn opened; an image placeholder in it if ``image`` is given), with the model's generation settings."""
+        if image is None:
+            inputs = dict(self.tokenizer([text], add_special_tokens=False, return_tensors="pt"))
+        else:
+            inputs = self._with_images([text], [image])
+        inputs = {name: value.to(self.device) for name, value in inputs.items()}
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens)
+        return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+    def generate(self, text: str, image=None, max_new_tokens: int = 256) -> str:
+        """Qwen's answer (as answer_ids), decoded without special tokens as the official pipelines do."""
+        answer = self.answer_ids(text, image, max_new_tokens)
+        return self.tokenizer.decode(answer, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     @torch.no_grad()
     def encode(
@@ -235,6 +265,40 @@ class QwenEncoder:
         length = max(int(mask.sum(dim=1).max()), 1)
         embeddings, mask = hidden[:, crop : crop + length], mask[:, :length]
         return embeddings * mask[..., None].to(embeddings.dtype), mask
+
+
+LM_HEAD = "lm_head.weight"
+
+
+def _weight_keys(folder: Path) -> set[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    keys = set()
+    for file in folder.glob("*.safetensors"):
+        with SafetensorsFile(file) as f:
+            keys.update(f.keys())
+    return keys
+
+
+def lm_head_missing(path: str | Path) -> str | None:
+    """Why the Qwen at ``path`` cannot write text (prompt expansion needs its language-model head), or
+    None when it can. Read from the files' headers and config, before anything loads."""
+    path = Path(path)
+    try:
+        if path.is_file():
+            with SafetensorsFile(path) as f:
+                if any(key.endswith(LM_HEAD) for key in f.keys()):
+                    return None
+            return f"{path} holds no {LM_HEAD} (the layer that turns Qwen's states into words)"
+        config = json.loads((path / "config.json").read_text())
+        if config.get("tie_word_embeddings") or (config.get("text_config") or {}).get("tie_word_embeddings"):
+            return None  # the head is the token embedding
+        if any(key.endswith(LM_HEAD) for key in _weight_keys(path)):
+            return None
+        return f"the weights in {path} hold no {LM_HEAD} (the layer that turns Qwen's states into words)"
+    except (OSError, ValueError) as error:
+        return f"cannot read {path}: {error}"
 
 
 def _clip_config_from_weights(state: dict[str, torch.Tensor]) -> CLIPTextConfig:

@@ -9,7 +9,8 @@ Pixels are (B, 3, F, H, W) in [-1, 1]; latents are (B, T, H/8, W/8, 16), the DiT
 Weights load from a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``),
 a single ``.safetensors`` file, or the original HunyuanVideo ``pytorch_model.pt`` (unwrapped from
 ``state_dict``, ``vae.`` prefix removed). HunyuanVideo's key names are the same in all of them
-(ComfyUI's ``hunyuan_video_vae_bf16.safetensors`` included); FLUX's ``ae.safetensors`` as Black
+(ComfyUI's ``hunyuan_video_vae_bf16.safetensors`` included); a HunyuanVideo VAE in ComfyUI's own
+layout (as ComfyUI saves one) is renamed (vae_layouts.py); FLUX's ``ae.safetensors`` as Black
 Forest Labs and ComfyUI ship it (``encoder.down.0.block.0...``) is converted to diffusers' names
 with diffusers' own converter. A single file without a config beside it uses the official
 configuration, or the one in its metadata under ``config`` (the tiny test files carry theirs).
@@ -27,6 +28,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo
 from safetensors.torch import load_file
 
+from kandinsky5.encoders.vae_layouts import comfy_to_diffusers, is_comfy_layout
 from modules.safetensors_read import SafetensorsFile
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "pytorch_model.pt", "pytorch_model.bin")
@@ -269,6 +271,8 @@ def load_vae(
         needed = f"task {task_name!r} needs" if task_name else "this needs"
         raise VAEError(f"{weights} is {VAE_KINDS[found].description}, but {needed} {vae_kind.description}")
     config = _config(vae_kind, weights)
+    if kind == "hunyuan" and is_comfy_layout(state):
+        state = comfy_to_diffusers(state)
     if kind == "flux" and BFL_FLUX_KEY in state:
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 

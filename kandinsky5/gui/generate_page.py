@@ -40,6 +40,8 @@ def generation_argv(settings: dict, output: Path) -> list[str]:
         argv += ["--lora_weight", *(path.strip() for path, *_ in loras)]
         argv += ["--lora_multiplier", *(rest[0].strip() if rest else "1.0" for _, *rest in loras)]
     argv += ["--dtype", settings.get("dtype") or "bfloat16"]
+    if settings.get("expand_prompt") is False:  # the checkbox cleared: the prompt as typed
+        argv.append("--no_expand_prompt")
     return argv
 
 
@@ -66,11 +68,17 @@ def settings_of(path: str) -> dict:
 
 def form_values(settings: dict) -> list:
     """The Generate form's task, prompt, negative prompt, image, LoRAs, width, height, frames, steps,
-    guidance, seed and DiT from a result's settings."""
+    guidance, seed, DiT and prompt expansion from a result's settings."""
     loras = "\n".join(f"{lora['path']}:{lora['multiplier']}" for lora in settings.get("loras", []))
     keys = ("task", "prompt", "negative_prompt", "image")
     numbers = ("width", "height", "frames", "steps", "guidance", "seed")
-    return [*(settings.get(k) or "" for k in keys), loras, *(settings.get(k) for k in numbers), settings.get("dit", "")]
+    return [
+        *(settings.get(k) or "" for k in keys),
+        loras,
+        *(settings.get(k) for k in numbers),
+        settings.get("dit", ""),
+        settings.get("expand_prompt", True),
+    ]
 
 
 def build(defaults: dict, output_folder: Path):
@@ -96,11 +104,15 @@ def build(defaults: dict, output_folder: Path):
         "text_encoder_clip",
         "comfy_models_dir",
         "dtype",
+        "expand_prompt",
     ]
     with gr.Row():
         with gr.Column():
             task = gr.Dropdown(list(TASKS), value=defaults.get("task", "k5-lite-t2v-5s-sd"), label="Task")
             prompt = gr.Textbox(label="Prompt", lines=3)
+            expand = gr.Checkbox(
+                value=True, label="Expand the prompt with Qwen first, as the official pipelines do (--expand_prompt)"
+            )
             negative = gr.Textbox(label="Negative prompt (empty: the task's)")
             image = gr.Textbox(label="Image (I2V first frame or I2I source): a file path")
             loras = gr.Textbox(label="LoRAs: one per line, path:multiplier", lines=2)
@@ -128,6 +140,7 @@ def build(defaults: dict, output_folder: Path):
         with gr.Column():
             video = gr.Video(label="Video", visible=True)
             picture = gr.Image(label="Image", type="filepath")
+            expanded = gr.Textbox(label="Expanded prompt (what was encoded)", interactive=False)
             settings_out = gr.JSON(label="Settings of this result")
             gallery = gr.Gallery(label="Past results", value=[str(p) for p in past_results(output_folder)])
             chosen = gr.Textbox(label="Chosen result", interactive=True)
@@ -136,7 +149,7 @@ def build(defaults: dict, output_folder: Path):
                 reuse = gr.Button("Use these settings again")
 
     inputs = [task, prompt, negative, image, loras, width, height, frames, steps, guidance, seed, fp8, blocks]
-    inputs += [dit, vae, qwen, clip, comfy, dtype]
+    inputs += [dit, vae, qwen, clip, comfy, dtype, expand]
 
     def generate(*values, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio's progress hook)
         settings = dict(zip(fields, values, strict=True))
@@ -149,9 +162,10 @@ def build(defaults: dict, output_folder: Path):
             raise gr.Error(str(failure)) from None
         media = str(output)
         shown = (media, None) if output.suffix == ".mp4" else (None, media)
-        return *shown, settings, [str(p) for p in past_results(output_folder)]
+        made = settings_of(media)
+        return *shown, made.get("expanded_prompt") or "", made, [str(p) for p in past_results(output_folder)]
 
-    run.click(generate, inputs, [video, picture, settings_out, gallery], api_name="generate")
+    run.click(generate, inputs, [video, picture, expanded, settings_out, gallery], api_name="generate")
 
     def choose(event: gr.SelectData):
         results = past_results(output_folder)
@@ -159,7 +173,7 @@ def build(defaults: dict, output_folder: Path):
 
     gallery.select(choose, None, chosen)
     show.click(settings_of, chosen, settings_out, api_name="settings_of")
-    form = [task, prompt, negative, image, loras, width, height, frames, steps, guidance, seed, dit]
+    form = [task, prompt, negative, image, loras, width, height, frames, steps, guidance, seed, dit, expand]
     reuse.click(lambda path: form_values(settings_of(path)), chosen, form, api_name="reuse_settings")
     vram.change(lambda t, v: generation_preset(t, v), [task, vram], [fp8, blocks])
     return loras

@@ -46,9 +46,13 @@ def t2v_channels(shape: tuple[int, int, int, int], device) -> torch.Tensor:
     return torch.zeros(b, t, h, w, 17, device=device)
 
 
-def i2v_channels(shape: tuple[int, int, int, int], device) -> torch.Tensor:
+def i2v_channels(shape: tuple[int, int, int, int], device, first_frame: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask marks frame 0; its 16 latent channels stay zero (the official convention) unless
+    ``first_frame`` (B, 1, H, W, 16) is given for a checkpoint made with it there (TaskPreset.image_in_condition)."""
     channels = t2v_channels(shape, device)
     channels[:, 0, ..., 16] = 1.0
+    if first_frame is not None:
+        channels[:, :1, ..., :16] = first_frame.to(device, channels.dtype)
     return channels
 
 

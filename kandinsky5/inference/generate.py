@@ -22,8 +22,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from kandinsky5.encoders.prompt_expansion import expand_prompt, with_trigger
 from kandinsky5.encoders.prompt_templates import template_for
-from kandinsky5.encoders.text_encoders import load_prompt_encoder
+from kandinsky5.encoders.text_encoders import QWEN_MODEL, lm_head_missing, load_prompt_encoder
 from kandinsky5.encoders.vae import load_vae
 from kandinsky5.inference.denoiser import Denoiser, TextCondition, i2i_channels, i2v_channels, t2v_channels
 from kandinsky5.inference.magcache import magcache_for
@@ -71,6 +72,8 @@ class Job:
     guidance: float
     image: str | None
     output: Path
+    expand_prompt: bool = False
+    expanded_prompt: str | None = None  # what was encoded, when the prompt was expanded
 
 
 def free() -> None:
@@ -171,13 +174,56 @@ def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
             guidance=first_given(line.guidance, args.guidance, task.guidance),
             image=image,
             output=_output_for(args, line, index, frames, seed),
+            expand_prompt=first_given(line.expand_prompt, args.expand_prompt, True),
         )
         check_output(job.output, frames, where)
         jobs.append(job)
     return jobs
 
 
-def encode_texts(args, task: TaskPreset, jobs: list[Job], device) -> list[tuple[TextCondition, TextCondition | None]]:
+def check_expansion(args, jobs: list[Job]) -> None:
+    """Before anything loads: prompt expansion needs a Qwen with its language-model head. Without one,
+    --expand_prompt is an error; expansion by default (or a prompt line's --expand on) is a note, and
+    the prompts are encoded as typed."""
+    if not any(job.expand_prompt for job in jobs):
+        return
+    why = lm_head_missing(args.text_encoder_qwen)
+    if why is None:
+        return
+    if args.expand_prompt is True:
+        raise GenerationError(
+            f"prompt expansion needs Qwen's language-model head: {why}. Use the full {QWEN_MODEL} folder, or "
+            "generate with --no_expand_prompt (the prompt is then encoded as typed)"
+        )
+    print(
+        f"note: prompts are encoded as typed, not expanded as the official pipelines do: {why}. "
+        "--no_expand_prompt silences this note"
+    )
+    for job in jobs:
+        job.expand_prompt = False
+
+
+def lora_trigger(args, loras: list) -> str:
+    """The trigger words of the LoRAs (their ``trigger`` metadata, in order), or --lora_trigger's text."""
+    given = getattr(args, "lora_trigger", None)
+    if given is not None:
+        return given
+    return "".join(lora.metadata.get("trigger", "") for lora, _ in loras)
+
+
+def encoded_prompt(encoder, task: TaskPreset, job: Job, trigger: str) -> str:
+    """The prompt that gets encoded: the typed one, or (expansion on) the trigger and Qwen's rewrite."""
+    if not job.expand_prompt:
+        return job.prompt
+    image = load_image(job.image) if job.image else None
+    job.expanded_prompt = with_trigger(trigger, expand_prompt(encoder.qwen, task.kind, job.prompt, image, job.seed))
+    tqdm.write(f"expanded prompt {job.index + 1}: {job.expanded_prompt}")
+    return job.expanded_prompt
+
+
+def encode_texts(
+    args, task: TaskPreset, jobs: list[Job], device, trigger: str = ""
+) -> list[tuple[TextCondition, TextCondition | None]]:
     encoder = load_prompt_encoder(
         args.text_encoder_qwen, args.text_encoder_clip, task.dit_params, device, args.text_encoder_dtype
     )
@@ -187,7 +233,8 @@ def encode_texts(args, task: TaskPreset, jobs: list[Job], device) -> list[tuple[
         images = None
         if task.kind == "i2i" and job.image:  # Qwen sees the source image at half the output size
             images = [resize_and_crop(load_image(job.image), job.width // 2, job.height // 2)]
-        prompts = [job.prompt] + ([job.negative_prompt] if abs(job.guidance - 1.0) > 1e-6 else [])
+        prompt = encoded_prompt(encoder, task, job, trigger)
+        prompts = [prompt] + ([job.negative_prompt] if abs(job.guidance - 1.0) > 1e-6 else [])
         encoded = [encoder.encode([p], template, task.qwen_max_length, images) for p in prompts]
         texts = [TextCondition(e.embeddings.cpu(), e.mask.cpu(), e.pooled.cpu()) for e in encoded]
         conditions.append((texts[0], texts[1] if len(texts) > 1 else None))
@@ -246,7 +293,8 @@ def sample_job(dit, task: TaskPreset, job: Job, texts, image_latent, args, devic
     shape = tuple(noise.shape[:4])
     channels, first_frame = None, None
     if task.kind == "i2v":
-        channels, first_frame = i2v_channels(shape, device), image_latent.to(device)
+        first_frame = image_latent.to(device)
+        channels = i2v_channels(shape, device, first_frame if task.image_in_condition else None)
     elif task.kind == "i2i":
         channels = i2i_channels(image_latent.to(device)) if image_latent is not None else t2v_channels(shape, device)
     elif dit.in_channels == 33:
@@ -361,8 +409,15 @@ def generate(args: argparse.Namespace, task: TaskPreset) -> None:
     # Refuse a wrong DiT or a broken LoRA before the text encoders spend any time (LoRAs are read once, here).
     check_architecture(read_layout(checkpoint_files(args.dit)), task, str(args.dit))
     loras = [(read_lora(path), m) for path, m in zip(args.lora_weight or [], lora_multipliers(args), strict=True)]
+    check_expansion(args, jobs)
+    trigger = lora_trigger(args, loras)
+    if trigger and not any(job.expand_prompt for job in jobs):
+        print(
+            f"note: the trigger words {trigger!r} go before expanded prompts only (as in the official pipelines); "
+            "with --no_expand_prompt, write them into your prompt"
+        )
     text_device = torch.device(args.text_encoder_device or args.device)
-    texts = encode_texts(args, task, jobs, text_device)
+    texts = encode_texts(args, task, jobs, text_device, trigger)
 
     vae = None
     if any(job.image for job in jobs):

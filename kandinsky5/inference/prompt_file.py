@@ -3,7 +3,8 @@
     A cat walks on the grass --w 768 --h 512 --f 121 --d 42 --s 50 --g 5.0 --n blurry --i first.png
 
 --w width, --h height, --f frames, --d seed, --s steps, --g guidance, --n negative prompt,
---i image (I2V first frame / I2I source). Empty lines and lines starting with # are skipped.
+--i image (I2V first frame / I2I source), --expand on|off (prompt expansion for this line; ours,
+musubi-tuner has no expansion). Empty lines and lines starting with # are skipped.
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ class PromptLine:
     guidance: float | None = None
     negative_prompt: str | None = None
     image: str | None = None
+    expand_prompt: bool | None = None
+
+
+def on_off(text: str) -> bool:
+    """A switch's value: on/off, yes/no, true/false or 1/0."""
+    value = text.strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise ValueError(f"expected on or off, got {text!r}")
 
 
 OPTIONS = {
@@ -43,6 +55,7 @@ OPTIONS = {
     "g": ("guidance", FINITE),
     "n": ("negative_prompt", str),
     "i": ("image", str),
+    "expand": ("expand_prompt", on_off),
 }
 _OPTION = re.compile(r"(?:^|\s)--([a-z]+)(?=\s|$)")
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kandinsky5.model.dit import DiffusionTransformer3D, keeps_fp32
+from kandinsky5.model.fp8_formats import COMFY_SCALED_MARKER, FP8FormatError, as_scale, fp8_layout, is_side_key
 from kandinsky5.model.tasks import TASKS, TaskPreset
 from modules.atomic_save import save_safetensors_atomic
 from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8Linear, check_scale, dequantize_weight, quantize_weight
@@ -88,8 +89,25 @@ def read_layout(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]
                     raw[key] = (file, f.shape(key))
         except (OSError, SafetensorsFormatError) as error:
             raise CheckpointError(f"cannot read {file} as safetensors: {error}") from None
-    prefix = _common_prefix(list(raw))
-    return {key[len(prefix) :]: (file, key, shape) for key, (file, shape) in raw.items()}
+    # (ComfyUI's scaled_fp8 marker may sit outside the prefix its weights share)
+    prefix = _common_prefix([key for key in raw if key.rpartition(".")[2] != COMFY_SCALED_MARKER])
+    return {key.removeprefix(prefix): (file, key, shape) for key, (file, shape) in raw.items()}
+
+
+def read_fp8_layout(files: list[Path], layout: Mapping[str, tuple[Path, str, tuple[int, ...]]], source: str):
+    """The checkpoint's fp8 format (kandinsky5/model/fp8_formats.py), from its markers."""
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(SafetensorsFile(f)) for f in files}
+        metadata = handles[files[0]].metadata()
+
+        def read(key: str) -> torch.Tensor:
+            file, file_key, _ = layout[key]
+            return handles[file].get_tensor(file_key)
+
+        try:
+            return fp8_layout(list(layout), metadata, source, read)
+        except FP8FormatError as error:
+            raise CheckpointError(str(error)) from None
 
 
 def linear_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -119,9 +137,9 @@ def matching_tasks(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
 
 
 def check_architecture(layout: Mapping[str, tuple[Path, str, tuple[int, ...]]], task: TaskPreset, source: str) -> None:
-    """The checkpoint's keys and shapes (fp8 scales aside) must be exactly the task's DiT."""
+    """The checkpoint's keys and shapes (fp8 scales and markers aside) must be exactly the task's DiT."""
     expected = expected_shapes(task.dit_params)
-    found = {key: shape for key, (_, _, shape) in layout.items() if not key.endswith(FP8_SCALE_SUFFIX)}
+    found = {key: shape for key, (_, _, shape) in layout.items() if not is_side_key(key)}
     if found == expected:
         return
     problems = [
@@ -180,10 +198,12 @@ def load_dit(
     files = checkpoint_files(path)
     layout = read_layout(files)
     check_architecture(layout, task, str(path))
+    fp8_format = read_fp8_layout(files, layout, str(path))
     with torch.device("meta"):
         model = DiffusionTransformer3D(**task.dit_params)
     device, deltas = torch.device(device), dict(deltas or {})
-    scales = {key[: -len(FP8_SCALE_SUFFIX)]: layout[key] for key in layout if key.endswith(FP8_SCALE_SUFFIX)}
+    scales = {module: (*layout[key][:2], fp8_format.format) for module, key in fp8_format.scales.items()}
+    side_keys = set(fp8_format.scales.values()) | fp8_format.ignored
     if fp8 or scales:
         set_mmap_threshold(LOADING_MMAP_THRESHOLD)
     else:  # (fp8 layers are not packed)
@@ -193,7 +213,7 @@ def load_dit(
         # read tensor by tensor, not memory-mapped: a mapping of a file larger than the memory can fail
         handles = {f: stack.enter_context(SafetensorsFile(f, device)) for f in files}
         for key, (file, file_key, _) in layout.items():
-            if key.endswith(FP8_SCALE_SUFFIX):
+            if key in side_keys:
                 continue
             tensor = _loaded(handles, key, file, file_key, scales, deltas, device)
             module_name = key.rpartition(".")[0]
@@ -219,8 +239,12 @@ def _loaded(handles, key, file, file_key, scales, deltas, device):
     tensor = handles[file].get_tensor(file_key)
     module_name = key.rpartition(".")[0]
     if module_name in scales and key.endswith(".weight"):
-        scale_file, scale_key, _ = scales[module_name]
+        scale_file, scale_key, fmt = scales[module_name]
         scale = check_scale(handles[scale_file].get_tensor(scale_key).float(), scale_key, str(scale_file))
+        try:
+            scale = as_scale(scale, fmt)
+        except FP8FormatError as error:
+            raise CheckpointError(f"{scale_file}: {scale_key}: {error}") from None
         if module_name not in deltas:
             return tensor, scale
         tensor = dequantize_weight(tensor, scale, torch.float32)

@@ -9,7 +9,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kandinsky5.model.checkpoint import FP8_SCALE_SUFFIX, CheckpointError, checkpoint_files, is_fp8_target, read_layout
+from kandinsky5.model.checkpoint import (
+    FP8_SCALE_SUFFIX,
+    CheckpointError,
+    checkpoint_files,
+    is_fp8_target,
+    read_fp8_layout,
+    read_layout,
+)
 from modules.fp8 import DEFAULT_BLOCK_SIZE, FP8_DTYPE, quantize_weight
 from modules.safetensors_read import SafetensorsFile
 from modules.safetensors_stream import PlannedTensor, write_streaming
@@ -67,9 +74,10 @@ def rewrite_checkpoint(
     weights and, with ``fp8``, the block Linear weights quantized; returns how many weights changed."""
     files = checkpoint_files(source)
     layout = read_layout(files)
-    if fp8 and any(key.endswith(FP8_SCALE_SUFFIX) for key in layout):
+    already_fp8 = read_fp8_layout(files, layout, str(source)).format is not None
+    if fp8 and already_fp8:
         raise CheckpointError(f"{source} is already an fp8 checkpoint")
-    if deltas and any(key.endswith(FP8_SCALE_SUFFIX) for key in layout):
+    if deltas and already_fp8:
         raise CheckpointError(f"{source} is an fp8 checkpoint: merge LoRAs into the original, then convert")
     with SafetensorsFile(files[0]) as f:
         metadata = f.metadata()

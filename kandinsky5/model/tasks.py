@@ -52,6 +52,9 @@ class TaskPreset:
     checkpoint: str  # file name the official repositories use for the DiT weights
     nabla: NablaParams | None = None
     negative_prompt: str = field(default="")
+    # I2V: the first frame's latent also fills the conditioning channels at frame 0 (the distilled Pro I2V
+    # checkpoint, published in the diffusers layout, was made with diffusers' pipeline, which did this)
+    image_in_condition: bool = False
 
     @property
     def is_video(self) -> bool:
@@ -68,7 +71,13 @@ class TaskPreset:
 
     @property
     def default_checkpoint_path(self) -> str:
+        """A file, or for checkpoints published in the diffusers layout only, a folder (the repository's
+        ``transformer/``)."""
         return f"weights/model/{self.checkpoint}"
+
+    @property
+    def diffusers_layout(self) -> bool:
+        return not self.checkpoint.endswith(".safetensors")
 
 
 def _dit_params(
@@ -171,9 +180,9 @@ _PRESETS = [
            LITE_T2V.format("distilled16steps_10s"), FRAMES_10S, steps=16, guidance=1.0, nabla=N9),
     _video("k5-lite-t2v-5s-nocfg-sd", "Lite T2V 5 s, CFG-distilled", "t2v", LITE_VIDEO,
            LITE_T2V.format("nocfg_5s"), FRAMES_5S, guidance=1.0),
-    # The official 10 s no-CFG config names the SFT checkpoint file; kept as published.
+    # (The official 10 s no-CFG config names the SFT file; the CFG-distilled file is the published nocfg_10s.)
     _video("k5-lite-t2v-10s-nocfg-sd", "Lite T2V 10 s, CFG-distilled", "t2v", LITE_VIDEO,
-           LITE_T2V.format("sft_10s"), FRAMES_10S, guidance=1.0, nabla=N9),
+           LITE_T2V.format("nocfg_10s"), FRAMES_10S, guidance=1.0, nabla=N9),
     _video("k5-lite-t2v-5s-pretrain-sd", "Lite T2V 5 s, pretrain (for fine-tuning)", "t2v", LITE_VIDEO,
            LITE_T2V.format("pretrain_5s"), FRAMES_5S),
     _video("k5-lite-t2v-10s-pretrain-sd", "Lite T2V 10 s, pretrain (for fine-tuning)", "t2v", LITE_VIDEO,
@@ -189,6 +198,20 @@ _PRESETS = [
     _video("k5-pro-i2v-5s-sd", "Pro I2V 5 s, 512 px", "i2v", PRO_VIDEO, PRO.format("i2v_sft_5s"), FRAMES_5S),
     _video("k5-pro-i2v-5s-hd", "Pro I2V 5 s, 1024 px", "i2v", PRO_VIDEO, PRO.format("i2v_sft_5s"), FRAMES_5S,
            scheduler_scale=5.0, rope_scale=HD, resolution=1024, nabla=N8),
+    _video("k5-pro-t2v-5s-pretrain-sd", "Pro T2V 5 s, pretrain (for fine-tuning), 512 px", "t2v", PRO_VIDEO,
+           PRO.format("t2v_pretrain_5s"), FRAMES_5S),
+    _video("k5-pro-t2v-10s-pretrain-sd", "Pro T2V 10 s, pretrain (for fine-tuning), 512 px", "t2v", PRO_VIDEO,
+           PRO.format("t2v_pretrain_10s"), FRAMES_10S, nabla=N9),
+    # Published in the diffusers layout only: the checkpoint is the repository's transformer/ folder.
+    _video("k5-pro-t2v-5s-distil-sd", "Pro T2V 5 s, distilled to 16 steps, 512 px", "t2v", PRO_VIDEO,
+           "kandinsky5pro_t2v_distilled_5s", FRAMES_5S, steps=16, guidance=1.0, scheduler_scale=5.0),
+    _video("k5-pro-i2v-5s-distil-sd", "Pro I2V 5 s, distilled to 16 steps, 512 px", "i2v", PRO_VIDEO,
+           "kandinsky5pro_i2v_distilled_5s", FRAMES_5S, steps=16, guidance=1.0, scheduler_scale=5.0,
+           image_in_condition=True),
+    _image("k5-lite-t2i-pretrain-hd", "Lite T2I pretrain (for fine-tuning), 1024 px", "t2i", LITE_IMAGE,
+           "kandinsky5lite_t2i_pretrain"),
+    _image("k5-lite-i2i-pretrain-hd", "Lite I2I pretrain (for fine-tuning), 1024 px", "i2i", LITE_IMAGE_EDIT,
+           "kandinsky5lite_i2i_pretrain"),
 ]
 
 # Tiny presets: the same structure at toy width, for the tests and the quick-start demo. Their text
@@ -205,6 +228,8 @@ _PRESETS += [
     _video("tiny-t2v", "tiny T2V (Lite-shaped) for tests and the demo", "t2v", TINY_VIDEO,
            "tiny_t2v.safetensors", 9, **_tiny_video),
     _video("tiny-i2v", "tiny I2V for tests", "i2v", TINY_VIDEO, "tiny_t2v.safetensors", 9, **_tiny_video),
+    _video("tiny-i2v-distil", "tiny I2V with the distilled Pro I2V's conditioning, for tests", "i2v", TINY_VIDEO,
+           "tiny_t2v.safetensors", 9, image_in_condition=True, **_tiny_video),
     _video("tiny-pro-t2v", "tiny T2V (Pro-shaped: 4 text blocks) for tests", "t2v", TINY_PRO_VIDEO,
            "tiny_pro_t2v.safetensors", 9, **_tiny_video),
     _video("tiny-t2v-nabla", "tiny T2V with NABLA attention for tests", "t2v", TINY_VIDEO,

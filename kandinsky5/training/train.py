@@ -32,6 +32,7 @@ from dataset.training_data import (
     load_batch,
     samples_fingerprint,
 )
+from kandinsky5.encoders.prompt_expansion import stored_trigger
 from kandinsky5.inference.denoiser import i2i_channels, i2v_channels, t2v_channels
 from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, load_dit, read_layout
@@ -126,8 +127,9 @@ def training_loss(
     x_t = noisy_latents(x0, noise, t)
     shape, frame_weight, channels = tuple(x0.shape[:4]), None, None
     if task.kind == "i2v" and "first_frame" in batch and x0.shape[1] > 1:
-        x_t = torch.cat([batch["first_frame"].to(x_t), x_t[:, 1:]], dim=1)
-        channels = i2v_channels(shape, device)
+        first_frame = batch["first_frame"].to(x_t)
+        x_t = torch.cat([first_frame, x_t[:, 1:]], dim=1)
+        channels = i2v_channels(shape, device, first_frame if task.image_in_condition else None)
         frame_weight = torch.ones(x0.shape[1], device=device)
         frame_weight[0] = 0.0
     elif task.kind == "i2i":  # the clean source beside the noisy target, with a mask of ones, as I2I generation
@@ -232,6 +234,8 @@ def lora_metadata(
         info["modelspec.timestep_range"] = f"{args.min_timestep:g},{args.max_timestep:g}"
     if args.training_comment:
         info["ss_training_comment"] = args.training_comment
+    if args.trigger_word:
+        info["trigger"] = stored_trigger(args.trigger_word)
     for key, field in (
         ("title", "title"),
         ("author", "author"),

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kandinsky5.encoders.prompt_expansion import stored_trigger
 from kandinsky5.encoders.vae import load_vae
 from kandinsky5.inference.generate import (
     build_jobs,
+    check_expansion,
     decode_tiling,
     encode_images,
     encode_texts,
@@ -82,9 +84,13 @@ class TrainingSampler:
             text_encoder_qwen=paths["text_encoder_qwen"],
             text_encoder_clip=paths["text_encoder_clip"],
             text_encoder_dtype="bfloat16",
+            expand_prompt=bool(getattr(args, "sample_expand_prompt", False)),
         )
         self.jobs = build_jobs(self.settings, task)
-        self.texts = encode_texts(self.settings, task, self.jobs, device)
+        if self.settings.expand_prompt:
+            check_expansion(self.settings, self.jobs)
+        trigger = stored_trigger(args.trigger_word) if getattr(args, "trigger_word", None) else ""
+        self.texts = encode_texts(self.settings, task, self.jobs, device, trigger)
         dtype = getattr(torch, getattr(args, "vae_dtype", None) or "float32")
         self.vae = load_vae(paths["vae"], task.vae, device="cpu", dtype=dtype, task_name=task.name)
         self.offload_dit = getattr(args, "offload_dit_during_sampling", False)
