@@ -324,7 +324,17 @@ def test_i2i_without_an_image_is_text_to_image_with_the_image_template(tiny_tree
         )
         assert np.asarray(Image.open(out)).std() > 0
     args = kandinsky5_generate_video.parser().parse_args(
-        ["--task", "tiny-i2i", "--prompt", "a snowy street", "--guidance", "1", "--text_encoder_dtype", "float32"]
+        [
+            "--task",
+            "tiny-i2i",
+            "--prompt",
+            "a snowy street",
+            "--guidance",
+            "1",
+            "--text_encoder_dtype",
+            "float32",
+            "--no_expand_prompt",
+        ]
     )
     args.text_encoder_qwen, args.text_encoder_clip = tiny_tree / "text_encoder", tiny_tree / "text_encoder2"
     ((cond, _),) = encode_texts(args, task, build_jobs(args, task), "cpu")

@@ -118,6 +118,7 @@ def test_the_training_loss_gives_the_dit_what_i2i_generation_gives_it(tiny_tree,
     generate(
         tiny_tree, TASK, "--image", str(root / "sources" / "pair0.png"), "--prompt", EDIT, "--guidance", "1",
         "--seed", "0", "--width", "64", "--height", "64", "--steps", "1", "--output", str(tmp_path / "e.png"),
+        "--no_expand_prompt",  # the caption as typed, as training reads it
     )  # fmt: skip
     (gen_args, gen_kwargs) = calls[0]
     x_train, text_train, pooled_train, time_train = train_args

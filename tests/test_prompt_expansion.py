@@ -209,3 +209,30 @@ def test_single_file_qwen_expands_with_its_head_and_qwens_generation_settings(tm
     headless = tmp_path / "headless.safetensors"
     write_qwen_single_file(headless, 3, fp8_scaled=fp8)
     assert "lm_head.weight" in lm_head_missing(headless)
+
+
+def test_training_samples_expand_when_asked_with_the_trigger_word_first(tiny_tree, cached_dataset, tmp_path):
+    import kandinsky5_train_network
+
+    from .training_helpers import sampling_args, train_args
+
+    _, _, video_only = cached_dataset
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT} --f 5 --s 1\n{PROMPT} --f 5 --s 1 --d 7 --expand off\n")
+    out = tmp_path / "out"
+    kandinsky5_train_network.main(
+        train_args(tiny_tree, video_only, out, "--max_train_steps", "1", "--sample_at_first", "--sample_expand_prompt",
+                   "--trigger_word", "zxq", *sampling_args(tiny_tree, prompts))
+    )  # fmt: skip
+    expected = "zxq " + expand_prompt(QwenEncoder(tiny_tree / "text_encoder"), "t2v", PROMPT, None, seed=42)
+    assert read_metadata(out / "sample" / "step00000000" / "000_42.mp4")["expanded_prompt"] == expected
+    assert read_metadata(out / "sample" / "step00000000" / "001_7.mp4")["expanded_prompt"] is None
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["trigger"] == "zxq "
+
+
+def test_expansion_with_qwen_in_fp8(tiny_tree, tmp_path):
+    generate(tiny_tree, "tiny-t2v", "--prompt", PROMPT, "--steps", "1", "--frames", "5", "--text_encoder_dtype", "fp8",
+             "--output", str(tmp_path / "fp8.mp4"))  # fmt: skip
+    expanded = read_metadata(tmp_path / "fp8.mp4")["expanded_prompt"]
+    assert expanded and expanded != PROMPT

@@ -127,3 +127,49 @@ def test_the_downloader_places_a_diffusers_layout_dit_folder(tiny_tree, tmp_path
     assert placed == sorted(f"model/kandinsky5pro_i2v_distilled_5s/{p.name}" for p in folder.iterdir())
     again = download(weights, "k5-pro-i2v-5s-distil-sd", tmp_path / "empty_hub")
     assert again.returncode == 0 and "DiT: present" in again.stdout, again.stderr[-2000:]
+
+
+def sparse_checkpoint(path, shapes: dict, prefix: str = ""):
+    """A safetensors file of the real size whose data is a hole (nothing written to disk): its header, which
+    is what the architecture check reads, is that of a published bf16 checkpoint with these shapes."""
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = 2 * int(torch.Size(shape).numel())
+        header[prefix + key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    data = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(data).to_bytes(8, "little") + data)
+        f.truncate(8 + len(data) + offset)
+    return path
+
+
+NEW_PRESETS = ["k5-pro-t2v-5s-pretrain-sd", "k5-pro-t2v-10s-pretrain-sd", "k5-pro-t2v-5s-distil-sd",
+               "k5-pro-i2v-5s-distil-sd", "k5-lite-t2i-pretrain-hd", "k5-lite-i2i-pretrain-hd"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NEW_PRESETS)
+def test_each_new_preset_takes_a_checkpoint_of_its_published_layout_and_size(name, tmp_path):
+    """Real-size headers (sparse files): the official single file, or the diffusers transformer/ folder
+    with its shard index, fit the preset's architecture."""
+    from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, expected_shapes, read_layout
+
+    task = get_task(name)
+    shapes = expected_shapes(task.dit_params)
+    if task.diffusers_layout:
+        folder = tmp_path / task.checkpoint
+        folder.mkdir()
+        keys = sorted(shapes)
+        halves = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+                  "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}  # fmt: skip
+        for file, part in halves.items():
+            sparse_checkpoint(folder / file, {k: shapes[k] for k in part})
+        index = {"weight_map": {k: file for file, part in halves.items() for k in part}}
+        (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+        (folder / "config.json").write_text("{}")
+        path = folder
+    else:
+        path = sparse_checkpoint(tmp_path / task.checkpoint, shapes)
+    check_architecture(read_layout(checkpoint_files(path)), task, str(path))
+    with pytest.raises(ValueError, match=f"fits these tasks: .*{name}"):  # and another task names it
+        check_architecture(read_layout(checkpoint_files(path)), get_task("k5-lite-t2v-5s-sd"), str(path))

@@ -54,4 +54,4 @@ def test_builder_command(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "wrote 16 files" in result.stdout
+    assert "wrote 17 files" in result.stdout

@@ -5,6 +5,7 @@ import av
 import pytest
 
 import kandinsky5_train_network
+from kandinsky5.inference.media import read_metadata
 from kandinsky5.inference.prompt_file import PromptFileError, parse_prompt_line, read_prompt_file
 
 from .training_helpers import ROOT, sampling_args, train_args
@@ -42,6 +43,8 @@ def test_samples_during_training_follow_the_prompt_file_and_reach_tensorboard(ti
     assert sorted(p.name for p in (out / "sample" / "step00000002").iterdir()) == ["000_42.mp4", "001_7.mp4"]
     assert frame_count(out / "sample" / "step00000004" / "000_42.mp4") == (5, 64, 64)
     assert frame_count(out / "sample" / "step00000004" / "001_7.mp4") == (17, 32, 48)
+    # samples use the prompts as typed unless --sample_expand_prompt
+    assert read_metadata(out / "sample" / "step00000004" / "000_42.mp4")["expanded_prompt"] is None
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
