@@ -28,6 +28,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    p.add_argument(
+        "--allowed_host",
+        action="append",
+        default=[],
+        help="a name the UI may be reached by besides this machine's names and --host (repeat for several; * for "
+        "any). Requests naming other sites in Host or Origin are refused, which stops web pages elsewhere from "
+        "driving the UI through DNS rebinding",
+    )
     p.add_argument("--output_dir", default="outputs", help="where generated files go (default outputs)")
     p.add_argument(
         "--tiny",
@@ -77,6 +85,18 @@ def build_app(defaults: dict, output_dir: Path):
     return app
 
 
+def serve(app, host: str, port: int | None, share: bool = False, allowed_host: tuple[str, ...] = (), **launch):
+    """Launch the app with the Host/Origin check (kandinsky5/gui/host_check.py) in front of it."""
+    from starlette.middleware import Middleware
+
+    from kandinsky5.gui.host_check import HostCheck, allowed_names
+
+    check = Middleware(HostCheck, names=allowed_names(host, tuple(allowed_host)), share=share)
+    return app.queue().launch(
+        server_name=host, server_port=port, share=share, quiet=True, app_kwargs={"middleware": [check]}, **launch
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     # the files gradio serves are copied under the output folder, not into the system's temp folder
@@ -85,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app(defaults, Path(args.output_dir))
     public = "" if args.share else "; --share adds a public gradio.live link"
     print(f"Kandinsky 5 toolkit: open http://{args.host}:{args.port} (Ctrl-C stops it{public})", flush=True)
-    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, quiet=True)
+    serve(app, args.host, args.port, args.share, tuple(args.allowed_host))
 
 
 if __name__ == "__main__":

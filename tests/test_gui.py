@@ -31,7 +31,7 @@ def served(tiny_tree, tmp_path_factory):
 
     output = tmp_path_factory.mktemp("gui_outputs")
     app = kandinsky5_gui.build_app(kandinsky5_gui.tiny_defaults(tiny_tree), output)
-    app.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    kandinsky5_gui.serve(app, "127.0.0.1", free_port(), prevent_thread_lock=True)
     yield Client(app.local_url, verbose=False), output
     app.close()
 
@@ -51,6 +51,25 @@ def form(tree, **changes):
 def test_the_ui_listens_on_localhost_only_unless_told():
     args = kandinsky5_gui.parser().parse_args([])
     assert args.host == "127.0.0.1" and not args.share
+
+
+def test_requests_naming_another_site_are_refused(served):
+    """DNS rebinding: a page elsewhere reaches 127.0.0.1 under its own name; a cross-site request names its site."""
+    import urllib.error
+    import urllib.request
+
+    client, _ = served
+    url = client.src.rstrip("/") + "/config"
+    with urllib.request.urlopen(urllib.request.Request(url)) as answer:
+        assert answer.status == 200
+    for headers in ({"Host": "evil.example:7860"}, {"Origin": "http://evil.example"}):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers))
+        assert refused.value.code == 403
+        assert "--allowed_host evil.example" in refused.value.read().decode()
+    local = {"Host": "localhost:1", "Origin": "http://127.0.0.1:1"}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=local)) as answer:
+        assert answer.status == 200
 
 
 def test_generate_writes_the_video_and_lists_it(served, tiny_tree):
