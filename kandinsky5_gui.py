@@ -29,6 +29,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
     p.add_argument(
+        "--max_file_size",
+        default="4gb",
+        help="the largest file an upload may be, as gradio reads it (for example 500mb, 4gb; default 4gb)",
+    )
+    p.add_argument(
         "--allowed_host",
         action="append",
         default=[],
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app(defaults, Path(args.output_dir))
     public = "" if args.share else "; --share adds a public gradio.live link"
     print(f"Kandinsky 5 toolkit: open http://{args.host}:{args.port} (Ctrl-C stops it{public})", flush=True)
-    serve(app, args.host, args.port, args.share, tuple(args.allowed_host))
+    serve(app, args.host, args.port, args.share, tuple(args.allowed_host), max_file_size=args.max_file_size)
 
 
 if __name__ == "__main__":

@@ -437,3 +437,117 @@ def test_stop_never_signals_a_process_that_took_over_a_stale_pid(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_bad_project_folders_and_caption_rows_get_messages_not_a_bare_error(served, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    client, _ = served
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(AppError, match=rf"project folder {a_file}: is a file; give a folder you can write to"):
+        client.predict(str(a_file), "image", 64, 9, api_name="/write_config")
+    folder = tmp_path / "project"
+    write_image(tmp_path / "shot.png", 64, 64, seed=0)
+    client.predict(str(folder), [handle_file(str(tmp_path / "shot.png"))], api_name="/add_media")
+    for name, message in (
+        ("", "the file column must hold the name of one of the project's media"),
+        ("..", "the file column must hold the name"),
+        ("a\0b.png", "the file column must hold the name"),
+        ("x" * 300 + ".png", "longer than 255 bytes"),
+        ("other.png", "there is no such image or video in"),
+    ):
+        table = {"headers": ["file", "caption"], "data": [["shot.png", "a fox"], [name, "a caption"]]}
+        with pytest.raises(AppError, match=message):
+            client.predict(str(folder), table, api_name="/save_captions")
+    assert sorted(p.name for p in (folder / "media").iterdir()) == ["shot.png"]  # nothing written, not even row 1
+    assert not (folder / "media.txt").exists() and not list(folder.glob("*.txt"))
+
+
+def test_resume_shows_trainings_refusal_of_a_damaged_state(served, tiny_tree, tmp_path):
+    import json
+
+    from gradio_client.exceptions import AppError
+
+    from kandinsky5.gui import project as projects
+
+    client, _ = served
+    project = projects.Project(tmp_path / "project")
+    state = project.output / "lora-step00000002-state"
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text('{"step": 2}')
+    options = ["--task", "tiny-t2v", "--dit", str(tiny_tree / "model/tiny_t2v.safetensors")]
+    project.run_file.write_text(json.dumps({"options": options, "processes": 1}))
+    project.config.write_text('[[datasets]]\nimage_directory = "media"\ncache_directory = "cache"\n')
+    with pytest.raises(AppError, match=r"--resume .*lora-step00000002-state: train_state.json lacks"):
+        client.predict(str(project.folder), api_name="/resume_training")
+    assert not project.pid_file.exists()
+
+
+def test_samples_of_a_project_outside_the_served_folders_are_shown(served, tmp_path):
+    import shutil
+    import tempfile
+
+    from kandinsky5.gui import project as projects
+
+    client, _ = served
+    base = Path("/var/tmp")
+    if not os.access(base, os.W_OK):
+        pytest.skip("needs a writable folder outside the temp folder and the working folder")
+    folder = Path(tempfile.mkdtemp(prefix="k5-gui-project-", dir=base))
+    try:
+        project = projects.Project(folder)
+        step = project.output / "sample" / "step00000002"
+        step.mkdir(parents=True)
+        write_image(step / "000_42.png", 32, 32, seed=1)
+        project.sample_prompts_file.write_text("a fox --f 5\n")
+        _, _, gallery, text, _ = client.predict(str(folder), api_name="/status")
+        assert len(gallery) == 1 and gallery[0]["caption"] == "a fox"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_uploads_larger_than_the_limit_are_refused(tiny_tree, tmp_path):
+    from gradio_client import Client, handle_file
+
+    app = kandinsky5_gui.build_app(kandinsky5_gui.tiny_defaults(tiny_tree), tmp_path / "outputs")
+    kandinsky5_gui.serve(app, "127.0.0.1", free_port(), prevent_thread_lock=True, max_file_size="1kb")
+    try:
+        client = Client(app.local_url, verbose=False)
+        big = tmp_path / "big.png"
+        big.write_bytes(b"\0" * 4096)
+        with pytest.raises(Exception, match="(?i)exceed|too large|maximum"):
+            client.predict(str(tmp_path / "p"), [handle_file(str(big))], api_name="/add_media")
+    finally:
+        app.close()
+    assert kandinsky5_gui.parser().parse_args([]).max_file_size == "4gb"
+
+
+def test_in_a_real_browser_captions_show_as_text_and_a_bad_project_folder_shows_its_message(served, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from kandinsky5.gui import project as projects
+
+    client, _ = served
+    project = projects.Project(tmp_path / "project")
+    project.media.mkdir(parents=True)
+    write_image(project.media / "shot.png", 64, 64, seed=0)
+    hostile = '<img src=x onerror="window.k5pwned=1">a fox'
+    (project.media / "shot.txt").write_text(hostile)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    page = browser()
+    try:
+        page.get(client.src)
+        wait_for(lambda: page.find_elements(By.XPATH, "//button[normalize-space()='Train']"))
+        open_tab(page, "Train")
+        type_into(page, "Project folder", project.folder)
+        cell = wait_for(lambda: [c for c in page.find_elements(By.CSS_SELECTOR, "[data-testid='cell-0-1']") if c.text])
+        assert cell[0].text == hostile  # the markup as text, not an element
+        assert page.execute_script("return window.k5pwned") is None
+        type_into(page, "Project folder", a_file)
+        click(page, "Write the dataset config")
+        wait_for(lambda: "is a file; give a folder you can write to" in page.find_element(By.TAG_NAME, "body").text)
+    finally:
+        page.quit()

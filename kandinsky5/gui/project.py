@@ -96,10 +96,29 @@ def caption_rows(project: Project) -> list[list[str]]:
     return rows
 
 
+MAX_NAME_BYTES = 255  # a file name's limit on common file systems
+
+
+def caption_file(project: Project, name) -> Path:
+    """Where the caption of the project's medium ``name`` goes; a name that is not one of its media (empty,
+    a path, a NUL, too long, unknown) is a ValueError naming it."""
+    name = "" if name is None else str(name)
+    shown = repr(name if len(name) <= 60 else name[:60] + "...")
+    if not name.strip() or "\0" in name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"caption row {shown}: the file column must hold the name of one of the project's media")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ValueError(f"caption row {shown}: the name is longer than {MAX_NAME_BYTES} bytes")
+    if not (project.media / name).is_file() or Path(name).suffix.lower() not in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
+        raise ValueError(f"caption row {shown}: there is no such image or video in {project.media}")
+    return project.media / Path(name).with_suffix(".txt").name
+
+
 def save_captions(project: Project, rows: list[list[str]]) -> int:
-    for name, caption in rows:
-        (project.media / Path(name).with_suffix(".txt").name).write_text(str(caption).strip() + "\n", encoding="utf-8")
-    return len(rows)
+    """Write each row's caption beside its medium; every row is checked before anything is written."""
+    files = [(caption_file(project, name), caption) for name, caption in rows]
+    for path, caption in files:
+        path.write_text(str(caption).strip() + "\n", encoding="utf-8")
+    return len(files)
 
 
 def write_dataset_config(project: Project, kind: str, resolution: int, frames: int) -> str:
@@ -227,14 +246,15 @@ def latest_state(project: Project) -> Path | None:
     return max(states, key=lambda p: p.stat().st_mtime) if states else None
 
 
-def resume_training(project: Project) -> int:
+def resume_plan(project: Project) -> tuple[list[str], Path, int]:
+    """(the run's options, the newest state, the process count) to resume the project's run with."""
     state = latest_state(project)
     if state is None:
         raise ValueError(f"no saved state in {project.output} to resume from (Stop saves one)")
     if not project.run_file.exists():
         raise ValueError(f"{project.run_file} is missing: start the run again from the page")
     run = json.loads(project.run_file.read_text(encoding="utf-8"))
-    return start_training(project, run["options"], resume=state, processes=run["processes"])
+    return run["options"], state, run["processes"]
 
 
 def progress(project: Project) -> dict:

@@ -4,6 +4,8 @@ latest samples, steps per second and time left), stopped and resumed."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import gradio as gr
@@ -22,8 +24,31 @@ def _project(folder: str) -> projects.Project:
     if not (folder or "").strip():
         raise gr.Error("give the project a folder first")
     path = Path(folder)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".k5_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        what = "is a file" if path.is_file() else (error.strerror or str(error)).lower()
+        raise gr.Error(f"project folder {path}: {what}; give a folder you can write to") from None
     return projects.Project(path)
+
+
+def served_copy(path: Path) -> str:
+    """A copy of ``path`` under gradio's own folder (GRADIO_TEMP_DIR or the temp folder), which it always
+    serves: a project can be anywhere the user can write, and gradio refuses files outside what it serves."""
+    import hashlib
+    import tempfile
+
+    root = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio") / "k5_samples"
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:16]
+    copy = root / key / path.name
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy)
+    return str(copy)
 
 
 def _summary(printed: str) -> str:
@@ -105,7 +130,7 @@ def status(folder):
         )
     prompts = projects.sample_prompts(project)
     samples = [  # <prompt number>_<seed>.mp4 / .png, shown with its prompt
-        (str(p), prompts.get(p.stem.split("_")[0], p.name))
+        (served_copy(p), prompts.get(p.stem.split("_")[0], p.name))
         for p in projects.latest_samples(project)
         if p.suffix in (".png", ".mp4")
     ]
@@ -174,13 +199,16 @@ def build(defaults: dict, lora_target=None) -> None:
         project = _project(folder_value)
         try:
             projects.add_media(project, files or [])
-        except ValueError as error:
+        except (ValueError, OSError) as error:
             raise gr.Error(str(error)) from None
         return projects.caption_rows(project)
 
     def do_save(folder_value, rows):
         rows = rows.values.tolist() if hasattr(rows, "values") else rows
-        return f"{projects.save_captions(_project(folder_value), rows)} captions saved"
+        try:
+            return f"{projects.save_captions(_project(folder_value), rows)} captions saved"
+        except (ValueError, OSError) as error:
+            raise gr.Error(str(error)) from None
 
     add.click(do_add, [folder, uploads], table, api_name="add_media")
     save.click(do_save, [folder, table], message, api_name="save_captions")
@@ -203,8 +231,14 @@ def build(defaults: dict, lora_target=None) -> None:
     )
 
     def do_resume(folder_value):
+        project = _project(folder_value)
         try:
-            return f"resumed (process {projects.resume_training(_project(folder_value))})"
+            run = projects.resume_plan(project)
+            # training's own checks of the state and options, before a process starts for nothing
+            run_command(kandinsky5_train_network.check, projects.training_arguments(project, *run[:2]))
+            return f"resumed (process {projects.start_training(project, *run)})"
+        except CommandFailed as failure:
+            raise gr.Error(str(failure)) from None
         except ValueError as error:
             raise gr.Error(str(error)) from None
 

@@ -54,7 +54,15 @@ from kandinsky5.training.sharding import base_weight_bytes, check_fsdp_options, 
 from kandinsky5.training.timesteps import TimestepBuckets, loss_weights, sample_timesteps
 from kandinsky5.training.trackers import SampleLog, chosen_trackers, start_trackers
 from kandinsky5.training.training_samples import TrainingSampler, check_sample_paths
-from kandinsky5.training.training_state import Position, load_state, remove_old, restore_rng, save_state
+from kandinsky5.training.training_state import (
+    Position,
+    load_state,
+    read_state_files,
+    remove_old,
+    restore_rng,
+    save_state,
+    state_folder,
+)
 from modules.atomic_save import remove_leftovers, save_safetensors_atomic
 from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
 from modules.output_paths import check_writable_folder, plain_name
@@ -451,6 +459,8 @@ def preflight(args: argparse.Namespace) -> tuple[list, list | None]:
     if args.sample_prompts:
         check_sample_paths(args, args.task)
     check_architecture(read_layout(checkpoint_files(args.dit)), args.task, str(args.dit))  # from the header alone
+    if args.resume and not args.resume_from_huggingface:  # a state training would refuse, named before it loads
+        read_state_files(state_folder(args.resume, say=False))
     datasets = checked_samples(args.dataset_config, "--dataset_config", args.skip_damaged_caches)
     validation_sets = None
     if args.validation_dataset_config:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from modules.atomic_save import save_safetensors_atomic, sync_tree, temporary_folder
+from modules.safetensors_read import SafetensorsFile
 from modules.sharded_tensors import is_sharded, shaped_like, whole
 from networks.lora_kandinsky import LoRANetwork
 
@@ -168,15 +169,22 @@ def _load_pickle_free(folder: Path, name: str):
         raise StateError(f"--resume {folder}: {name} cannot be loaded ({reason})") from None
 
 
-def load_state(folder: Path, network: LoRANetwork, optimizer, scheduler) -> tuple[Position, dict]:
-    """Restore the LoRA, optimizer and schedule; returns the position and the RNG states to restore
-    just before training continues. Every file is checked before anything is restored."""
+def state_folder(folder: Path, say: bool = True) -> Path:
+    """The state folder to resume from: ``folder``, or the previous state kept aside when a run was killed
+    while renaming a new one in; one that is not a state folder is a StateError."""
     folder = Path(folder)
     if not folder.exists() and aside(folder).is_dir():  # killed while a new state was being renamed in
-        print(f"note: {folder} is missing; resuming from the previous state kept at {aside(folder)}")
+        if say:
+            print(f"note: {folder} is missing; resuming from the previous state kept at {aside(folder)}")
         folder = aside(folder)
     if not (folder / STATE_FILE).exists():
         raise StateError(f"--resume {folder}: not a training state folder (no {STATE_FILE})")
+    return folder
+
+
+def read_state_files(folder: Path) -> tuple[Position, dict, dict, dict, dict | None]:
+    """(position, optimizer state, schedule state, RNG states, gradient-scaler state or None) of a state
+    folder, every file checked, nothing restored; the LoRA file's header is checked too."""
     position = _read_position(folder)
     optimizer_state, scheduler_state, rng = (
         _load_pickle_free(folder, name) for name in ("optimizer.pt", "scheduler.pt", "rng.pt")
@@ -185,6 +193,19 @@ def load_state(folder: Path, network: LoRANetwork, optimizer, scheduler) -> tupl
     scaler_state = _load_pickle_free(folder, SCALER_FILE) if (folder / SCALER_FILE).exists() else None
     if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
         raise StateError(f"--resume {folder}: rng.pt holds no random number generator state")
+    try:
+        with SafetensorsFile(folder / "lora.safetensors") as f:
+            f.keys()
+    except (OSError, ValueError) as error:
+        raise StateError(f"--resume {folder}: lora.safetensors cannot be read ({error})") from None
+    return position, optimizer_state, scheduler_state, rng, scaler_state
+
+
+def load_state(folder: Path, network: LoRANetwork, optimizer, scheduler) -> tuple[Position, dict]:
+    """Restore the LoRA, optimizer and schedule; returns the position and the RNG states to restore
+    just before training continues. Every file is checked before anything is restored."""
+    folder = state_folder(folder)
+    position, optimizer_state, scheduler_state, rng, scaler_state = read_state_files(folder)
     network.load_weights(folder / "lora.safetensors")
     try:
         optimizer.load_state_dict(sharded_optimizer_state(optimizer, optimizer_state))
