@@ -14,6 +14,7 @@ is skipped, so a second run downloads nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -126,31 +127,77 @@ def folder_complete(item: Fetch) -> bool:
     else:
         needed.append(single)
     return all(
-        (folder / name).is_file() and not size_mismatch(folder / name, item.repo, prefix + name) for name in needed
+        (folder / name).is_file() and not content_mismatch(folder / name, item.repo, prefix + name) for name in needed
     )
 
 
-def size_mismatch(target: Path, repo: str, source: str) -> bool:
-    """Whether a file already in the weights folder differs in size from the repository's (cut short by an
-    interrupted copy, say), which the Hugging Face cache tells, or the hub when it can be reached; it is
-    said, and the caller fetches the file again. Without either, a present file is taken as it is."""
+HASH_RECORD = ".download_checks.json"  # in the weights folder: files whose hash was checked (path, size, mtime)
+
+
+def expected_file(repo: str, source: str) -> tuple[int | None, str | None, Path | None]:
+    """(size, hash, cached path) of the repository's ``source``: from the Hugging Face cache, else from the
+    hub when it can be reached. The hash is the file's etag: sha256 for large (LFS) files, the git blob
+    sha1 for small ones; a cache entry keeps a large file under its sha256."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo, source)
     if isinstance(cached, str):
-        expected = Path(cached).stat().st_size
-    elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        return False
-    else:
-        try:
-            expected = get_hf_file_metadata(hf_hub_url(repo, source)).size
-        except Exception:  # no answer from the hub: nothing to compare with
-            return False
+        blob = Path(cached).resolve()
+        return blob.stat().st_size, blob.name if len(blob.name) in (40, 64) else None, blob
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return None, None, None
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo, source))
+    except Exception:  # no answer from the hub: nothing to compare with
+        return None, None, None
+    etag = (meta.etag or "").removeprefix("W/").strip('"') or None
+    return meta.size, etag, None
+
+
+def file_hash(path: Path, kind: int) -> str:
+    """sha256 (``kind`` 64) or the git blob sha1 (``kind`` 40) of a file, read in 16 MiB pieces."""
+    from tqdm import tqdm
+
+    size = path.stat().st_size
+    digest = hashlib.sha256() if kind == 64 else hashlib.sha1(f"blob {size}\0".encode())
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"checking {path.name}", disable=size < 1 << 30)
+    with open(path, "rb") as f, bar:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def content_mismatch(target: Path, repo: str, source: str) -> bool:
+    """Whether a file already in the weights folder differs from the repository's: in size (cut short by an
+    interrupted copy, say), or in its hash when one is known. It is said, and the caller fetches the file
+    again. A file that is the cached file itself (a hard link) is the same; a hash checked once is recorded
+    (HASH_RECORD) with the file's size and time, so it is not read again. Without a cache entry or a hub to
+    ask, a present file is taken as it is."""
+    size, etag, blob = expected_file(repo, source)
     found = target.stat().st_size
-    if expected is None or found == expected:
+    if size is not None and found != size:
+        print(f"{target} is {found} bytes, {repo}'s {source} {size}: fetching it again")
+        return True
+    if etag is None or len(etag) not in (40, 64) or (blob is not None and os.path.samefile(blob, target)):
         return False
-    print(f"{target} is {found} bytes, {repo}'s {source} {expected}: fetching it again")
-    return True
+    record_file = target.parent / HASH_RECORD
+    try:
+        records = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        records = {}
+    stamp = f"{found}:{target.stat().st_mtime_ns}:{etag}"
+    if records.get(target.name) == stamp:
+        return False
+    if file_hash(target, len(etag)) != etag:
+        print(f"{target} differs from {repo}'s {source} (its hash is not {etag}): fetching it again")
+        return True
+    records[target.name] = stamp
+    try:
+        record_file.write_text(json.dumps(records, indent=1))
+    except OSError:
+        pass  # a read-only folder: checked again next time
+    return False
 
 
 def place(source: Path, target: Path) -> None:
@@ -207,7 +254,7 @@ def fetch(item: Fetch) -> int:
         missing = [
             (s, t)
             for s, t in zip(item.sources, item.targets, strict=True)
-            if not t.is_file() or size_mismatch(t, item.repo, s)
+            if not t.is_file() or content_mismatch(t, item.repo, s)
         ]
         if not missing:
             print(f"{item.what}: present ({', '.join(str(t) for t in item.targets)})")

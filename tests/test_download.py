@@ -161,3 +161,47 @@ def test_path_problems_are_one_line_errors(tmp_path):
     assert blocked.stderr.strip().startswith(
         f"error: cannot place {weights / 'model' / 'kandinsky5lite_t2v_sft_5s.safetensors'}"
     )
+
+
+def cache_blob_repo(cache: Path, repo: str, files: dict[str, bytes]) -> None:
+    """As huggingface_hub really caches: each file a blob named by its hash (sha256 for large files, the git
+    blob sha1 for small ones), linked from the snapshot."""
+    import hashlib
+
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    for name, data in files.items():
+        large = name.endswith(".safetensors")
+        digest = hashlib.sha256(data) if large else hashlib.sha1(f"blob {len(data)}\0".encode() + data)
+        blob = folder / "blobs" / digest.hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = folder / "snapshots" / COMMIT / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+def test_a_same_size_file_with_other_bytes_is_fetched_again_and_a_checked_one_is_not_read_twice(tmp_path):
+    """#34: sizes alone miss a corrupted copy; the cache names each blob by its hash."""
+    cache = tmp_path / "hub"
+    fill_cache(cache)
+    repo = "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s"
+    import shutil
+
+    shutil.rmtree(cache / f"models--{repo.replace('/', '--')}")
+    cache_blob_repo(cache, repo, {"model/kandinsky5lite_t2v_sft_5s.safetensors": b"dit weights"})
+    weights = tmp_path / "weights"
+    assert download(weights, "k5-lite-t2v-5s-sd", cache).returncode == 0
+    dit = weights / "model/kandinsky5lite_t2v_sft_5s.safetensors"
+    dit.unlink()
+    dit.write_bytes(b"dit WEIGHTS")  # a copy (not the cache's hard link) of the same size, other bytes
+    again = download(weights, "k5-lite-t2v-5s-sd", cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{dit} differs from {repo}'s model/kandinsky5lite_t2v_sft_5s.safetensors" in again.stdout
+    assert dit.read_bytes() == b"dit weights"
+    dit.unlink()
+    dit.write_bytes(b"dit weights")  # a good copy: its hash is checked once and recorded
+    assert "DiT: present" in download(weights, "k5-lite-t2v-5s-sd", cache).stdout
+    record = json.loads((dit.parent / ".download_checks.json").read_text())
+    assert record[dit.name].startswith(f"{len(b'dit weights')}:")
