@@ -454,7 +454,11 @@ def main(argv=None) -> None:
     except TrainingInterrupted as stopped:
         if int(os.environ.get("RANK", "0")) == 0:  # every process stops; the first one says so
             print(stopped, file=sys.stderr)
-        sys.exit(130)
+        # Under torchrun's agent (several processes) a process ending non-zero is a failure it reports with a
+        # traceback; a stop that saved its state is not one. When the agent was interrupted too (a terminal's
+        # Ctrl-C reaches every process), it ends with 130 itself.
+        several = os.environ.get("TORCHELASTIC_RUN_ID") and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        sys.exit(0 if several else 130)
     print(f"done: {final}")
 
 

@@ -9,6 +9,8 @@ openai/clip-vit-large-patch14 without any download.
 from __future__ import annotations
 
 import gzip
+import json
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -43,5 +45,11 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def packaged_clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's tokenizer from the shipped vocabulary, written as the vocab.json and merges.txt that every
+    transformers version reads (4.x's CLIPTokenizer takes only files, 5.x's also dicts)."""
     vocab, merges = clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=CLIP_MAX_LENGTH)
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file, merges_file = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=CLIP_MAX_LENGTH)

@@ -41,6 +41,7 @@ from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import NABLA_SIZE_MULTIPLE, TaskPreset
 from kandinsky5.training.cache_check import checked_samples, damaged_caches_message
 from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents
+from kandinsky5.training.lost_process import lost_peer, lost_peer_message
 from kandinsky5.training.musubi_runs import (
     HubUpload,
     base_weight_deltas,
@@ -369,16 +370,36 @@ class StopRequest:
             tqdm.write("stopping after this step; saving a state to resume from")
         self.requested = True
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # a process whose peer is gone is about to say so and exit: the launcher's SIGTERM to it must not
+            # cut that message short
+            signal.signal(sig, signal.SIG_IGN if lost_peer(exc) else handler)
 
     def requested_anywhere(self, accelerator: Accelerator) -> bool:
         """Whether any process was asked to stop: all stop at the same step (saving takes them all)."""
         if accelerator.num_processes == 1:
             return self.requested
         flag = torch.tensor([float(self.requested)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item())
+        anywhere = bool(accelerator.reduce(flag, reduction="sum").item())
+        if anywhere and not self.requested and self.main:  # a signal to another process alone
+            tqdm.write("another process was asked to stop: stopping after this step; saving a state to resume from")
+        return anywhere
+
+
+@contextlib.contextmanager
+def lost_peer_stops(accelerator: Accelerator, args: argparse.Namespace):
+    """With several processes: a peer that ended (its connection closed in an exchange) stops this one with a
+    message naming the last complete state, not a traceback (kandinsky5/training/lost_process.py)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if accelerator.num_processes == 1 or not lost_peer(error):
+            raise
+        message = lost_peer_message(
+            error, accelerator.process_index, accelerator.num_processes, args.output_dir, args.output_name
+        )
+        raise TrainingError(message) from None
 
 
 def continue_with_this_process_count(position: Position, processes: int, share: int, main: bool) -> Position:
@@ -686,7 +707,8 @@ def train(args: argparse.Namespace) -> Path:
     # the loop
     step, recent = position.step, deque(maxlen=20)
     bar = tqdm(total=args.max_train_steps, initial=step, desc="training", unit="step", disable=not main)
-    with StopRequest(main) as stop, contextlib.closing(bar):  # the bar ends before any last message
+    # (the peer check outermost: StopRequest's exit sees the lost peer and keeps the launcher's SIGTERM away)
+    with lost_peer_stops(accelerator, args), StopRequest(main) as stop, contextlib.closing(bar):
         for epoch in range(position.epoch, epochs + 1):
             order.set_epoch(epoch - 1, position.next_batch if epoch == position.epoch else 0)
             total = len(data.batches(epoch - 1))
