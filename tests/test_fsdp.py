@@ -178,3 +178,28 @@ resolution = [64, 48]
     again = launch(accelerate_launch(2, *common, *vae, "--skip_existing", script="kandinsky5_cache_latents.py"), 1)
     assert re.search(r"cached 0, already up to date 4, failed 1, stale caches deleted 1", again.stdout), again.stdout
     assert len(list(cache.glob("*_k5tk.safetensors"))) == 4
+
+
+def test_an_fsdp_state_of_two_processes_resumes_with_three_and_with_one(tiny_tree, cached_dataset, tmp_path):
+    """#36: a state saved mid-epoch by 2 FSDP processes, continued by 3 FSDP processes and by one process
+    alone; each says how the epoch position maps and runs to its last step."""
+    from safetensors import safe_open
+
+    _, config, _ = cached_dataset
+    seven = tmp_path / "seven.toml"
+    seven.write_text(config.read_text().replace("batch_size = 2", "batch_size = 1\nnum_repeats = 3"))
+    saving = ("--max_train_steps", "1", "--save_every_n_steps", "1", "--save_state")
+    launch(accelerate_launch(2, *train_args(tiny_tree, seven, tmp_path / "two", *saving), config_file=FSDP_CONFIG))
+    state = tmp_path / "two" / "lora-step00000001-state"
+    for processes, config_file, steps in ((3, FSDP_CONFIG, 3), (1, None, 2)):
+        out = tmp_path / f"resumed_{processes}"
+        options = ("--max_train_steps", str(steps), "--resume", str(state))
+        command = accelerate_launch(processes, *train_args(tiny_tree, seven, out, *options), config_file=config_file)
+        result = launch(command)
+        assert f"the state was saved by 2 process(es), this run has {processes}: 2 batches of epoch 1 were done" in (
+            result.stdout
+        )
+        with safe_open(str(out / "lora.safetensors"), "pt") as f:
+            assert f.metadata()["ss_steps"] == str(steps)
+        if processes > 1:
+            assert len(re.findall(r"process \d: LoRA checksum", result.stdout)) == 3

@@ -206,3 +206,22 @@ def test_three_processes_on_two_batches_and_a_two_process_state_resumed_with_thr
     )
     assert steps_in(two / "lora.safetensors") == "3"
     assert len(re.findall(r"process \d: LoRA checksum", resumed.stdout)) == 3
+
+
+@pytest.mark.parametrize("repeats,batches,left_out", [(2, 4, 1), (3, 5, 2)])
+def test_three_processes_on_four_and_five_batches_take_the_same_steps(
+    tiny_tree, cached_dataset, tmp_path, repeats, batches, left_out
+):
+    """#36: datasets whose batches do not divide by 3; every process takes as many steps and ends with the
+    same LoRA (each of the three really ran: three checksums)."""
+    _, config, _ = cached_dataset
+    data = tmp_path / "data.toml"
+    text = config.read_text().replace("target_frames = [9]", f"target_frames = [9]\nnum_repeats = {repeats}")
+    data.write_text(text.replace("batch_size = 2", "batch_size = 1"))
+    command = accelerate_launch(3, *train_args(tiny_tree, data, tmp_path / "out", "--max_train_steps", "3"))
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"3 processes, {batches} batches an epoch: {left_out} left out each epoch" in result.stdout
+    sums = re.findall(r"process (\d): LoRA checksum (\S+?e[+-]\d\d)", result.stdout)
+    assert sorted(rank for rank, _ in sums) == ["0", "1", "2"] and len({value for _, value in sums}) == 1
+    assert steps_in(tmp_path / "out" / "lora.safetensors") == "3"
