@@ -206,6 +206,10 @@ def test_three_processes_on_two_batches_and_a_two_process_state_resumed_with_thr
     )
     assert steps_in(two / "lora.safetensors") == "3"
     assert len(re.findall(r"process \d: LoRA checksum", resumed.stdout)) == 3
+    alone = launch(1, seven, tmp_path / "alone", "--max_train_steps", "2", "--resume", str(state))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "the state was saved by 2 process(es), this run has 1: 2 batches of epoch 1 were done" in alone.stdout
+    assert steps_in(tmp_path / "alone" / "lora.safetensors") == "2"
 
 
 @pytest.mark.parametrize("repeats,batches,left_out", [(2, 4, 1), (3, 5, 2)])
