@@ -38,7 +38,7 @@ def served(tiny_tree, tmp_path_factory):
 
 def form(tree, **changes):
     values = dict(
-        task="tiny-t2v", prompt="a red fox in the snow", negative_prompt="", image="", loras="", width=64, height=64,
+        task="tiny-t2v", prompt="a red fox in the snow", negative_prompt="", image=None, loras="", width=64, height=64,
         frames=9, steps=2, guidance=None, seed=7, fp8=False, blocks_to_swap=0,
         dit=str(tree / "model/tiny_t2v.safetensors"), vae=str(tree / "vae"),
         text_encoder_qwen=str(tree / "text_encoder"), text_encoder_clip=str(tree / "text_encoder2"),
@@ -551,3 +551,22 @@ def test_in_a_real_browser_captions_show_as_text_and_a_bad_project_folder_shows_
         wait_for(lambda: "is a file; give a folder you can write to" in page.find_element(By.TAG_NAME, "body").text)
     finally:
         page.quit()
+
+
+def test_an_i2v_picture_dropped_on_the_page_is_the_first_frame_and_zero_fields_take_the_tasks_values(
+    served, tiny_tree, tmp_path
+):
+    """#33: the Generate page takes the image as an upload (drag and drop), shows the values used, and its
+    LoRA conversion names ComfyUI."""
+    from gradio_client import handle_file
+
+    from kandinsky5.gui.lora_page import CONVERSIONS
+
+    client, output = served
+    picture = write_image(tmp_path / "first.png", 96, 64, seed=3)
+    values = form(tiny_tree, task="tiny-i2v", image=handle_file(str(picture)), width=0, height=0, seed=11)
+    video, _, _, settings, _ = client.predict(*values, api_name="/generate")
+    assert video and settings["image"] and settings["width"] > 0 and settings["height"] > 0  # the values used
+    assert settings["width"] > settings["height"]  # the picture's aspect (96 x 64), not the task's square
+    assert settings["guidance"] == 5.0  # 0 in the form: the task's
+    assert any("ComfyUI" in label and command == "to-kohya" for label, command in CONVERSIONS)

@@ -72,8 +72,12 @@ def form_values(settings: dict) -> list:
     loras = "\n".join(f"{lora['path']}:{lora['multiplier']}" for lora in settings.get("loras", []))
     keys = ("task", "prompt", "negative_prompt", "image")
     numbers = ("width", "height", "frames", "steps", "guidance", "seed")
+    image = settings.get("image") or None
+    if image and not Path(image).is_file():
+        image = None  # the picture is gone: the form's image stays empty
     return [
-        *(settings.get(k) or "" for k in keys),
+        *(settings.get(k) or "" for k in keys[:3]),
+        image,
         loras,
         *(settings.get(k) for k in numbers),
         settings.get("dit", ""),
@@ -114,15 +118,19 @@ def build(defaults: dict, output_folder: Path):
                 value=True, label="Expand the prompt with Qwen first, as the official pipelines do (--expand_prompt)"
             )
             negative = gr.Textbox(label="Negative prompt (empty: the task's)")
-            image = gr.Textbox(label="Image (I2V first frame or I2I source): a file path")
+            image = gr.Image(
+                label="Image (I2V first frame or I2I source): drop a picture here", type="filepath", height=200
+            )
             loras = gr.Textbox(label="LoRAs: one per line, path:multiplier", lines=2)
             with gr.Row():
-                width = gr.Number(label="Width (empty: task)", precision=0, value=defaults.get("width"))
-                height = gr.Number(label="Height", precision=0, value=defaults.get("height"))
+                width = gr.Number(
+                    label="Width (0: the task's, or from the image)", precision=0, value=defaults.get("width", 0)
+                )
+                height = gr.Number(label="Height (0: as width)", precision=0, value=defaults.get("height", 0))
                 frames = gr.Number(label="Frames", precision=0, value=defaults.get("frames"))
             with gr.Row():
                 steps = gr.Number(label="Steps", precision=0, value=defaults.get("steps"))
-                guidance = gr.Number(label="Guidance (empty: task)", value=None)
+                guidance = gr.Number(label="Guidance (0: the task's)", value=0)
                 seed = gr.Number(label="Seed", precision=0, value=42)
             with gr.Accordion("Memory and weights", open=False):
                 vram = gr.Dropdown(VRAM_CHOICES, value="24 GB", label="GPU memory preset (fills the two below)")

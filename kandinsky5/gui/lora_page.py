@@ -8,7 +8,12 @@ import gradio as gr
 from kandinsky5 import lora_tools
 from kandinsky5.gui.runs import CommandFailed, run_command
 
-CONVERSIONS = ["to-diffusers", "to-official", "to-kohya"]
+# (what the user picks, the lora_tools command): ComfyUI and musubi-tuner read the kohya layout
+CONVERSIONS = [
+    ("for ComfyUI and musubi-tuner (kohya layout)", "to-kohya"),
+    ("for diffusers (PEFT layout)", "to-diffusers"),
+    ("for the official code (a folder)", "to-official"),
+]
 
 
 def _run(argv: list[str]) -> str:
@@ -21,8 +26,8 @@ def _run(argv: list[str]) -> str:
 def build() -> None:
     with gr.Row():
         with gr.Column():
-            gr.Markdown("**Convert** a LoRA file to another layout (kohya, diffusers/PEFT, official)")
-            mode = gr.Dropdown(CONVERSIONS, value="to-diffusers", label="Conversion")
+            gr.Markdown("**Convert** a LoRA file for another program (kohya, diffusers/PEFT or official layout)")
+            mode = gr.Dropdown(CONVERSIONS, value="to-kohya", label="Conversion")
             source = gr.Textbox(label="LoRA file")
             target = gr.Textbox(label="Output (a file; a folder for to-official)")
             convert = gr.Button("Convert")
