@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 # option -> (argparse keywords, why it changes nothing here / what to use instead)
 TRAINING_NOTICES: dict[str, tuple[dict, str]] = {
@@ -95,9 +96,11 @@ LATENT_CACHING_NOTICES: dict[str, tuple[dict, str]] = {
 
 
 def add_notice_options(parser: argparse.ArgumentParser, notices: dict[str, tuple[dict, str]], title: str) -> None:
-    group = parser.add_argument_group(title, "accepted so that musubi-tuner command lines run; each says why")
-    for option, (keywords, why) in notices.items():
-        group.add_argument(option, default=None, help=f"no effect here: {why}", **keywords)
+    names = ", ".join(notices)
+    description = f"accepted so that musubi-tuner command lines run, each with a note saying why: {names}"
+    group = parser.add_argument_group(title, textwrap.fill(description, width=96, subsequent_indent="  "))
+    for option, (keywords, _) in notices.items():  # (listed in the description: one line each was 45 lines)
+        group.add_argument(option, default=None, help=argparse.SUPPRESS, **keywords)
 
 
 def announce_notices(args: argparse.Namespace, notices: dict[str, tuple[dict, str]]) -> list[str]:

@@ -20,6 +20,11 @@ class ScriptParser(argparse.ArgumentParser):
     """argparse with short errors: one line naming the problem (an unknown option with the nearest known
     one, "did you mean"), after a one-line usage pointing at --help instead of the whole option list."""
 
+    def __init__(self, *args, **kwargs):
+        # a one-line usage: every option is listed, with its help, below it (in full, it ran to 140 lines)
+        kwargs.setdefault("usage", "%(prog)s [options]")
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
         if unknown:

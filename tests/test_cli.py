@@ -22,7 +22,14 @@ def run(*args):
 def test_every_entry_script_has_help(script):
     result = run(script, "--help")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"usage: {script}")
+    assert result.stdout.startswith(f"usage: {script} [options]\n")  # one line; the options follow it once
+
+
+def test_the_training_help_lists_musubis_no_effect_options_in_one_paragraph():
+    """#33: train --help ran to 600 lines: 140 of usage, 45 of options that change nothing here."""
+    text = run("kandinsky5_train_network.py", "--help").stdout
+    assert len(text.splitlines()) < 450
+    assert "--guidance_scale," in text and "no effect here: Kandinsky 5 has no embedded guidance" not in text
 
 
 def test_help_lists_every_task_and_a_typo_gets_a_suggestion():
