@@ -12,8 +12,10 @@ import sys
 
 import torch
 
+from dataset.config import load_dataset_config
 from kandinsky5.cli import add_task_argument, given_options, run_caching
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
+from kandinsky5.inference.weight_paths import check_paths
 from kandinsky5.model.dtypes import DTYPES
 from kandinsky5.model.tasks import default_paths
 from kandinsky5.musubi_options import LATENT_CACHING_NOTICES, add_notice_options, announce_notices
@@ -73,8 +75,14 @@ def main(argv=None) -> None:
         fill_from_comfy(args, task, ("vae",))
     except ValueError as error:
         sys.exit(f"error: {error}")
+    given = {"vae"} if args.vae else set()
     args.vae = args.vae or default_paths(task)["vae"]
     args.vae_dtype = DTYPES[args.vae_dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    try:  # the config and the VAE checked before the VAE's code is imported (seconds of start-up)
+        load_dataset_config(args.dataset_config)
+        check_paths({"vae": args.vae}, given, task.name)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     from kandinsky5.caching.cache_latents import cache_latents  # the VAE's code, once the options are known
 
     run_caching(cache_latents, args)

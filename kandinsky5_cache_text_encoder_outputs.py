@@ -11,8 +11,10 @@ import sys
 
 import torch
 
+from dataset.config import load_dataset_config
 from kandinsky5.cli import add_task_argument, given_options, run_caching
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
+from kandinsky5.inference.weight_paths import check_paths
 from kandinsky5.model.dtypes import TEXT_ENCODER_DTYPES
 from kandinsky5.model.tasks import default_paths
 from modules.option_types import POSITIVE_INT, ScriptParser, annotate_ranges
@@ -58,8 +60,15 @@ def main(argv=None) -> None:
     except ValueError as error:
         sys.exit(f"error: {error}")
     defaults = default_paths(task)
+    names = ("text_encoder_qwen", "text_encoder_clip")
+    given = {name for name in names if getattr(args, name)}
     args.text_encoder_qwen = args.text_encoder_qwen or defaults["text_encoder_qwen"]
     args.text_encoder_clip = args.text_encoder_clip or defaults["text_encoder_clip"]
+    try:  # the config and the encoders checked before the encoders' code is imported (seconds of start-up)
+        load_dataset_config(args.dataset_config)
+        check_paths({name: getattr(args, name) for name in names}, given, task.name)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     from kandinsky5.caching.cache_text import cache_text  # the encoders' code, once the options are known
 
     run_caching(cache_text, args)

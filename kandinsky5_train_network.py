@@ -20,6 +20,7 @@ from pathlib import Path
 
 import toml
 
+from dataset.config import load_dataset_config
 from kandinsky5.cli import (
     add_attention_arguments,
     add_nabla_arguments,
@@ -29,8 +30,11 @@ from kandinsky5.cli import (
     given_options,
 )
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
+from kandinsky5.model.attention import attention_backend, check_backend
+from kandinsky5.model.checkpoint import checkpoint_files
 from kandinsky5.model.memory_presets import add_vram_argument
 from kandinsky5.musubi_options import TRAINING_NOTICES, add_notice_options, announce_notices
+from kandinsky5.training.sample_paths import check_sample_paths
 from kandinsky5.training.timesteps import SAMPLINGS, WEIGHTING_SCHEMES
 from kandinsky5.training.trackers import CHOICES as TRACKER_CHOICES
 from modules.optimizers import SCHEDULERS
@@ -46,6 +50,7 @@ from modules.option_types import (
     integer,
     number,
 )
+from modules.output_paths import check_writable_folder
 
 NETWORK_MODULE = "networks.lora_kandinsky"
 
@@ -428,6 +433,17 @@ def arguments(argv=None) -> argparse.Namespace:
         sys.exit(
             f"error: need 0 <= --min_timestep < --max_timestep, got {args.min_timestep:g} and {args.max_timestep:g}"
         )
+    try:  # paths named before the models' code is imported (seconds of start-up), in the order training checks
+        check_backend(attention_backend(args))
+        check_writable_folder(args.output_dir, "--output_dir")
+        if args.logging_dir:
+            check_writable_folder(args.logging_dir, "--logging_dir")
+        if args.sample_prompts:
+            check_sample_paths(args, args.task)
+        checkpoint_files(args.dit)
+        load_dataset_config(args.dataset_config)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     return args
 
 

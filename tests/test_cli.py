@@ -143,3 +143,27 @@ def test_help_and_option_errors_answer_before_the_heavy_libraries_are_imported(s
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+PATH_ERRORS = {
+    "kandinsky5_generate_video.py": (["--task", "tiny-t2v", "--prompt", "x", "--dit", "absent.safetensors"],
+                                     "--dit absent.safetensors"),
+    "kandinsky5_train_network.py": (["--task", "tiny-t2v", "--dit", "absent.safetensors", "--dataset_config", "x.toml",
+                                     "--output_dir", "out"], "DiT checkpoint absent.safetensors does not exist"),
+    "kandinsky5_cache_latents.py": (["--task", "tiny-t2v", "--dataset_config", "absent.toml"],
+                                    "dataset config absent.toml does not exist"),
+    "kandinsky5_cache_text_encoder_outputs.py": (["--task", "tiny-t2v", "--dataset_config", "absent.toml"],
+                                                 "dataset config absent.toml does not exist"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("script", sorted(PATH_ERRORS))
+def test_path_errors_answer_before_the_heavy_libraries_are_imported(script):
+    """#33 item 8: a missing DiT, config or encoder is named in about the time of importing torch."""
+    arguments, message = PATH_ERRORS[script]
+    checked = subprocess.run(
+        [sys.executable, "-c", HEAVY_CHECK, script, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert checked.returncode == 0 and checked.stdout.strip() == "[]", checked.stdout + checked.stderr
+    result = run(script, *arguments)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr

@@ -311,7 +311,8 @@ def test_i2i_without_an_image_is_text_to_image_with_the_image_template(tiny_tree
     """As the official I2I pipeline: no source image, the plain image template (no edit template)."""
     from kandinsky5.encoders.prompt_templates import TEMPLATES
     from kandinsky5.encoders.text_encoders import load_prompt_encoder
-    from kandinsky5.inference.generate import build_jobs, encode_texts
+    from kandinsky5.inference.generate import encode_texts
+    from kandinsky5.inference.jobs import build_jobs
     from kandinsky5.model.tasks import get_task
 
     from .generation_helpers import kandinsky5_generate_video

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from kandinsky5.encoders.prompt_expansion import expand_prompt, with_trigger
@@ -27,10 +25,17 @@ from kandinsky5.encoders.prompt_templates import template_for
 from kandinsky5.encoders.text_encoders import QWEN_MODEL, lm_head_missing, load_prompt_encoder
 from kandinsky5.encoders.vae import load_vae
 from kandinsky5.inference.denoiser import Denoiser, TextCondition, i2i_channels, i2v_channels, t2v_channels
+from kandinsky5.inference.jobs import (
+    GenerationError,
+    Job,
+    build_jobs,
+    first_given,
+    latent_file,
+    read_latent_file,
+)
 from kandinsky5.inference.magcache import magcache_for
 from kandinsky5.inference.media import (
     IMAGE_EXTENSIONS,
-    VIDEO_EXTENSIONS,
     image_to_pixels,
     load_image,
     pixels_to_frames,
@@ -38,9 +43,8 @@ from kandinsky5.inference.media import (
     write_image,
     write_video,
 )
-from kandinsky5.inference.prompt_file import PromptLine, parse_prompt_line, read_prompt_file
 from kandinsky5.inference.sampling import flow_schedule, sample_euler
-from kandinsky5.inference.sizes import check_frames, check_size, i2v_size, nearest_allowed_size
+from kandinsky5.inference.weight_paths import check_weights
 from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, expected_shapes, load_dit, read_layout
 from kandinsky5.model.dtypes import DTYPES
@@ -48,32 +52,8 @@ from kandinsky5.model.memory_presets import apply_choice, generation_choice, vid
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import TASKS, TaskPreset
 from modules.atomic_save import save_safetensors_atomic
-from modules.output_paths import check_output_file
 from networks.lora_files import read_lora
 from networks.lora_merge import merge_plan
-
-LATENT_SUFFIX = ".latent.safetensors"
-
-
-class GenerationError(ValueError):
-    pass
-
-
-@dataclass
-class Job:
-    index: int
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    frames: int
-    seed: int
-    steps: int
-    guidance: float
-    image: str | None
-    output: Path
-    expand_prompt: bool = False
-    expanded_prompt: str | None = None  # what was encoded, when the prompt was expanded
 
 
 def free() -> None:
@@ -81,104 +61,6 @@ def free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def missing_weights(paths: dict[str, str], given: set[str]) -> list[str]:
-    """Each path of ``paths`` (option name -> path) that does not exist, as the user gave it or as a default."""
-    return [
-        f"--{name} {path}" if name in given else f"{path} (the default of --{name}, which was not given)"
-        for name, path in paths.items()
-        if not Path(path).exists()
-    ]
-
-
-def check_weights(args: argparse.Namespace, task: TaskPreset) -> None:
-    """Every weight path the run needs, checked at once: one message names all that are missing."""
-    names = ("vae",) if args.latent_path else ("dit", "vae", "text_encoder_qwen", "text_encoder_clip")
-    missing = missing_weights({name: getattr(args, name) for name in names}, args.given_paths)
-    missing += [f"--lora_weight {path}" for path in args.lora_weight or [] if not Path(path).exists()]
-    if missing:
-        raise GenerationError(
-            f"{'; '.join(missing)} {'does' if len(missing) == 1 else 'do'} not exist. The layout of the weights is in "
-            f"docs/weights.md; python -m kandinsky5.download --task {task.name} fetches the task's files"
-        )
-
-
-def _output_for(args: argparse.Namespace, line: PromptLine, index: int, frames: int, seed: int) -> Path:
-    extension = ".mp4" if frames > 1 else ".png"
-    if args.from_file:
-        return Path(args.output or "outputs") / f"{index:03d}_{seed}{extension}"
-    if args.output:
-        return Path(args.output)
-    return Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{seed}{extension}"
-
-
-def first_given(*values):
-    """The first value that is not None (a 0 given by the user is a value, not "use the default")."""
-    return next((value for value in values if value is not None), None)
-
-
-def check_output(output: Path, frames: int, where: str = "") -> None:
-    """An output file the writers can make: a known extension for the kind, not an existing folder."""
-    suffix = output.suffix.lower()
-    if suffix not in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
-        kinds = f"videos: {', '.join(VIDEO_EXTENSIONS)}; images: {', '.join(IMAGE_EXTENSIONS)}"
-        raise GenerationError(f"{where}output {output}: unknown extension {suffix or '(none)'!r} ({kinds})")
-    if frames > 1 and suffix in IMAGE_EXTENSIONS:
-        raise GenerationError(f"{where}{output} is an image file but {frames} frames are asked for")
-    check_output_file(output, f"{where}output")
-
-
-def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
-    """One job per prompt, with per-line overrides, every size checked before any model loads."""
-    if args.from_file:
-        if args.output and Path(args.output).suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
-            raise GenerationError("with --from_file, --output is a folder (one file per prompt line)")
-        lines = read_prompt_file(args.from_file)
-    else:
-        if not args.prompt:
-            raise GenerationError("give --prompt, --from_file or --latent_path")
-        lines = [parse_prompt_line(args.prompt, 1, "--prompt") if " --" in args.prompt else PromptLine(args.prompt, 1)]
-    jobs = []
-    for index, line in enumerate(lines):
-        where = f"line {line.line} of {args.from_file}: " if args.from_file else ""
-        image = line.image or args.image
-        if task.kind == "i2v" and not image:
-            raise GenerationError(f"{where}task {task.name} is image-to-video: give --image (the first frame)")
-        if task.kind in ("t2v", "t2i") and image:
-            raise GenerationError(f"{where}task {task.name} takes no image; use an i2v or i2i task")
-        frames = first_given(line.frames, args.frames, task.frames)
-        width, height = first_given(line.width, args.width), first_given(line.height, args.height)
-        if image and (width is None or height is None):
-            source = load_image(image)
-            pick = i2v_size if task.kind == "i2v" else nearest_allowed_size
-            width, height = pick(source.width, source.height, task)
-        width, height = first_given(width, task.resolution), first_given(height, task.resolution)
-        try:
-            check_frames(frames)
-            if not task.is_video and frames != 1:
-                raise GenerationError(f"task {task.name} makes images: frames must be 1, got {frames}")
-            check_size(width, height, task, 128 if nabla_params(args, task) else None)
-        except ValueError as error:
-            raise GenerationError(f"{where}{error}") from None
-        seed = line.seed if line.seed is not None else args.seed
-        job = Job(
-            index=index,
-            prompt=line.prompt,
-            width=width,
-            height=height,
-            frames=frames,
-            seed=seed,
-            negative_prompt=line.negative_prompt if line.negative_prompt is not None else args.negative_prompt,
-            steps=first_given(line.steps, args.steps, task.steps),
-            guidance=first_given(line.guidance, args.guidance, task.guidance),
-            image=image,
-            output=_output_for(args, line, index, frames, seed),
-            expand_prompt=first_given(line.expand_prompt, args.expand_prompt, True),
-        )
-        check_output(job.output, frames, where)
-        jobs.append(job)
-    return jobs
 
 
 def check_expansion(args, jobs: list[Job]) -> None:
@@ -348,29 +230,6 @@ def write_output(path: Path, pixels: torch.Tensor, fps: float, metadata: dict) -
 def save_latent(path: Path, latent: torch.Tensor, metadata: dict) -> None:
     save_safetensors_atomic({"latent": latent}, path, metadata={"kandinsky5": json.dumps(metadata)})
     print(f"wrote {path}")
-
-
-def latent_file(output: Path) -> Path:
-    """Where --save_latent writes the latent of ``output``: ``<output>.latent.safetensors``."""
-    return Path(f"{output}{LATENT_SUFFIX}")
-
-
-def read_latent_file(path: str | Path) -> tuple[torch.Tensor, dict]:
-    """The latent and generation metadata of a --save_latent file; a named error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise GenerationError(f"--latent_path {path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if "latent" not in f.keys() or "kandinsky5" not in metadata:
-                raise GenerationError(
-                    f"--latent_path {path}: not a latent file of this toolkit (expected a 'latent' tensor and "
-                    "'kandinsky5' metadata, as --save_latent writes)"
-                )
-            return f.get_tensor("latent"), json.loads(metadata["kandinsky5"])
-    except SafetensorError as error:
-        raise GenerationError(f"--latent_path {path}: not a safetensors file ({error})") from None
 
 
 def decode_tiling(vae, args) -> None:

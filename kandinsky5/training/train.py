@@ -51,10 +51,11 @@ from kandinsky5.training.musubi_runs import (
     state_from_hub,
     training_kwargs_handlers,
 )
+from kandinsky5.training.sample_paths import check_sample_paths
 from kandinsky5.training.sharding import base_weight_bytes, check_fsdp_options, fsdp_settings, shard_dit
 from kandinsky5.training.timesteps import TimestepBuckets, loss_weights, sample_timesteps
 from kandinsky5.training.trackers import SampleLog, chosen_trackers, start_trackers
-from kandinsky5.training.training_samples import TrainingSampler, check_sample_paths
+from kandinsky5.training.training_samples import TrainingSampler
 from kandinsky5.training.training_state import (
     Position,
     load_state,

@@ -18,42 +18,20 @@ from tqdm import tqdm
 from kandinsky5.encoders.prompt_expansion import stored_trigger
 from kandinsky5.encoders.vae import load_vae
 from kandinsky5.inference.generate import (
-    build_jobs,
     check_expansion,
     decode_tiling,
     encode_images,
     encode_texts,
     job_metadata,
-    missing_weights,
     sample_job,
     write_output,
 )
-from kandinsky5.model.tasks import TaskPreset, default_paths
+from kandinsky5.inference.jobs import build_jobs
+from kandinsky5.model.tasks import TaskPreset
+from kandinsky5.training.sample_paths import sample_paths
 from modules.sharded_tensors import is_sharded
 
 SAMPLE_FRAMES, SAMPLE_STEPS = 17, 20
-
-
-class SamplePathError(ValueError):
-    pass
-
-
-def sample_paths(args: argparse.Namespace, task: TaskPreset) -> dict[str, str]:
-    """The text encoders and VAE that samples need: the options given, else the task's defaults."""
-    defaults = default_paths(task)
-    return {name: getattr(args, name) or defaults[name] for name in ("text_encoder_qwen", "text_encoder_clip", "vae")}
-
-
-def check_sample_paths(args: argparse.Namespace, task: TaskPreset) -> None:
-    """Before anything loads: every path that --sample_prompts needs exists (all missing ones named at once,
-    a default as one)."""
-    given = {name for name in ("text_encoder_qwen", "text_encoder_clip", "vae") if getattr(args, name) is not None}
-    missing = missing_weights(sample_paths(args, task), given)
-    if missing:
-        raise SamplePathError(
-            "--sample_prompts needs the text encoders and the VAE: "
-            + "; ".join(f"{where} does not exist" for where in missing)
-        )
 
 
 class TrainingSampler:
