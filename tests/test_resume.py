@@ -71,14 +71,16 @@ def test_sigint_saves_a_state_that_resumes(tiny_tree, cached_dataset, tmp_path):
     command = [
         sys.executable,
         "kandinsky5_train_network.py",
-        *train_args(tiny_tree, video_only, out, "--max_train_steps", "100000", "--save_every_n_steps", "5"),
-    ]
+        *train_args(tiny_tree, video_only, out, "--max_train_steps", "100000", "--save_every_n_steps", "1",
+                    "--save_state"),
+    ]  # fmt: skip
     process = running_until(command, out / "lora-step00000005.safetensors")
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
-    (state,) = out.glob("lora-step*-state")
-    assert f"continue with --resume {state}" in stderr
+    state = Path(re.search(r"continue with --resume (\S+)", stderr)[1])
+    assert (state / "train_state.json").exists()
+    assert stdout.count(f"saved training state {state}\n") == 1  # the step's own state, not written again
     step = json.loads((state / "train_state.json").read_text())["step"]
     kandinsky5_train_network.main(
         train_args(tiny_tree, video_only, out, "--max_train_steps", str(step + 2), "--resume", str(state))

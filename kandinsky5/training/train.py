@@ -283,6 +283,7 @@ class Checkpoints:
         self.metadata, self.directory, self.main = metadata, Path(args.output_dir), main
         self.upload = upload or (lambda path, is_state=False: None)
         self.written: set[Path] = set()  # rotation deletes only what this run wrote
+        self.last_state: tuple[Position, Path] | None = None
 
     def _save(self, name: str, position: Position, with_state: bool) -> Path:
         path = self.directory / f"{name}.safetensors"
@@ -298,8 +299,13 @@ class Checkpoints:
             self.save_state(f"{name}-state", position)
         return path
 
+    def state_of(self, position: Position) -> Path | None:
+        """The state folder saved at exactly this position, if the last save was there (every process knows)."""
+        return self.last_state[1] if self.last_state and self.last_state[0] == position else None
+
     def save_state(self, name: str, position: Position) -> Path:
         folder = self.directory / name
+        self.last_state = (position, folder)
         metadata = self.metadata(position)
         with _stop_when_unwritable(folder):
             save_state(folder, self.network, metadata, self.optimizer, self.scheduler, position, write=self.main)
@@ -768,8 +774,10 @@ def train(args: argparse.Namespace) -> Path:
                 sample()
                 validate()
                 if stop.requested_anywhere(accelerator):
-                    folder = Path(args.output_dir) / f"{args.output_name}-step{step:08d}-state"
-                    checkpoints.save_state(folder.name, position)
+                    # (a state this very step already saved is not written twice)
+                    folder = checkpoints.state_of(position) or checkpoints.save_state(
+                        f"{args.output_name}-step{step:08d}-state", position
+                    )
                     raise TrainingInterrupted(f"interrupted at step {step}; continue with --resume {folder}")
                 if step >= args.max_train_steps:
                     break
