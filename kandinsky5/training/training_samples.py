@@ -65,8 +65,7 @@ class TrainingSampler:
             expand_prompt=bool(getattr(args, "sample_expand_prompt", False)),
         )
         self.jobs = build_jobs(self.settings, task)
-        if self.settings.expand_prompt:
-            check_expansion(self.settings, self.jobs)
+        check_expansion(self.settings, self.jobs)  # (any line may ask for expansion: a Qwen without its head is named)
         trigger = stored_trigger(args.trigger_word) if getattr(args, "trigger_word", None) else ""
         self.texts = encode_texts(self.settings, task, self.jobs, device, trigger)
         dtype = getattr(torch, getattr(args, "vae_dtype", None) or "float32")
