@@ -20,7 +20,6 @@ from pathlib import Path
 
 import toml
 
-from dataset.config import load_dataset_config
 from kandinsky5.cli import (
     add_attention_arguments,
     add_nabla_arguments,
@@ -34,6 +33,7 @@ from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import checkpoint_files
 from kandinsky5.model.memory_presets import add_vram_argument
 from kandinsky5.musubi_options import TRAINING_NOTICES, add_notice_options, announce_notices
+from kandinsky5.training.fsdp_options import check_fsdp_options, fsdp_settings
 from kandinsky5.training.sample_paths import check_sample_paths
 from kandinsky5.training.timesteps import SAMPLINGS, WEIGHTING_SCHEMES
 from kandinsky5.training.trackers import CHOICES as TRACKER_CHOICES
@@ -50,7 +50,7 @@ from modules.option_types import (
     integer,
     number,
 )
-from modules.output_paths import check_writable_folder
+from modules.output_paths import check_writable_folder, plain_name
 
 NETWORK_MODULE = "networks.lora_kandinsky"
 
@@ -433,15 +433,17 @@ def arguments(argv=None) -> argparse.Namespace:
         sys.exit(
             f"error: need 0 <= --min_timestep < --max_timestep, got {args.min_timestep:g} and {args.max_timestep:g}"
         )
-    try:  # paths named before the models' code is imported (seconds of start-up), in the order training checks
+    try:  # training's first checks, in its order, before the models' code is imported (seconds of start-up)
         check_backend(attention_backend(args))
+        if fsdp_settings():
+            check_fsdp_options(args, args.mixed_precision)
+        plain_name(args.output_name, "--output_name")
         check_writable_folder(args.output_dir, "--output_dir")
         if args.logging_dir:
             check_writable_folder(args.logging_dir, "--logging_dir")
         if args.sample_prompts:
             check_sample_paths(args, args.task)
         checkpoint_files(args.dit)
-        load_dataset_config(args.dataset_config)
     except ValueError as error:
         sys.exit(f"error: {error}")
     return args

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import kandinsky5_train_network
-from kandinsky5.training.sharding import FsdpSettings, fsdp_settings
+from kandinsky5.training.fsdp_options import FsdpSettings, fsdp_settings
 
 from .generation_helpers import accelerate_launch
 from .media_factory import caption, write_image

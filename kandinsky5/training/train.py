@@ -41,6 +41,7 @@ from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import NABLA_SIZE_MULTIPLE, TaskPreset
 from kandinsky5.training.cache_check import checked_samples, damaged_caches_message
 from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents
+from kandinsky5.training.fsdp_options import check_fsdp_options, fsdp_settings
 from kandinsky5.training.lost_process import lost_peer, lost_peer_message
 from kandinsky5.training.musubi_runs import (
     HubUpload,
@@ -52,7 +53,7 @@ from kandinsky5.training.musubi_runs import (
     training_kwargs_handlers,
 )
 from kandinsky5.training.sample_paths import check_sample_paths
-from kandinsky5.training.sharding import base_weight_bytes, check_fsdp_options, fsdp_settings, shard_dit
+from kandinsky5.training.sharding import base_weight_bytes, shard_dit
 from kandinsky5.training.timesteps import TimestepBuckets, loss_weights, sample_timesteps
 from kandinsky5.training.trackers import SampleLog, chosen_trackers, start_trackers
 from kandinsky5.training.training_samples import TrainingSampler
