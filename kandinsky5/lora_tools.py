@@ -58,6 +58,16 @@ def _dotted_guess(name: str) -> str:
     raise ValueError(f"cannot tell the module path of LoRA module {name!r}; pass --dit to resolve it")
 
 
+def plain_lora(lora: LoRAFile, layout: str) -> None:
+    """LoHa and LoKr modules have no lora_A/lora_B (or lora_down/lora_up) form: named, not converted."""
+    other = sorted({w.kind for w in lora.modules.values() if w.kind != "LoRA"})
+    if other:
+        raise ValueError(
+            f"LoRA {lora.path} holds {' and '.join(other)} modules, which the {layout} layout cannot hold (it has "
+            "LoRA's two matrices only). ComfyUI and musubi-tuner read the file as it is; generation here merges it"
+        )
+
+
 def _single_rank(lora: LoRAFile) -> int:
     ranks = {w.rank for w in lora.modules.values()}
     if len(ranks) != 1:
@@ -66,6 +76,7 @@ def _single_rank(lora: LoRAFile) -> int:
 
 
 def to_diffusers(lora: LoRAFile, output: Path, dit=None) -> None:
+    plain_lora(lora, "diffusers/PEFT")
     rank, names = _single_rank(lora), dotted_names(lora, dit)
     tensors = {}
     for name, weights in lora.modules.items():
@@ -78,6 +89,7 @@ def to_diffusers(lora: LoRAFile, output: Path, dit=None) -> None:
 
 
 def to_official(lora: LoRAFile, output: Path, dit=None) -> None:
+    plain_lora(lora, "official")
     rank, names = _single_rank(lora), dotted_names(lora, dit)
     tensors = {}
     for name, weights in lora.modules.items():
@@ -92,6 +104,7 @@ def to_official(lora: LoRAFile, output: Path, dit=None) -> None:
 
 
 def to_kohya(lora: LoRAFile, output: Path, dit=None) -> None:
+    plain_lora(lora, "kohya LoRA")
     names = dotted_names(lora, dit)
     tensors = {}
     for name, weights in lora.modules.items():

@@ -6,6 +6,11 @@
   and ``lora_B``; alpha from ``config_lora.json`` beside the file, from diffusers'
   ``lora_adapter_metadata``, from per-module ``.alpha`` keys, or else equal to the rank.
 - The official layout: a folder with ``lora.safetensors`` and ``config_lora.json``.
+- LyCORIS LoHa and LoKr modules under kohya names (``lora_unet_`` or ``lycoris_`` prefixes), as ComfyUI
+  reads them: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b`` (delta = (w1_a w1_b) * (w2_a w2_b),
+  times alpha / rank), and ``lokr_w1`` or ``lokr_w1_a``/``lokr_w1_b`` with ``lokr_w2`` or
+  ``lokr_w2_a``/``lokr_w2_b`` (delta = kron(w1, w2), times alpha / rank when a factor is low-rank).
+  They merge like LoRAs; the PEFT layouts cannot hold them.
 
 Kohya names have dots replaced by underscores; they are resolved against the model's real module
 names later, since names like ``to_query`` contain underscores themselves.
@@ -21,9 +26,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
 PEFT_PREFIXES = ("base_model.model.", "transformer.", "model.diffusion_model.", "diffusion_model.")
-_KOHYA = re.compile(r"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+LYCORIS_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2",
+                 "lokr_w2_a", "lokr_w2_b")  # fmt: skip
+_KOHYA = re.compile(
+    rf"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|{'|'.join(LYCORIS_PARTS)}|dora_scale|\w+)$"
+)
 _PEFT = re.compile(r"^(?P<name>.+)\.(?P<part>lora_A|lora_B)(?:\.default)?\.weight$|^(?P<alpha_name>.+)\.alpha$")
 
 
@@ -45,11 +54,61 @@ class LoRAWeights:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    kind = "LoRA"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.up.shape[0], self.down.shape[1]
+
+    def delta(self) -> torch.Tensor:
+        """The fp32 change of the layer's weight (multiplier 1)."""
+        return self.scale * (self.up.float() @ self.down.float())
+
+
+@dataclass
+class LycorisWeights:
+    """A LoHa or LoKr module (``kind``), with its tensors by their LyCORIS names and its alpha (None: none stored)."""
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    alpha: float | None
+
+    def _pair(self, name: str) -> tuple[torch.Tensor, int | None]:
+        """LoKr's factor ``name`` (w1 or w2): stored whole, or as a low-rank product (its rank returned)."""
+        whole = self.tensors.get(f"lokr_{name}")
+        if whole is not None:
+            return whole.float(), None
+        a, b = self.tensors[f"lokr_{name}_a"].float(), self.tensors[f"lokr_{name}_b"].float()
+        return a @ b, b.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        t = self.tensors
+        if self.kind == "LoHa":
+            rank = t["hada_w1_b"].shape[0]
+            first = t["hada_w1_a"].float() @ t["hada_w1_b"].float()
+            product = first * (t["hada_w2_a"].float() @ t["hada_w2_b"].float())
+            return product * (self.alpha / rank if self.alpha is not None else 1.0)
+        (w1, rank1), (w2, rank2) = self._pair("w1"), self._pair("w2")
+        rank = rank2 if rank2 is not None else rank1  # as ComfyUI: the rank of the low-rank factor, w2's first
+        return torch.kron(w1, w2) * (self.alpha / rank if self.alpha is not None and rank is not None else 1.0)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        t = self.tensors
+        if self.kind == "LoHa":
+            return t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]
+        sizes = []
+        for name in ("w1", "w2"):
+            whole = t.get(f"lokr_{name}")
+            sizes.append(tuple(whole.shape) if whole is not None else
+                         (t[f"lokr_{name}_a"].shape[0], t[f"lokr_{name}_b"].shape[1]))  # fmt: skip
+        return sizes[0][0] * sizes[1][0], sizes[0][1] * sizes[1][1]
+
 
 @dataclass
 class LoRAFile:
     path: Path
-    modules: dict[str, LoRAWeights]  # module name -> weights; underscored when ``underscored_names``
+    modules: dict[str, LoRAWeights | LycorisWeights]  # module name -> weights; underscored when ``underscored_names``
     underscored_names: bool
     metadata: dict[str, str]
 
@@ -116,6 +175,10 @@ def read_lora(path: str | Path) -> LoRAFile:
     file_alpha = None if kohya else _peft_alpha(config, metadata)
     modules = {}
     for name, p in parts.items():
+        short = name.removeprefix(KOHYA_PREFIXES[0]).removeprefix(KOHYA_PREFIXES[1]).removeprefix(KOHYA_PREFIXES[2])
+        if kohya and (lycoris := _lycoris(file, name, p)) is not None:
+            modules[short] = lycoris
+            continue
         if "down" not in p or "up" not in p:
             raise LoRAFileError(f"LoRA {file}: module {name!r} lacks its {'up' if 'down' in p else 'down'} matrix")
         if p["down"].shape[0] != p["up"].shape[1]:
@@ -125,7 +188,25 @@ def read_lora(path: str | Path) -> LoRAFile:
             )
         rank = p["down"].shape[0]
         alpha = float(p["alpha"]) if "alpha" in p else (file_alpha if file_alpha is not None else float(rank))
-        modules[name.removeprefix(KOHYA_PREFIXES[0]).removeprefix(KOHYA_PREFIXES[1]) if kohya else name] = LoRAWeights(
-            p["down"], p["up"], alpha
-        )
+        modules[short if kohya else name] = LoRAWeights(p["down"], p["up"], alpha)
     return LoRAFile(file, modules, kohya, metadata)
+
+
+def _lycoris(file: Path, name: str, parts: dict[str, torch.Tensor]) -> LycorisWeights | None:
+    """The module as LoHa or LoKr when its parts are LyCORIS's; None for a LoRA module; others are an error."""
+    if "dora_scale" in parts:
+        raise LoRAFileError(f"LoRA {file}: module {name!r} is DoRA (dora_scale), which is not read here yet")
+    names = set(parts) - {"alpha"}
+    alpha = float(parts["alpha"]) if "alpha" in parts else None
+    if names <= {"down", "up"}:
+        return None
+    if names == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}:
+        return LycorisWeights("LoHa", {k: parts[k] for k in names}, alpha)
+    w1_ok = names & {"lokr_w1"} or {"lokr_w1_a", "lokr_w1_b"} <= names
+    w2_ok = names & {"lokr_w2"} or {"lokr_w2_a", "lokr_w2_b"} <= names
+    if w1_ok and w2_ok and names <= set(LYCORIS_PARTS):
+        return LycorisWeights("LoKr", {k: parts[k] for k in names}, alpha)
+    raise LoRAFileError(
+        f"LoRA {file}: module {name!r} holds {sorted(names)}: not a LoRA (lora_down/lora_up), LoHa (hada_w1_a...) "
+        "or LoKr (lokr_w1/lokr_w2 or their _a/_b factors) module of a known layout (Tucker and conv parts are not read)"
+    )

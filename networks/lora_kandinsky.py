@@ -194,6 +194,10 @@ class LoRANetwork(nn.Module):
     def load_weights(self, path: str | Path) -> None:
         """Continue from a saved LoRA (any layout we read); its modules must be exactly this network's."""
         lora = read_lora(path)
+        other = sorted({w.kind for w in lora.modules.values() if w.kind != "LoRA"})
+        if other:
+            kinds = " and ".join(other)
+            raise LoRAFileError(f"--network_weights {path} holds {kinds} modules; training continues LoRA files only")
         names = {n if lora.underscored_names else PREFIX + n.replace(".", "_"): w for n, w in lora.modules.items()}
         names = {n if n.startswith(PREFIX) else PREFIX + n: w for n, w in names.items()}
         if set(names) != set(self.loras):

@@ -1,4 +1,5 @@
-"""Merge LoRAs into a model's Linear weights: W <- W + multiplier * (alpha / rank) * up @ down, in fp32."""
+"""Merge LoRAs into a model's Linear weights, in fp32: W <- W + multiplier * delta, the delta of a LoRA being
+(alpha / rank) * up @ down (LoHa's and LoKr's: networks/lora_files.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .lora_files import LoRAFile, LoRAFileError, LoRAWeights, read_lora
+from .lora_files import LoRAFile, LoRAFileError, LoRAWeights, LycorisWeights, read_lora
 
 
 def resolve_names(lora: LoRAFile, module_names: list[str]) -> dict[str, str]:
@@ -32,19 +33,19 @@ def merge_plan(
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """Module name -> a function giving the fp32 weight delta of all the LoRAs on it; every LoRA module
     must match a layer of ``layer_shapes`` ((out, in) per Linear) with the right shape."""
-    parts: dict[str, list[tuple[LoRAWeights, float]]] = {}
+    parts: dict[str, list[tuple[LoRAWeights | LycorisWeights, float]]] = {}
     for lora, multiplier in loras:
         for lora_name, module_name in resolve_names(lora, list(layer_shapes)).items():
             weights = lora.modules[lora_name]
-            if (weights.up.shape[0], weights.down.shape[1]) != tuple(layer_shapes[module_name]):
+            if tuple(weights.shape) != tuple(layer_shapes[module_name]):
                 raise LoRAFileError(
                     f"LoRA {lora.path}: {module_name} is {list(layer_shapes[module_name])} in the model but "
-                    f"{[weights.up.shape[0], weights.down.shape[1]]} in the LoRA"
+                    f"{list(weights.shape)} in the LoRA"
                 )
             parts.setdefault(module_name, []).append((weights, multiplier))
 
-    def delta(entries: list[tuple[LoRAWeights, float]]) -> Callable[[], torch.Tensor]:
-        return lambda: sum(m * w.scale * (w.up.float() @ w.down.float()) for w, m in entries)
+    def delta(entries: list[tuple[LoRAWeights | LycorisWeights, float]]) -> Callable[[], torch.Tensor]:
+        return lambda: sum(m * w.delta() for w, m in entries)
 
     return {name: delta(entries) for name, entries in parts.items()}
 
