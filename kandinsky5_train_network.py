@@ -29,12 +29,9 @@ from kandinsky5.cli import (
     given_options,
 )
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
-from kandinsky5.model.attention import attention_backend, check_backend
-from kandinsky5.model.checkpoint import checkpoint_files
 from kandinsky5.model.memory_presets import add_vram_argument
 from kandinsky5.musubi_options import TRAINING_NOTICES, add_notice_options, announce_notices
-from kandinsky5.training.fsdp_options import check_fsdp_options, fsdp_settings
-from kandinsky5.training.sample_paths import check_sample_paths
+from kandinsky5.training.first_checks import first_checks
 from kandinsky5.training.timesteps import SAMPLINGS, WEIGHTING_SCHEMES
 from kandinsky5.training.trackers import CHOICES as TRACKER_CHOICES
 from modules.optimizers import SCHEDULERS
@@ -50,7 +47,6 @@ from modules.option_types import (
     integer,
     number,
 )
-from modules.output_paths import check_writable_folder, plain_name
 
 NETWORK_MODULE = "networks.lora_kandinsky"
 
@@ -433,17 +429,8 @@ def arguments(argv=None) -> argparse.Namespace:
         sys.exit(
             f"error: need 0 <= --min_timestep < --max_timestep, got {args.min_timestep:g} and {args.max_timestep:g}"
         )
-    try:  # training's first checks, in its order, before the models' code is imported (seconds of start-up)
-        check_backend(attention_backend(args))
-        if fsdp_settings():
-            check_fsdp_options(args, args.mixed_precision)
-        plain_name(args.output_name, "--output_name")
-        check_writable_folder(args.output_dir, "--output_dir")
-        if args.logging_dir:
-            check_writable_folder(args.logging_dir, "--logging_dir")
-        if args.sample_prompts:
-            check_sample_paths(args, args.task)
-        checkpoint_files(args.dit)
+    try:  # training's first checks, before the models' code is imported (seconds of start-up)
+        first_checks(args)
     except ValueError as error:
         sys.exit(f"error: {error}")
     return args

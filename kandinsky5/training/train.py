@@ -35,13 +35,14 @@ from dataset.training_data import (
 from kandinsky5.encoders.prompt_expansion import stored_trigger
 from kandinsky5.inference.denoiser import i2i_channels, i2v_channels, t2v_channels
 from kandinsky5.model.attention import attention_backend, check_backend
-from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, load_dit, read_layout
+from kandinsky5.model.checkpoint import check_architecture, load_dit, read_layout
 from kandinsky5.model.memory_presets import apply_choice, training_choice
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import NABLA_SIZE_MULTIPLE, TaskPreset
 from kandinsky5.training.cache_check import checked_samples, damaged_caches_message
+from kandinsky5.training.first_checks import first_checks
 from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents
-from kandinsky5.training.fsdp_options import check_fsdp_options, fsdp_settings
+from kandinsky5.training.fsdp_options import fsdp_settings
 from kandinsky5.training.lost_process import lost_peer, lost_peer_message
 from kandinsky5.training.musubi_runs import (
     HubUpload,
@@ -52,7 +53,6 @@ from kandinsky5.training.musubi_runs import (
     state_from_hub,
     training_kwargs_handlers,
 )
-from kandinsky5.training.sample_paths import check_sample_paths
 from kandinsky5.training.sharding import base_weight_bytes, shard_dit
 from kandinsky5.training.timesteps import TimestepBuckets, loss_weights, sample_timesteps
 from kandinsky5.training.trackers import SampleLog, chosen_trackers, start_trackers
@@ -68,7 +68,6 @@ from kandinsky5.training.training_state import (
 )
 from modules.atomic_save import remove_leftovers, save_safetensors_atomic
 from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
-from modules.output_paths import check_writable_folder, plain_name
 from modules.prefetch import host_to_device, prefetch_to
 from modules.sharded_tensors import whole
 from networks.lora_kandinsky import LoRANetwork, create_network
@@ -478,16 +477,8 @@ def preflight(args: argparse.Namespace) -> tuple[list, list | None]:
     config). train() starts with it and the web UI runs it before it launches a run, so both give the
     same message."""
     refuse_unavailable(args)
-    check_backend(attention_backend(args))  # its package; whether it runs on the device is checked there
-    if fsdp_settings():  # accelerate launch with an FSDP config
-        check_fsdp_options(args, args.mixed_precision)
-    plain_name(args.output_name, "--output_name")
-    check_writable_folder(args.output_dir, "--output_dir")
-    if args.logging_dir:
-        check_writable_folder(args.logging_dir, "--logging_dir")
-    if args.sample_prompts:
-        check_sample_paths(args, args.task)
-    check_architecture(read_layout(checkpoint_files(args.dit)), args.task, str(args.dit))  # from the header alone
+    files = first_checks(args)
+    check_architecture(read_layout(files), args.task, str(args.dit))  # from the header alone
     if args.resume and not args.resume_from_huggingface:  # a state training would refuse, named before it loads
         read_state_files(state_folder(args.resume, say=False))
     datasets = checked_samples(args.dataset_config, "--dataset_config", args.skip_damaged_caches)
