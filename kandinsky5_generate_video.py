@@ -27,7 +27,7 @@ from kandinsky5.cli import (
     given_options,
 )
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
-from kandinsky5.inference.jobs import check_request
+from kandinsky5.inference.jobs import prepare_request
 from kandinsky5.inference.magcache import task_ratios
 from kandinsky5.model.dtypes import DTYPES, TEXT_ENCODER_DTYPES
 from kandinsky5.model.memory_presets import add_vram_argument
@@ -197,13 +197,13 @@ def main(argv=None) -> None:
     if args.offload_dit_during_sampling:
         print("note: --offload_dit_during_sampling changes nothing: each stage already loads only while it runs")
     try:  # every check that needs no model code, before the models' code is imported (seconds of start-up)
-        check_request(args, task)
+        request = prepare_request(args, task)
     except ValueError as error:
         sys.exit(f"error: {error}")
     from kandinsky5.inference.generate import generate  # the models' code, once the options are known
 
     try:
-        generate(args, task)
+        generate(args, task, request)
     except ValueError as error:  # every input error of the toolkit is a ValueError with a message for the user
         sys.exit(f"error: {error}")
 

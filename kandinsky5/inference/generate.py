@@ -28,10 +28,10 @@ from kandinsky5.inference.denoiser import Denoiser, TextCondition, i2i_channels,
 from kandinsky5.inference.jobs import (
     GenerationError,
     Job,
-    build_jobs,
+    Request,
     first_given,
     latent_file,
-    read_latent_file,
+    prepare_request,
 )
 from kandinsky5.inference.magcache import magcache_for
 from kandinsky5.inference.media import (
@@ -44,11 +44,10 @@ from kandinsky5.inference.media import (
     write_video,
 )
 from kandinsky5.inference.sampling import flow_schedule, sample_euler
-from kandinsky5.inference.weight_paths import check_weights
-from kandinsky5.model.attention import attention_backend, check_backend
+from kandinsky5.model.attention import attention_backend
 from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, expected_shapes, load_dit, read_layout
 from kandinsky5.model.dtypes import DTYPES
-from kandinsky5.model.memory_presets import apply_choice, generation_choice, video_tokens
+from kandinsky5.model.memory_presets import apply_choice
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import TASKS, TaskPreset
 from modules.atomic_save import save_safetensors_atomic
@@ -237,9 +236,7 @@ def decode_tiling(vae, args) -> None:
     print(vae.set_decode_tiling(args.vae_tiling, args.vae_tile_size, args.vae_tile_frames))
 
 
-def decode_latent_files(args, task: TaskPreset, device) -> None:
-    latents = [read_latent_file(path) for path in args.latent_path]  # every file checked before the VAE loads
-    check_weights(args, task)
+def decode_latent_files(args, task: TaskPreset, device, latents: list[tuple[torch.Tensor, dict]]) -> None:
     vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)
     decode_tiling(vae, args)
     for path, (latent, metadata) in zip(args.latent_path, latents, strict=True):
@@ -254,17 +251,16 @@ def decode_latent_files(args, task: TaskPreset, device) -> None:
         write_output(output, vae.decode(latent)[0], metadata.get("fps", args.fps), metadata)
 
 
-def generate(args: argparse.Namespace, task: TaskPreset) -> None:
+def generate(args: argparse.Namespace, task: TaskPreset, request: Request | None = None) -> None:
+    """Run the request (checked by prepare_request(): the script does it before importing this module)."""
     device = torch.device(args.device)
+    request = request or prepare_request(args, task)
     if args.latent_path:
-        decode_latent_files(args, task, device)
+        decode_latent_files(args, task, device, request.latents)
         return
-    check_backend(attention_backend(args), device)
-    jobs = build_jobs(args, task)
-    if args.vram:  # what the request needs of the GPU, before the weights are looked for
-        tokens = max(video_tokens(job.frames, job.width, job.height) for job in jobs)
-        print(apply_choice(args, generation_choice(task, tokens, args.vram), args.given_options, args.vram))
-    check_weights(args, task)
+    jobs = request.jobs
+    if request.vram_choice is not None:
+        print(apply_choice(args, request.vram_choice, args.given_options, args.vram))
     # Refuse a wrong DiT or a broken LoRA before the text encoders spend any time (LoRAs are read once, here).
     check_architecture(read_layout(checkpoint_files(args.dit)), task, str(args.dit))
     loras = [(read_lora(path), m) for path, m in zip(args.lora_weight or [], lora_multipliers(args), strict=True)]

@@ -148,15 +148,28 @@ def read_latent_file(path: str | Path) -> tuple[torch.Tensor, dict]:
         raise GenerationError(f"--latent_path {path}: not a safetensors file ({error})") from None
 
 
-def check_request(args: argparse.Namespace, task: TaskPreset) -> None:
-    """Every check generate() makes before a model loads, in its order (an error raises ValueError)."""
+@dataclass
+class Request:
+    """A checked generation request: its jobs, or for --latent_path each file's latent and metadata, and
+    the --vram choice that fits it (applied by generate())."""
+
+    jobs: list[Job]
+    latents: list[tuple[torch.Tensor, dict]]
+    vram_choice: object | None = None
+
+
+def prepare_request(args: argparse.Namespace, task: TaskPreset) -> Request:
+    """Every check of the request that needs no model, in the order generation meets them (an error raises
+    ValueError): saved latents, or the attention package, the jobs, a --vram preset; then the weight paths."""
     if args.latent_path:
-        for path in args.latent_path:
-            read_latent_file(path)
+        latents = [read_latent_file(path) for path in args.latent_path]  # every file checked before the VAE loads
         check_weights(args, task)
-        return
+        return Request([], latents)
     check_backend(attention_backend(args), torch.device(args.device))
     jobs = build_jobs(args, task)
-    if args.vram:  # a preset the request cannot fit is refused here; generate() applies the one chosen
-        generation_choice(task, max(video_tokens(job.frames, job.width, job.height) for job in jobs), args.vram)
+    choice = None
+    if args.vram:  # what the request needs of the GPU, before the weights are looked for
+        tokens = max(video_tokens(job.frames, job.width, job.height) for job in jobs)
+        choice = generation_choice(task, tokens, args.vram)
     check_weights(args, task)
+    return Request(jobs, [], choice)
