@@ -49,6 +49,7 @@ from modules.option_types import (
 )
 
 NETWORK_MODULE = "networks.lora_kandinsky"
+NETWORK_MODULES = (NETWORK_MODULE, "networks.loha_kandinsky", "networks.lokr_kandinsky")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,26 +86,33 @@ def parser() -> argparse.ArgumentParser:
         "--persistent_data_loader_workers", action="store_true", help="keep the loader processes between epochs"
     )
 
-    net = p.add_argument_group("LoRA")
-    net.add_argument("--network_module", default=NETWORK_MODULE, help=f"must be {NETWORK_MODULE}")
-    net.add_argument("--network_dim", type=POSITIVE_INT, default=16, help="LoRA rank (default 16)")
+    net = p.add_argument_group("LoRA, LoHa, LoKr, DoRA and EMA")
+    net.add_argument(
+        "--network_module",
+        default=NETWORK_MODULE,
+        choices=NETWORK_MODULES,
+        help="the adapter: networks.lora_kandinsky (LoRA, default), networks.loha_kandinsky (LoHa: Hadamard "
+        "product of two low-rank pairs), networks.lokr_kandinsky (LoKr: Kronecker product); "
+        "DoRA is --network_args dora_wd=True",
+    )
+    net.add_argument("--network_dim", type=POSITIVE_INT, default=16, help="rank (default 16)")
     net.add_argument(
         "--network_alpha",
         type=POSITIVE,
         default=None,
-        help="LoRA alpha; scale = alpha / rank (default: the rank, i.e. scale 1)",
+        help="alpha; scale = alpha / rank (default: the rank, i.e. scale 1; LoKr with a whole w2 always scales 1)",
     )
     net.add_argument(
         "--network_dropout",
         type=number(0, 1, high_open=True),
         default=0.0,
-        help="dropout on the LoRA's rank activations",
+        help="dropout on the LoRA's rank activations (LoHa, LoKr: on the update)",
     )
     net.add_argument(
         "--network_args",
         nargs="*",
-        help="key=value: include_patterns=[...], exclude_patterns=[...] "
-        "(regular expressions on module paths), rank_dropout, module_dropout, loraplus_lr_ratio, verbose",
+        help="key=value: include_patterns=[...], exclude_patterns=[...] (regular expressions on module paths), "
+        "rank_dropout, module_dropout, dora_wd=True (DoRA), verbose; LoRA: loraplus_lr_ratio; LoKr: factor=N",
     )
     net.add_argument("--network_weights", help="LoRA file to continue training from")
     net.add_argument(
@@ -123,6 +131,25 @@ def parser() -> argparse.ArgumentParser:
         type=POSITIVE,
         help="after each step, scale down every LoRA module whose update (up @ down * alpha/rank) has a norm "
         "above this (1 is a common start); the scaled count and the norms are logged",
+    )
+    net.add_argument(
+        "--ema_decay",
+        type=number(0, 1, low_open=True, high_open=True),
+        help="keep an exponential moving average of the trained weights: ema = decay * ema + (1 - decay) * weights "
+        "after each update step (0.99 to 0.9999 are usual); saved as <name>-ema.safetensors beside every save and "
+        "in state folders (default: none)",
+    )
+    net.add_argument(
+        "--ema_start_step", type=NON_NEGATIVE_INT, default=0, help="first step the EMA takes in (default 0)"
+    )
+    net.add_argument(
+        "--ema_update_every", type=POSITIVE_INT, default=1, help="update the EMA every N steps (default 1)"
+    )
+    net.add_argument(
+        "--ema_device",
+        choices=["training", "cpu"],
+        default="training",
+        help="where the EMA is kept: the training device (default) or CPU memory",
     )
 
     opt = p.add_argument_group("optimization")
@@ -359,6 +386,11 @@ def parser() -> argparse.ArgumentParser:
     sampling.add_argument("--sample_every_n_epochs", type=POSITIVE_INT, help="sample after every N epochs")
     sampling.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
     sampling.add_argument(
+        "--sample_with_ema",
+        action="store_true",
+        help="make the samples with the EMA weights (--ema_decay) once the average has started",
+    )
+    sampling.add_argument(
         "--sample_expand_prompt",
         action="store_true",
         help="expand the sample prompts with Qwen as generation does by default (with --trigger_word before "
@@ -423,8 +455,16 @@ def arguments(argv=None) -> argparse.Namespace:
     for name in ("dataset_config", "dit", "output_dir"):
         if not getattr(args, name):
             p.error(f"--{name} is required (on the command line or in --config_file)")
-    if args.network_module != NETWORK_MODULE:
-        p.error(f"--network_module must be {NETWORK_MODULE}")
+    try:
+        check_network_args(args.network_module, args.network_args)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    if not args.ema_decay:
+        defaults = {"ema_start_step": 0, "ema_update_every": 1, "ema_device": "training"}
+        given = [f"--{name}" for name, default in defaults.items() if getattr(args, name) != default]
+        given = ["--sample_with_ema"] * args.sample_with_ema + given
+        if given:
+            p.error(f"{', '.join(given)} need --ema_decay")
     if args.min_timestep >= args.max_timestep:  # each is in range by its type; together they must make one
         sys.exit(
             f"error: need 0 <= --min_timestep < --max_timestep, got {args.min_timestep:g} and {args.max_timestep:g}"
@@ -434,6 +474,22 @@ def arguments(argv=None) -> argparse.Namespace:
     except ValueError as error:
         sys.exit(f"error: {error}")
     return args
+
+
+def check_network_args(module: str, network_args: list[str] | None) -> None:
+    """--network_args checked against the adapter's options (before any model loads)."""
+    import importlib
+
+    from networks.adapter_network import parse_network_args
+
+    adapter = importlib.import_module(module).ADAPTER
+    options = parse_network_args(network_args, getattr(adapter, "extra_args", {}), adapter.kind)
+    if options.get("factor", -1) == 0 or options.get("factor", -1) < -1:
+        raise ValueError(
+            f"--network_args factor={options['factor']}: expected a positive integer (or -1, the most square split)"
+        )
+    if options.get("loraplus_lr_ratio") is not None and options["loraplus_lr_ratio"] <= 0:
+        raise ValueError(f"--network_args loraplus_lr_ratio={options['loraplus_lr_ratio']}: expected a positive number")
 
 
 def check(argv=None) -> None:

@@ -4,12 +4,14 @@
     python -m kandinsky5.lora_tools to-official LORA OUT_FOLDER          lora.safetensors + config_lora.json
     python -m kandinsky5.lora_tools to-kohya LORA OUT.safetensors        lora_unet_<path>.lora_down/up.weight + alpha
     python -m kandinsky5.lora_tools merge --dit DIT --lora A [B ...] [--multiplier 1.0 ...] --output OUT [--fp8]
+    python -m kandinsky5.lora_tools ema FILE FILE [...] --output OUT [--beta 0.95 [--beta2 B] | --sigma_rel S]
 
 LORA may be in any layout the toolkit reads (kohya, PEFT/diffusers, official). The diffusers and
 official exports fold alpha / rank into the up matrix and record alpha = rank, so every program
 applies the intended scale whether or not it reads alpha: ComfyUI, diffusers and the official
 code all load the diffusers file unchanged. ``merge`` adds LoRAs to a DiT checkpoint (in fp32,
-streamed one tensor at a time) and writes it in its own dtype or, with --fp8, in fp8.
+streamed one tensor at a time) and writes it in its own dtype or, with --fp8, in fp8. ``ema``
+averages the files one run saved along the way (networks/post_hoc_ema.py).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import torch
 from kandinsky5.model.checkpoint import checkpoint_files, linear_shapes, read_layout
 from kandinsky5.model.fp8_checkpoint import rewrite_checkpoint
 from modules.atomic_save import save_safetensors_atomic
-from modules.option_types import FINITE, ScriptParser
+from modules.option_types import FINITE, ScriptParser, number
 from networks.lora_files import LoRAFile, read_lora
 from networks.lora_merge import merge_plan, weighted_loras
+from networks.post_hoc_ema import post_hoc_ema, training_order
 
 KOHYA_PREFIX = "lora_unet_"
 
@@ -59,12 +62,19 @@ def _dotted_guess(name: str) -> str:
 
 
 def plain_lora(lora: LoRAFile, layout: str) -> None:
-    """LoHa and LoKr modules have no lora_A/lora_B (or lora_down/lora_up) form: named, not converted."""
+    """LoHa and LoKr modules have no lora_A/lora_B form, and PEFT's DoRA magnitude is per output row where
+    LyCORIS's (and ComfyUI's) is per input column: named, not converted."""
     other = sorted({w.kind for w in lora.modules.values() if w.kind != "LoRA"})
     if other:
         raise ValueError(
             f"LoRA {lora.path} holds {' and '.join(other)} modules, which the {layout} layout cannot hold (it has "
             "LoRA's two matrices only). ComfyUI and musubi-tuner read the file as it is; generation here merges it"
+        )
+    if any(w.dora_scale is not None for w in lora.modules.values()):
+        raise ValueError(
+            f"LoRA {lora.path} is DoRA (dora_scale, a magnitude per input column as LyCORIS trains it); the {layout} "
+            "layout's DoRA keeps one per output row, which cannot express it. ComfyUI reads the file as it is; "
+            "generation here merges it"
         )
 
 
@@ -104,14 +114,14 @@ def to_official(lora: LoRAFile, output: Path, dit=None) -> None:
 
 
 def to_kohya(lora: LoRAFile, output: Path, dit=None) -> None:
-    plain_lora(lora, "kohya LoRA")
+    """Every module under ``lora_unet_`` names; LoHa, LoKr and DoRA modules keep their LyCORIS parts."""
     names = dotted_names(lora, dit)
     tensors = {}
     for name, weights in lora.modules.items():
         key = KOHYA_PREFIX + names[name].replace(".", "_")
-        tensors[f"{key}.lora_down.weight"] = weights.down.float()
-        tensors[f"{key}.lora_up.weight"] = weights.up.float()
-        tensors[f"{key}.alpha"] = torch.tensor(float(weights.alpha))
+        tensors |= {f"{key}.{part}": t.float() for part, t in weights.parts().items()}
+        if weights.alpha is not None:
+            tensors[f"{key}.alpha"] = torch.tensor(float(weights.alpha))
     save_safetensors_atomic(tensors, output, metadata={k: v for k, v in lora.metadata.items() if k.startswith("ss_")})
 
 
@@ -138,8 +148,28 @@ def main(argv: list[str] | None = None) -> None:
     merging.add_argument("--multiplier", nargs="*", type=FINITE, default=[], help="one per LoRA (default 1.0)")
     merging.add_argument("--output", required=True, help="the merged .safetensors file")
     merging.add_argument("--fp8", action="store_true", help="write the merged DiT in fp8 (as _make_fp8_ckpt.py)")
+    averaging = commands.add_parser("ema", help="post-hoc EMA: average the files one run saved (by step or epoch)")
+    averaging.add_argument("files", nargs="+", help="two or more files of one run, taken in training order")
+    averaging.add_argument("--output", required=True, help="the averaged .safetensors file")
+    averaging.add_argument(
+        "--beta", type=number(0, 1), default=0.95, help="decay per file, 0 to 1 (default 0.95: more weight to the past)"
+    )
+    averaging.add_argument("--beta2", type=number(0, 1), help="the last file's decay: beta moves linearly to it")
+    averaging.add_argument(
+        "--sigma_rel",
+        type=number(0, 0.5, low_open=True, high_open=True),
+        help="power-function EMA of relative width sigma_rel (0.05 to 0.3 usual) instead of --beta",
+    )
     args = parser.parse_args(argv)
     try:
+        if args.command == "ema":
+            if args.sigma_rel is not None and args.beta2 is not None:
+                raise ValueError("--sigma_rel replaces --beta and --beta2; give one method")
+            files = training_order([Path(f) for f in args.files])
+            tensors, metadata = post_hoc_ema(files, args.beta, args.beta2, args.sigma_rel)
+            save_safetensors_atomic(tensors, Path(args.output), metadata=metadata)
+            print(f"wrote {args.output}: {metadata['ss_post_hoc_ema']} ({', '.join(f.name for f in files)})")
+            return
         if args.command == "merge":
             count = merge(Path(args.dit), args.lora, args.multiplier, Path(args.output), args.fp8)
             print(f"wrote {args.output} ({count} weights changed)")

@@ -11,6 +11,8 @@
   times alpha / rank), and ``lokr_w1`` or ``lokr_w1_a``/``lokr_w1_b`` with ``lokr_w2`` or
   ``lokr_w2_a``/``lokr_w2_b`` (delta = kron(w1, w2), times alpha / rank when a factor is low-rank).
   They merge like LoRAs; the PEFT layouts cannot hold them.
+- DoRA: any of these kohya modules with ``dora_scale`` (1, in) as LyCORIS writes it, merged as ComfyUI does:
+  W' = W + multiplier * ((W + delta) * dora_scale / ||W + delta|| - W), the norm per input column.
 
 Kohya names have dots replaced by underscores; they are resolved against the model's real module
 names later, since names like ``to_query`` contain underscores themselves.
@@ -40,11 +42,23 @@ class LoRAFileError(ValueError):
     pass
 
 
+def merged(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor | None, multiplier: float):
+    """The fp32 ``weight`` with a module's ``delta`` merged at ``multiplier``; DoRA's column rescaling
+    when ``dora_scale`` is given (ComfyUI's weight_decompose)."""
+    delta = delta.to(weight.device)
+    if dora_scale is None:
+        return weight + multiplier * delta
+    adapted = weight + delta
+    adapted = adapted * (dora_scale.to(weight.device, torch.float32) / adapted.norm(dim=0, keepdim=True))
+    return weight + multiplier * (adapted - weight)
+
+
 @dataclass
 class LoRAWeights:
     down: torch.Tensor  # (rank, in_features)
     up: torch.Tensor  # (out_features, rank)
     alpha: float
+    dora_scale: torch.Tensor | None = None  # (1, in_features) for DoRA
 
     @property
     def rank(self) -> int:
@@ -61,8 +75,16 @@ class LoRAWeights:
         return self.up.shape[0], self.down.shape[1]
 
     def delta(self) -> torch.Tensor:
-        """The fp32 change of the layer's weight (multiplier 1)."""
+        """The fp32 change of the layer's weight (multiplier 1), before any DoRA rescaling."""
         return self.scale * (self.up.float() @ self.down.float())
+
+    def merged(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+        return merged(weight, self.delta(), self.dora_scale, multiplier)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The tensors by the names training's modules give them."""
+        parts = {"lora_down.weight": self.down, "lora_up.weight": self.up}
+        return parts | ({"dora_scale": self.dora_scale} if self.dora_scale is not None else {})
 
 
 @dataclass
@@ -72,6 +94,19 @@ class LycorisWeights:
     kind: str
     tensors: dict[str, torch.Tensor]
     alpha: float | None
+    dora_scale: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        t = self.tensors
+        low = t.get("hada_w1_b", t.get("lokr_w2_b", t.get("lokr_w1_b")))
+        return low.shape[0] if low is not None else max(t["lokr_w2"].shape)
+
+    def merged(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+        return merged(weight, self.delta(), self.dora_scale, multiplier)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return self.tensors | ({"dora_scale": self.dora_scale} if self.dora_scale is not None else {})
 
     def _pair(self, name: str) -> tuple[torch.Tensor, int | None]:
         """LoKr's factor ``name`` (w1 or w2): stored whole, or as a low-rank product (its rank returned)."""
@@ -188,24 +223,28 @@ def read_lora(path: str | Path) -> LoRAFile:
             )
         rank = p["down"].shape[0]
         alpha = float(p["alpha"]) if "alpha" in p else (file_alpha if file_alpha is not None else float(rank))
-        modules[short if kohya else name] = LoRAWeights(p["down"], p["up"], alpha)
+        modules[short if kohya else name] = LoRAWeights(p["down"], p["up"], alpha, p.get("dora_scale"))
     return LoRAFile(file, modules, kohya, metadata)
 
 
 def _lycoris(file: Path, name: str, parts: dict[str, torch.Tensor]) -> LycorisWeights | None:
     """The module as LoHa or LoKr when its parts are LyCORIS's; None for a LoRA module; others are an error."""
-    if "dora_scale" in parts:
-        raise LoRAFileError(f"LoRA {file}: module {name!r} is DoRA (dora_scale), which is not read here yet")
-    names = set(parts) - {"alpha"}
+    names = set(parts) - {"alpha", "dora_scale"}
     alpha = float(parts["alpha"]) if "alpha" in parts else None
+    dora_scale = parts.get("dora_scale")
+    if dora_scale is not None and (dora_scale.ndim != 2 or dora_scale.shape[0] != 1):
+        raise LoRAFileError(
+            f"LoRA {file}: module {name!r} has dora_scale {list(dora_scale.shape)}; expected (1, in_features), "
+            "the per-input-column magnitude LyCORIS writes"
+        )
     if names <= {"down", "up"}:
         return None
     if names == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}:
-        return LycorisWeights("LoHa", {k: parts[k] for k in names}, alpha)
+        return LycorisWeights("LoHa", {k: parts[k] for k in names}, alpha, dora_scale)
     w1_ok = names & {"lokr_w1"} or {"lokr_w1_a", "lokr_w1_b"} <= names
     w2_ok = names & {"lokr_w2"} or {"lokr_w2_a", "lokr_w2_b"} <= names
     if w1_ok and w2_ok and names <= set(LYCORIS_PARTS):
-        return LycorisWeights("LoKr", {k: parts[k] for k in names}, alpha)
+        return LycorisWeights("LoKr", {k: parts[k] for k in names}, alpha, dora_scale)
     raise LoRAFileError(
         f"LoRA {file}: module {name!r} holds {sorted(names)}: not a LoRA (lora_down/lora_up), LoHa (hada_w1_a...) "
         "or LoKr (lokr_w1/lokr_w2 or their _a/_b factors) module of a known layout (Tucker and conv parts are not read)"

@@ -1,5 +1,7 @@
 """Merge LoRAs into a model's Linear weights, in fp32: W <- W + multiplier * delta, the delta of a LoRA being
-(alpha / rank) * up @ down (LoHa's and LoKr's: networks/lora_files.py)."""
+(alpha / rank) * up @ down (LoHa's, LoKr's and DoRA's: networks/lora_files.py). Several files on one
+layer are merged in their order, each on the weight the ones before it left (as ComfyUI does; only
+DoRA, which rescales the whole weight, depends on the order)."""
 
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ def resolve_names(lora: LoRAFile, module_names: list[str]) -> dict[str, str]:
 
 def merge_plan(
     loras: list[tuple[LoRAFile, float]], layer_shapes: Mapping[str, tuple[int, int]]
-) -> dict[str, Callable[[], torch.Tensor]]:
-    """Module name -> a function giving the fp32 weight delta of all the LoRAs on it; every LoRA module
-    must match a layer of ``layer_shapes`` ((out, in) per Linear) with the right shape."""
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Module name -> a function taking the layer's fp32 weight and giving it with all the LoRAs on it
+    merged; every LoRA module must match a layer of ``layer_shapes`` ((out, in) per Linear) with the
+    right shape."""
     parts: dict[str, list[tuple[LoRAWeights | LycorisWeights, float]]] = {}
     for lora, multiplier in loras:
         for lora_name, module_name in resolve_names(lora, list(layer_shapes)).items():
@@ -42,12 +45,23 @@ def merge_plan(
                     f"LoRA {lora.path}: {module_name} is {list(layer_shapes[module_name])} in the model but "
                     f"{list(weights.shape)} in the LoRA"
                 )
+            dora = weights.dora_scale
+            if dora is not None and dora.shape[1] != layer_shapes[module_name][1]:
+                raise LoRAFileError(
+                    f"LoRA {lora.path}: {module_name} takes {layer_shapes[module_name][1]} inputs but its dora_scale "
+                    f"is {list(dora.shape)}"
+                )
             parts.setdefault(module_name, []).append((weights, multiplier))
 
-    def delta(entries: list[tuple[LoRAWeights | LycorisWeights, float]]) -> Callable[[], torch.Tensor]:
-        return lambda: sum(m * w.delta() for w, m in entries)
+    def merge(entries: list[tuple[LoRAWeights | LycorisWeights, float]]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def merged(weight: torch.Tensor) -> torch.Tensor:
+            for w, m in entries:
+                weight = w.merged(weight, m)
+            return weight
 
-    return {name: delta(entries) for name, entries in parts.items()}
+        return merged
+
+    return {name: merge(entries) for name, entries in parts.items()}
 
 
 def weighted_loras(paths, multipliers) -> list[tuple[LoRAFile, float]]:
@@ -64,7 +78,7 @@ def merge_lora(model: nn.Module, lora: LoRAFile, multiplier: float = 1.0) -> int
     """Add the LoRA to the weights of a loaded model; returns how many layers changed."""
     linears = linear_modules(model)
     plan = merge_plan([(lora, multiplier)], {n: (m.out_features, m.in_features) for n, m in linears.items()})
-    for name, delta in plan.items():
+    for name, merged in plan.items():
         layer = linears[name]
-        layer.weight.copy_((layer.weight.float() + delta().to(layer.weight.device)).to(layer.weight.dtype))
+        layer.weight.copy_(merged(layer.weight.float()).to(layer.weight.dtype))
     return len(plan)

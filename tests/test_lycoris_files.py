@@ -78,7 +78,7 @@ def test_generation_takes_a_lokr_file_with_its_multiplier(tiny_tree, tmp_path):
     assert torch.equal(zero, base) and not torch.allclose(full, base, atol=1e-4)
 
 
-def test_layouts_that_cannot_hold_them_and_dora_are_named(tmp_path, capsys):
+def test_layouts_that_cannot_hold_them_are_named(tmp_path, capsys):
     save_file({f"{key(LAYER)}.{k}": v for k, v in loha(64, 64, 2, seed=2).items()}, str(tmp_path / "loha.safetensors"))
     with pytest.raises(SystemExit) as stop:
         lora_tools(["to-diffusers", str(tmp_path / "loha.safetensors"), str(tmp_path / "out.safetensors")])
@@ -86,7 +86,13 @@ def test_layouts_that_cannot_hold_them_and_dora_are_named(tmp_path, capsys):
     assert "holds LoHa modules, which the diffusers/PEFT layout cannot hold" in said
     assert not (tmp_path / "out.safetensors").exists()
     dora = {f"{key(LAYER)}.lora_down.weight": torch.zeros(2, 64), f"{key(LAYER)}.lora_up.weight": torch.zeros(64, 2),
-            f"{key(LAYER)}.dora_scale": torch.ones(64, 1)}  # fmt: skip
+            f"{key(LAYER)}.dora_scale": torch.ones(1, 64)}  # fmt: skip
     save_file(dora, str(tmp_path / "dora.safetensors"))
-    with pytest.raises(LoRAFileError, match="is DoRA \\(dora_scale\\), which is not read here yet"):
-        read_lora(tmp_path / "dora.safetensors")
+    with pytest.raises(SystemExit) as stop:
+        lora_tools(["to-diffusers", str(tmp_path / "dora.safetensors"), str(tmp_path / "out.safetensors")])
+    assert "is DoRA (dora_scale, a magnitude per input column" in str(stop.value.code) + capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
+    # a magnitude per output row (PEFT's shape) is named, not merged along the wrong axis
+    save_file(dora | {f"{key(LAYER)}.dora_scale": torch.ones(64, 1)}, str(tmp_path / "rows.safetensors"))
+    with pytest.raises(LoRAFileError, match=r"has dora_scale \[64, 1\]; expected \(1, in_features\)"):
+        read_lora(tmp_path / "rows.safetensors")

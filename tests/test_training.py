@@ -320,7 +320,7 @@ def test_training_with_block_swap_gives_the_same_lora(tiny_tree, cached_dataset,
 
 def test_the_lora_down_projection_keeps_the_bf16_input_not_an_fp32_copy():
     # q, k and v LoRAs share one bf16 input; autograd's fp32 copy per layer was twice its size each
-    from networks.lora_kandinsky import down_projection
+    from networks.adapter_module import wide_linear as down_projection
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 5, 24, generator=g).to(torch.bfloat16).requires_grad_(True)

@@ -188,13 +188,13 @@ def load_dit(
     dtype: torch.dtype = torch.bfloat16,
     fp8: bool = False,
     fp8_block_size: int = DEFAULT_BLOCK_SIZE,
-    deltas: Mapping[str, Callable[[], torch.Tensor]] | None = None,
+    deltas: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> DiffusionTransformer3D:
     """Build the task's DiT and fill it from ``path``, one tensor at a time; parameters are frozen.
 
     ``fp8``: the block Linear weights are quantized to block-scaled float8 as they are read (an fp8
     checkpoint, with ``.scale_weight`` keys, is always loaded as fp8, without re-quantizing).
-    ``deltas``: module name -> fp32 weight delta (merged LoRAs), added before any quantization."""
+    ``deltas``: module name -> a function merging LoRAs into the fp32 weight, applied before any quantization."""
     files = checkpoint_files(path)
     layout = read_layout(files)
     check_architecture(layout, task, str(path))
@@ -249,7 +249,7 @@ def _loaded(handles, key, file, file_key, scales, deltas, device):
             return tensor, scale
         tensor = dequantize_weight(tensor, scale, torch.float32)
     if key.endswith(".weight") and module_name in deltas:
-        tensor = tensor.float() + deltas.pop(module_name)().to(device)
+        tensor = deltas.pop(module_name)(tensor.float().to(device))
     return tensor
 
 

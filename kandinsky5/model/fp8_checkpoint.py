@@ -39,7 +39,7 @@ def _quantized(name: str, file: Path, key: str, shape: tuple, block_size: int, d
     def weight() -> torch.Tensor:
         value = _read(file, key)
         if delta is not None:
-            value = value.float() + delta()
+            value = delta(value.float())
         made["weight"], made["scale"] = quantize_weight(value, block_size)
         done()
         return made.pop("weight")
@@ -58,7 +58,7 @@ def _copied(name: str, file: Path, key: str, shape: tuple, done, delta=None) -> 
     def tensor() -> torch.Tensor:
         done()
         value = _read(file, key)
-        return value if delta is None else (value.float() + delta()).to(value.dtype)
+        return value if delta is None else delta(value.float()).to(value.dtype)
 
     return PlannedTensor(name, dtype, shape, tensor)
 
@@ -70,8 +70,8 @@ def rewrite_checkpoint(
     block_size: int = DEFAULT_BLOCK_SIZE,
     deltas: dict | None = None,
 ) -> int:
-    """Write ``source`` to ``output`` with ``deltas`` (module name -> fp32 delta function) added to the
-    weights and, with ``fp8``, the block Linear weights quantized; returns how many weights changed."""
+    """Write ``source`` to ``output`` with ``deltas`` (module name -> function merging LoRAs into the fp32
+    weight) applied and, with ``fp8``, the block Linear weights quantized; returns how many weights changed."""
     files = checkpoint_files(source)
     layout = read_layout(files)
     already_fp8 = read_fp8_layout(files, layout, str(source)).format is not None

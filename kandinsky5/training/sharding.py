@@ -25,10 +25,10 @@ from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
 from kandinsky5.training.fsdp_options import FsdpSettings
 from modules.sharded_tensors import is_sharded
-from networks.lora_kandinsky import LoRANetwork
+from networks.adapter_network import AdapterNetwork
 
 
-def shard_dit(dit: nn.Module, network: LoRANetwork, device: torch.device, settings: FsdpSettings) -> None:
+def shard_dit(dit: nn.Module, network: AdapterNetwork, device: torch.device, settings: FsdpSettings) -> None:
     """Shard ``dit`` (with ``network`` applied to it) over all processes, block by block; the weights
     end up on ``device``, each process holding its share."""
     for lora, layer in network.targets(dit):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from kandinsky5.model.memory_presets import apply_choice, training_choice
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.tasks import NABLA_SIZE_MULTIPLE, TaskPreset
 from kandinsky5.training.cache_check import checked_samples, damaged_caches_message
+from kandinsky5.training.ema import WeightAverage, ema_settings
 from kandinsky5.training.first_checks import first_checks
 from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents
 from kandinsky5.training.fsdp_options import fsdp_settings
@@ -70,7 +72,7 @@ from modules.atomic_save import remove_leftovers, save_safetensors_atomic
 from modules.optimizers import create_optimizer, create_scheduler, warmup_steps
 from modules.prefetch import host_to_device, prefetch_to
 from modules.sharded_tensors import whole
-from networks.lora_kandinsky import LoRANetwork, create_network
+from networks.adapter_network import AdapterNetwork
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_PRECISION = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -192,7 +194,7 @@ def lora_metadata(
 ) -> dict[str, str]:
     info = {
         "ss_base_model_version": "kandinsky5",
-        "ss_network_module": "networks.lora_kandinsky",
+        "ss_network_module": args.network_module,
         "ss_network_dim": str(args.network_dim),
         "ss_network_alpha": str(args.network_alpha or args.network_dim),
         "ss_network_dropout": str(args.network_dropout),
@@ -277,9 +279,18 @@ class Checkpoints:
     process calls these methods (a LoRA sharded by FSDP is gathered for saving); the main one writes."""
 
     def __init__(
-        self, args: argparse.Namespace, network: LoRANetwork, optimizer, scheduler, metadata, main: bool, upload=None
+        self,
+        args: argparse.Namespace,
+        network: AdapterNetwork,
+        optimizer,
+        scheduler,
+        metadata,
+        main: bool,
+        upload=None,
+        ema: WeightAverage | None = None,
     ):
         self.args, self.network, self.optimizer, self.scheduler = args, network, optimizer, scheduler
+        self.ema = ema
         self.metadata, self.directory, self.main = metadata, Path(args.output_dir), main
         self.upload = upload or (lambda path, is_state=False: None)
         self.written: set[Path] = set()  # rotation deletes only what this run wrote
@@ -295,9 +306,24 @@ class Checkpoints:
             self.written.add(path)
             tqdm.write(f"saved {path}")
             self.upload(path)
+        if self.ema is not None and self.ema.started:
+            self._save_ema(name, position)
         if with_state:
             self.save_state(f"{name}-state", position)
         return path
+
+    def _save_ema(self, name: str, position: Position) -> None:
+        """``<name>-ema.safetensors``: the EMA of the weights, beside the file of the same save."""
+        path = self.directory / f"{name}-ema.safetensors"
+        with self.ema.applied():
+            weights = self.network.kohya_state_dict(SAVE_PRECISION[self.args.save_precision])
+        if self.main:
+            metadata = None if self.args.no_metadata else {**self.metadata(position), **self.ema.metadata()}
+            with _stop_when_unwritable(path):
+                save_safetensors_atomic(weights, path, metadata=metadata)
+            self.written.add(path)
+            tqdm.write(f"saved {path}")
+            self.upload(path)
 
     def state_of(self, position: Position) -> Path | None:
         """The state folder saved at exactly this position, if the last save was there (every process knows)."""
@@ -308,7 +334,9 @@ class Checkpoints:
         self.last_state = (position, folder)
         metadata = self.metadata(position)
         with _stop_when_unwritable(folder):
-            save_state(folder, self.network, metadata, self.optimizer, self.scheduler, position, write=self.main)
+            save_state(
+                folder, self.network, metadata, self.optimizer, self.scheduler, position, write=self.main, ema=self.ema
+            )
         if self.main:
             self.written.add(folder)
             tqdm.write(f"saved training state {folder}")
@@ -323,6 +351,7 @@ class Checkpoints:
             return
         if part == "file":
             path.unlink(missing_ok=True)
+            path.with_name(f"{name}-ema.safetensors").unlink(missing_ok=True)
         else:
             remove_old(path)
 
@@ -593,6 +622,7 @@ def train(args: argparse.Namespace) -> Path:
         rank, alpha = network_size_of(args.network_weights)
         args.network_dim, args.network_alpha = rank, args.network_alpha or alpha
         print(f"--dim_from_weights: rank {rank}, alpha {args.network_alpha:g} from {args.network_weights}")
+    create_network = importlib.import_module(args.network_module).create_network
     network = create_network(dit, args.network_dim, args.network_alpha, args.network_dropout, args.network_args)
     if args.network_weights:
         network.load_weights(args.network_weights)
@@ -607,6 +637,7 @@ def train(args: argparse.Namespace) -> Path:
             f"of base weights ({held / total:.1%}) and its share of the LoRA"
         )
     network.to(device).train()
+    ema = WeightAverage(network, ema_settings(args)) if args.ema_decay else None
     compiling = compile_options(args)
     if compiling is not None:
         dit.compile_blocks(**compiling)
@@ -649,7 +680,7 @@ def train(args: argparse.Namespace) -> Path:
     if args.resume and args.resume_from_huggingface:
         args.resume = state_from_hub(args)
     if args.resume:
-        position, rng_states = load_state(args.resume, network, optimizer, scheduler)
+        position, rng_states = load_state(args.resume, network, optimizer, scheduler, ema)
         if position.data_fingerprint != fingerprint and main:
             print(f"warning: the training data changed since {args.resume} was saved")
         if main:
@@ -665,6 +696,7 @@ def train(args: argparse.Namespace) -> Path:
         lambda p: lora_metadata(args, task, p.epoch if p.next_batch else p.epoch - 1, p.step, started, datasets),
         main,
         upload,
+        ema,
     )
     start_trackers(accelerator, trackers, args, {"task": task.name, "network_dim": args.network_dim})
     buckets = TimestepBuckets(args.num_timestep_buckets, args.seed) if args.num_timestep_buckets else None
@@ -679,14 +711,25 @@ def train(args: argparse.Namespace) -> Path:
     def validate() -> None:
         due = args.validate_every_n_steps and step % args.validate_every_n_steps == 0
         if validation is not None and (main or everyone) and due:
+            values = {}
             with untouched_random_state(device):
-                value = validation.loss(dit, network, task, args, device, accelerator.autocast)
+                values["loss/validation"] = validation.loss(dit, network, task, args, device, accelerator.autocast)
+            if ema is not None and ema.started:
+                with untouched_random_state(device), ema.applied():
+                    values["loss/validation_ema"] = validation.loss(
+                        dit, network, task, args, device, accelerator.autocast
+                    )
             if main:
-                tqdm.write(f"step {step}: validation loss {value:.5f}")
+                ema_part = f" (EMA weights {values['loss/validation_ema']:.5f})" if len(values) > 1 else ""
+                tqdm.write(f"step {step}: validation loss {values['loss/validation']:.5f}{ema_part}")
             if log_with:
-                accelerator.log({"loss/validation": value}, step=step)
+                accelerator.log(values, step=step)
 
     tracker = SampleLog(accelerator, trackers) if trackers and sampler and main else None
+
+    def sampling_weights():
+        """The EMA weights in the network while samples are made, with --sample_with_ema."""
+        return ema.applied() if ema is not None and args.sample_with_ema else contextlib.nullcontext()
 
     def sample(epoch_done: int | None = None) -> None:
         every_step, every_epoch = args.sample_every_n_steps, args.sample_every_n_epochs
@@ -694,7 +737,7 @@ def train(args: argparse.Namespace) -> Path:
             epoch_done is not None and every_epoch and epoch_done % every_epoch == 0
         )
         if sampler is not None and due:
-            with untouched_random_state(device):
+            with untouched_random_state(device), sampling_weights():
                 sampler.sample(dit, network, step, tracker)
 
     if sampler is not None and args.sample_at_first and not args.resume:
@@ -734,6 +777,8 @@ def train(args: argparse.Namespace) -> Path:
                 if not optimizer.step_was_skipped:  # the scaler skips steps with inf/NaN gradients
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.after_step(step + 1)
                 if args.scale_weight_norms:
                     scaled, mean_norm, max_norm = network.scale_weight_norms(args.scale_weight_norms)
                     if log_with:

@@ -4,6 +4,7 @@
     optimizer.pt        optimizer state
     scheduler.pt        learning-rate schedule state
     rng.pt              random number generator states (noise, timesteps, dropout), of every process
+    ema.safetensors     with --ema_decay, once the average has started: the EMA by parameter name
     train_state.json    step, epoch, the next batch within that epoch, a fingerprint of the data
 
 A folder is written under a temporary name and renamed, so a crash never leaves half a state.
@@ -24,10 +25,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kandinsky5.training.ema import STATE_NAME as EMA_STATE
+from kandinsky5.training.ema import WeightAverage
 from modules.atomic_save import save_safetensors_atomic, sync_tree, temporary_folder
 from modules.safetensors_read import SafetensorsFile
 from modules.sharded_tensors import is_sharded, shaped_like, whole
-from networks.lora_kandinsky import LoRANetwork
+from networks.adapter_network import AdapterNetwork
 
 STATE_FILE = "train_state.json"
 SCALER_FILE = "scaler.pt"
@@ -85,15 +88,17 @@ def rng_states() -> dict:
 
 def save_state(
     folder: Path,
-    network: LoRANetwork,
+    network: AdapterNetwork,
     metadata: dict[str, str],
     optimizer,
     scheduler,
     position: Position,
     write: bool = True,
+    ema: WeightAverage | None = None,
 ) -> None:
     """Every process calls this; only where ``write`` is set is the folder written."""
     lora, optimizer_state, rng = network.kohya_state_dict(), whole_optimizer_state(optimizer), rng_states()
+    ema_state = ema.state() if ema is not None else None
     scaler = gradient_scaler(optimizer)
     if not write:
         return
@@ -106,6 +111,8 @@ def save_state(
         _save_pt(rng, tmp / "rng.pt")
         if scaler is not None:
             _save_pt(scaler.state_dict(), tmp / SCALER_FILE)
+        if ema is not None:
+            ema.save_state(tmp, ema_state)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(position), indent=2))
         sync_tree(tmp)
         # an old state is moved aside, the new one renamed in, and only then the old one deleted:
@@ -201,8 +208,10 @@ def read_state_files(folder: Path) -> tuple[Position, dict, dict, dict, dict | N
     return position, optimizer_state, scheduler_state, rng, scaler_state
 
 
-def load_state(folder: Path, network: LoRANetwork, optimizer, scheduler) -> tuple[Position, dict]:
-    """Restore the LoRA, optimizer and schedule; returns the position and the RNG states to restore
+def load_state(
+    folder: Path, network: AdapterNetwork, optimizer, scheduler, ema: WeightAverage | None = None
+) -> tuple[Position, dict]:
+    """Restore the LoRA, optimizer, schedule and EMA; returns the position and the RNG states to restore
     just before training continues. Every file is checked before anything is restored."""
     folder = state_folder(folder)
     position, optimizer_state, scheduler_state, rng, scaler_state = read_state_files(folder)
@@ -217,6 +226,10 @@ def load_state(folder: Path, network: LoRANetwork, optimizer, scheduler) -> tupl
         raise StateError(
             f"--resume {folder}: the optimizer or schedule state does not fit this run ({error})"
         ) from None
+    if ema is not None:
+        ema.load_state(folder)
+    elif (folder / EMA_STATE).exists():
+        print(f"note: {folder} holds an EMA of the weights; without --ema_decay this run does not continue it")
     return position, rng
 
 
