@@ -24,7 +24,8 @@ from torch import nn
 from .adapter_module import AdapterModule, wide_linear
 from .adapter_network import DEFAULT_INCLUDE, AdapterNetwork, build_network
 
-__all__ = ["DEFAULT_INCLUDE", "AdapterNetwork", "LoRAModule", "create_network"]
+__all__ = ["DEFAULT_INCLUDE", "AdapterNetwork", "LoRAModule", "LoRANetwork", "create_network"]
+LoRANetwork = AdapterNetwork  # the name scripts written for earlier versions import
 
 
 class LoRAModule(AdapterModule):

@@ -133,6 +133,10 @@ def test_the_examples_wrote_what_the_docs_say(docs_workspace):
         "typed.mp4",
         "output/zxq_style.safetensors",
         "zxq.mp4",
+        "output/walk_lokr.safetensors",
+        "lokr.mp4",
+        "output/walk_ema-ema.safetensors",
+        "output/walk_post_hoc.safetensors",
     ]
     missing = [name for name in expected if not (docs_workspace / name).exists()]
     assert not missing, missing

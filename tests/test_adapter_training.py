@@ -156,3 +156,31 @@ def test_ema_options_need_the_decay(tiny_tree, cached_dataset, tmp_path):
                 "factor=0",
             )  # fmt: skip
         )
+
+
+def test_lokr_with_dora_and_ema_under_fsdp_equals_ddp(tiny_tree, cached_dataset, tmp_path):
+    _, config, _ = cached_dataset
+    configs = ROOT / "examples" / "accelerate"
+    options = ["--network_module", "networks.lokr_kandinsky", "--network_args", "dora_wd=True", "factor=4",
+               "--max_train_steps", "3", "--ema_decay", "0.5"]  # fmt: skip
+    for name in ("fsdp", "ddp"):
+        run(accelerate_launch(2, *train_args(tiny_tree, config, tmp_path / name, *options),
+                              config_file=configs / f"{name}.yaml"))  # fmt: skip
+    for file in ("lora.safetensors", "lora-ema.safetensors"):
+        fsdp, ddp = load_file(str(tmp_path / "fsdp" / file)), load_file(str(tmp_path / "ddp" / file))
+        assert fsdp.keys() == ddp.keys() and any(k.endswith("dora_scale") for k in fsdp)
+        assert max(float((fsdp[k] - ddp[k]).abs().max()) for k in fsdp) <= 1e-6
+
+
+@pytest.mark.parametrize("adapter", ["loha", "dora"])
+def test_adapters_train_over_fp8_weights_with_block_swap(adapter, tiny_tree, cached_dataset, tmp_path):
+    _, _, video_only = cached_dataset
+    module, network_args = ADAPTERS[adapter]
+    options = ["--network_module", module, "--network_args", *network_args, "--max_train_steps", "2",
+               "--fp8_base", "--blocks_to_swap", "1"]  # fmt: skip
+    run(accelerate_launch(1, *train_args(tiny_tree, video_only, tmp_path / "out", *options)))
+    weights = load_file(str(tmp_path / "out" / "lora.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    started_at_zero = [t for k, t in weights.items() if k.endswith(("hada_w2_a", "lora_up.weight"))]
+    assert started_at_zero and all(t.abs().sum() > 0 for t in started_at_zero)  # trained over the fp8 layers
+    assert read_lora(tmp_path / "out" / "lora.safetensors").modules
