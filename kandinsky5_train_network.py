@@ -90,10 +90,10 @@ def parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--network_module",
         default=NETWORK_MODULE,
+        metavar="MODULE",
         choices=NETWORK_MODULES,
-        help="the adapter: networks.lora_kandinsky (LoRA, default), networks.loha_kandinsky (LoHa: Hadamard "
-        "product of two low-rank pairs), networks.lokr_kandinsky (LoKr: Kronecker product); "
-        "DoRA is --network_args dora_wd=True",
+        help="networks.lora_kandinsky (LoRA, default), networks.loha_kandinsky (LoHa), networks.lokr_kandinsky "
+        "(LoKr); DoRA: --network_args dora_wd=True",
     )
     net.add_argument("--network_dim", type=POSITIVE_INT, default=16, help="rank (default 16)")
     net.add_argument(
@@ -135,21 +135,16 @@ def parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--ema_decay",
         type=number(0, 1, low_open=True, high_open=True),
-        help="keep an exponential moving average of the trained weights: ema = decay * ema + (1 - decay) * weights "
-        "after each update step (0.99 to 0.9999 are usual); saved as <name>-ema.safetensors beside every save and "
-        "in state folders (default: none)",
+        help="keep an average of the weights, ema = decay * ema + (1 - decay) * weights (0.99 to 0.9999 usual), "
+        "saved as <name>-ema.safetensors beside each save (default: none)",
     )
-    net.add_argument(
-        "--ema_start_step", type=NON_NEGATIVE_INT, default=0, help="first step the EMA takes in (default 0)"
-    )
-    net.add_argument(
-        "--ema_update_every", type=POSITIVE_INT, default=1, help="update the EMA every N steps (default 1)"
-    )
+    net.add_argument("--ema_start_step", type=NON_NEGATIVE_INT, default=0, help="the EMA's first step")
+    net.add_argument("--ema_update_every", type=POSITIVE_INT, default=1, help="update the EMA every N steps")
     net.add_argument(
         "--ema_device",
         choices=["training", "cpu"],
         default="training",
-        help="where the EMA is kept: the training device (default) or CPU memory",
+        help="where the EMA is kept (default: the training device)",
     )
 
     opt = p.add_argument_group("optimization")
