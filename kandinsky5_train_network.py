@@ -47,9 +47,10 @@ from modules.option_types import (
     integer,
     number,
 )
+from networks.network_args import ADAPTERS, check_network_args
 
 NETWORK_MODULE = "networks.lora_kandinsky"
-NETWORK_MODULES = (NETWORK_MODULE, "networks.loha_kandinsky", "networks.lokr_kandinsky")
+NETWORK_MODULES = tuple(ADAPTERS)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -469,22 +470,6 @@ def arguments(argv=None) -> argparse.Namespace:
     except ValueError as error:
         sys.exit(f"error: {error}")
     return args
-
-
-def check_network_args(module: str, network_args: list[str] | None) -> None:
-    """--network_args checked against the adapter's options (before any model loads)."""
-    import importlib
-
-    from networks.adapter_network import parse_network_args
-
-    adapter = importlib.import_module(module).ADAPTER
-    options = parse_network_args(network_args, getattr(adapter, "extra_args", {}), adapter.kind)
-    if options.get("factor", -1) == 0 or options.get("factor", -1) < -1:
-        raise ValueError(
-            f"--network_args factor={options['factor']}: expected a positive integer (or -1, the most square split)"
-        )
-    if options.get("loraplus_lr_ratio") is not None and options["loraplus_lr_ratio"] <= 0:
-        raise ValueError(f"--network_args loraplus_lr_ratio={options['loraplus_lr_ratio']}: expected a positive number")
 
 
 def check(argv=None) -> None:

@@ -1,1 +1,1 @@
-"""LoRA networks for the Kandinsky 5 DiT (``networks.lora_kandinsky`` arrives with the training issue)."""
+"""The trainable networks for the Kandinsky 5 DiT (LoRA, LoHa, LoKr, with DoRA) and the adapter files we read."""

@@ -10,7 +10,6 @@ dotted module path) narrow or widen this.
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
@@ -23,48 +22,13 @@ from modules.sharded_tensors import shaped_like, whole
 
 from .adapter_module import AdapterModule
 from .lora_files import LoRAFileError, read_lora
+from .network_args import MODULE_OF_KIND, parse_network_args
 
 PREFIX = "lora_unet_"
 DEFAULT_INCLUDE = [
     r"(text|visual)_transformer_blocks\.\d+\.(self_attention|cross_attention)\.(to_query|to_key|to_value|out_layer)",
     r"(text|visual)_transformer_blocks\.\d+\.feed_forward\.(in_layer|out_layer)",
 ]
-COMMON_ARGS = {
-    "include_patterns": list,
-    "exclude_patterns": list,
-    "rank_dropout": float,
-    "module_dropout": float,
-    "dora_wd": bool,
-    "verbose": bool,
-}
-MODULE_OF_KIND = {
-    "LoRA": "networks.lora_kandinsky",
-    "LoHa": "networks.loha_kandinsky",
-    "LoKr": "networks.lokr_kandinsky",
-}
-
-
-def parse_network_args(values: list[str] | None, extra: dict[str, type] | None = None, kind: str = "LoRA") -> dict:
-    """``key=value`` strings (values are Python literals) into typed options; unknown keys are errors."""
-    known = {**COMMON_ARGS, **(extra or {})}
-    parsed = {}
-    for text in values or []:
-        key, sep, value = text.partition("=")
-        key = key.strip()
-        if not sep or key not in known:
-            raise ValueError(
-                f"--network_args {text!r}: expected key=value with key one of {', '.join(known)} (for {kind})"
-            )
-        try:
-            parsed[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            parsed[key] = value.strip()
-        wanted = known[key]
-        if wanted is float and isinstance(parsed[key], int | float) and not isinstance(parsed[key], bool):
-            parsed[key] = float(parsed[key])
-        if not isinstance(parsed[key], wanted) or (wanted is int and isinstance(parsed[key], bool)):
-            raise ValueError(f"--network_args {key}: expected a {wanted.__name__}, got {value!r}")
-    return parsed
 
 
 class AdapterNetwork(nn.Module):

@@ -22,6 +22,7 @@ from torch import nn
 
 from .adapter_module import AdapterModule, wide_linear
 from .adapter_network import AdapterNetwork, build_network
+from .network_args import ADAPTERS
 
 
 def factorization(size: int, factor: int = -1) -> tuple[int, int]:
@@ -36,7 +37,7 @@ def factorization(size: int, factor: int = -1) -> tuple[int, int]:
 
 class LoKrModule(AdapterModule):
     kind = "LoKr"
-    extra_args = {"factor": int}
+    extra_args = ADAPTERS["networks.lokr_kandinsky"][1]
 
     def __init__(self, name: str, base: nn.Module, rank: int, alpha: float | None, factor: int = -1, **options):
         super().__init__(name, base, rank, alpha, **options)

@@ -23,6 +23,7 @@ from torch import nn
 
 from .adapter_module import AdapterModule, wide_linear
 from .adapter_network import DEFAULT_INCLUDE, AdapterNetwork, build_network
+from .network_args import ADAPTERS
 
 __all__ = ["DEFAULT_INCLUDE", "AdapterNetwork", "LoRAModule", "LoRANetwork", "create_network"]
 LoRANetwork = AdapterNetwork  # the name scripts written for earlier versions import
@@ -32,7 +33,7 @@ class LoRAModule(AdapterModule):
     """The low-rank update of one Linear layer."""
 
     kind = "LoRA"
-    extra_args = {"loraplus_lr_ratio": float}
+    extra_args = ADAPTERS["networks.lora_kandinsky"][1]
 
     def __init__(self, name: str, base: nn.Module, rank: int, alpha: float | None, **options):
         super().__init__(name, base, rank, alpha, **options)
