@@ -137,6 +137,7 @@ def test_the_examples_wrote_what_the_docs_say(docs_workspace):
         "lokr.mp4",
         "output/walk_ema-ema.safetensors",
         "output/walk_post_hoc.safetensors",
+        "data/edits/sources/cat_001.txt",  # dataset_config.md's captioning
     ]
     missing = [name for name in expected if not (docs_workspace / name).exists()]
     assert not missing, missing
@@ -148,6 +149,7 @@ def test_the_examples_wrote_what_the_docs_say(docs_workspace):
         assert f.metadata()["trigger"] == "zxq style, "  # training.md's trigger word, as inference.md says
     assert read_metadata(docs_workspace / "zxq.mp4")["expanded_prompt"].startswith("zxq style, ")
     assert read_metadata(docs_workspace / "typed.mp4")["expanded_prompt"] is None
+    assert (docs_workspace / "data/edits/sources/cat_002.txt").read_text().startswith("zxq style, ")
     assert len(list((docs_workspace / "out_folder").iterdir())) == 2  # one file per prompt line
     assert list((docs_workspace / "logs").rglob("events.out.tfevents.*"))
     assert list((docs_workspace / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -10,6 +10,7 @@ SCRIPTS = [
     "kandinsky5_cache_latents.py",
     "kandinsky5_cache_text_encoder_outputs.py",
     "kandinsky5_train_network.py",
+    "kandinsky5_caption.py",
     "_make_fp8_ckpt.py",
 ]
 
@@ -154,6 +155,7 @@ PATH_ERRORS = {
                                     "dataset config absent.toml does not exist"),
     "kandinsky5_cache_text_encoder_outputs.py": (["--task", "tiny-t2v", "--dataset_config", "absent.toml"],
                                                  "dataset config absent.toml does not exist"),
+    "kandinsky5_caption.py": (["--dataset_config", "absent.toml"], "dataset config absent.toml does not exist"),
 }  # fmt: skip
 
 
