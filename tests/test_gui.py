@@ -15,7 +15,7 @@ pytest.importorskip("gradio", reason="the web UI needs gradio (pip install -e '.
 
 import kandinsky5_gui  # noqa: E402
 
-from .media_factory import write_image  # noqa: E402
+from .media_factory import write_image, write_video  # noqa: E402
 from .test_acceptance_docs import write_lora  # noqa: E402
 
 
@@ -570,3 +570,54 @@ def test_an_i2v_picture_dropped_on_the_page_is_the_first_frame_and_zero_fields_t
     assert settings["width"] > settings["height"]  # the picture's aspect (96 x 64), not the task's square
     assert settings["guidance"] == 5.0  # 0 in the form: the task's
     assert any("ComfyUI" in label and command == "to-kohya" for label, command in CONVERSIONS)
+
+
+def test_caption_with_qwen_fills_the_table_keeping_typed_captions_and_saves_only_when_asked(
+    served, tiny_tree, tmp_path
+):
+    client, _ = served
+    folder = tmp_path / "captioned"
+    media = folder / "media"
+    media.mkdir(parents=True)
+    write_image(media / "shot0.png", 64, 48, seed=1)
+    write_image(media / "shot1.png", 40, 64, seed=2)
+    write_video(media / "clip.mp4", 9, 64, 48)
+    (media / "broken.png").write_bytes(b"not a png")
+    typed = {"headers": ["file", "caption"], "data": [["broken.png", ""], ["clip.mp4", ""], ["shot0.png", "typed"],
+                                                      ["shot1.png", ""]]}  # fmt: skip
+    qwen = str(tiny_tree / "text_encoder")
+    rows = client.predict(str(folder), qwen, typed, "zxq, ", False, api_name="/caption_with_qwen")["data"]
+    by_name = dict(rows)
+    assert by_name["shot0.png"] == "typed" and by_name["broken.png"] == ""
+    assert by_name["clip.mp4"].startswith("zxq, ") and by_name["shot1.png"].startswith("zxq, ")
+    assert not list(media.glob("*.txt"))  # shown for editing, written by Save captions
+    replaced = dict(client.predict(str(folder), qwen, typed, "", True, api_name="/caption_with_qwen")["data"])
+    assert replaced["shot0.png"] != "typed" and not replaced["shot0.png"].startswith("zxq, ")
+
+
+def test_in_a_real_browser_caption_with_qwen_fills_the_captions_table(served, tiny_tree, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    client, _ = served
+    media = tmp_path / "project" / "media"
+    media.mkdir(parents=True)
+    write_image(media / "shot.png", 64, 64, seed=3)
+    page = browser()
+    try:
+        page.get(client.src)
+        wait_for(lambda: page.find_elements(By.XPATH, "//button[normalize-space()='Train']"))
+        open_tab(page, "Train")
+        type_into(page, "Qwen2.5-VL", tiny_tree / "text_encoder")
+        type_into(page, "Project folder", media.parent)
+        wait_for(lambda: page.find_elements(By.CSS_SELECTOR, "[data-testid='cell-0-0']"))
+        type_into(page, "Caption prefix (a trigger word)", "zxq style, ")
+        click(page, "Caption with Qwen")
+        cell = wait_for(
+            lambda: [c for c in page.find_elements(By.CSS_SELECTOR, "[data-testid='cell-0-1']") if c.text], every=0.2
+        )
+        assert cell[0].text.startswith("zxq style, ")
+        click(page, "Save captions")
+        wait_for(lambda: (media / "shot.txt").exists())
+        assert (media / "shot.txt").read_text().startswith("zxq style, ")
+    finally:
+        page.quit()

@@ -163,3 +163,21 @@ def caption_targets(
                 summary.written.append((target.path, caption))
                 bar.update(1)
     return summary
+
+
+def caption_with_qwen(
+    targets: list[Target], qwen_path: str | Path, settings, batch_size: int = 1, overwrite: bool = False, save=True
+) -> Summary:
+    """Load Qwen (bf16 on the GPU when there is one, else fp32 on the CPU) and caption ``targets``."""
+    import torch
+
+    from kandinsky5.encoders.text_encoders import QwenEncoder, lm_head_missing
+
+    from .captioner import Captioner
+
+    missing = lm_head_missing(qwen_path)
+    if missing:
+        raise ValueError(missing)
+    cuda = torch.cuda.is_available()
+    qwen = QwenEncoder(qwen_path, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32)
+    return caption_targets(Captioner(qwen, settings), targets, batch_size, overwrite, save)

@@ -76,6 +76,30 @@ def _cache(folder, task, vae, qwen, clip, progress=gr.Progress(track_tqdm=True))
     return "\n".join(summaries)
 
 
+def _caption_with_qwen(folder, qwen, rows, prefix, replace, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+    """The captions table with Qwen's captions filled in (not saved: they can be edited first)."""
+    from kandinsky5.captioning.caption_job import caption_with_qwen, folder_targets
+    from kandinsky5.captioning.captioner import CaptionSettings
+
+    project = _project(folder)
+    rows = rows.values.tolist() if hasattr(rows, "values") else list(rows or [])
+    typed = {str(name): str(caption or "").strip() for name, caption in rows}
+    targets = folder_targets(project.media, ".txt") if project.media.is_dir() else []
+    if not targets:
+        raise gr.Error("add images or videos to the project first")
+    for target in targets:  # what the table shows (typed, maybe not saved yet) is what is kept
+        target.existing = typed.get(target.path.name) or None
+    try:
+        summary = caption_with_qwen(targets, qwen or "weights/text_encoder", CaptionSettings(prefix=prefix or ""),
+                                    overwrite=bool(replace), save=False)  # fmt: skip
+    except (OSError, ValueError) as error:
+        raise gr.Error(str(error)) from None
+    if summary.failed:
+        gr.Warning("; ".join(f"{path.name}: {reason}" for path, reason in summary.failed))
+    written = {path.name: caption for path, caption in summary.written}
+    return [[t.path.name, written.get(t.path.name, t.existing or "")] for t in targets]
+
+
 def training_options(task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt, every) -> list[str]:
     # absolute paths: typed relative to where the UI runs, read by a process running in the project folder
     dit, vae, qwen, clip = (str(Path(p).resolve()) if (p or "").strip() else "" for p in (dit, vae, qwen, clip))
@@ -150,7 +174,12 @@ def build(defaults: dict, lora_target=None) -> None:
             table = gr.Dataframe(
                 headers=["file", "caption"], datatype=["str", "str"], label="Captions", interactive=True
             )
-            save = gr.Button("Save captions")
+            with gr.Row():
+                prefix = gr.Textbox(label="Caption prefix (a trigger word)", value="")
+                replace = gr.Checkbox(label="Replace the captions already written", value=False)
+            with gr.Row():
+                write_captions = gr.Button("Caption with Qwen")
+                save = gr.Button("Save captions")
             gr.Markdown("**2. Dataset config**")
             with gr.Row():
                 kind = gr.Radio(["image", "video"], value="video", label="Kind")
@@ -211,6 +240,9 @@ def build(defaults: dict, lora_target=None) -> None:
             raise gr.Error(str(error)) from None
 
     add.click(do_add, [folder, uploads], table, api_name="add_media")
+    write_captions.click(
+        _caption_with_qwen, [folder, qwen, table, prefix, replace], table, api_name="caption_with_qwen"
+    )
     save.click(do_save, [folder, table], message, api_name="save_captions")
     write.click(
         lambda f, k, r, n: projects.write_dataset_config(_project(f), k, r, n),
