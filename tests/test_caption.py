@@ -154,3 +154,24 @@ def test_bad_paths_are_named_before_qwen_loads(tmp_path, capsys):
     write_image(tmp_path / "media" / "a.png", 32, 32)
     code, _, _ = run(capsys, "--folder", str(tmp_path / "media"), "--text_encoder_qwen", str(tmp_path / "q"))
     assert "--text_encoder_qwen" in str(code) and "does not exist" in str(code)
+
+
+def test_the_instruction_comes_from_prompt_or_prompt_file(tiny_tree, tmp_path, capsys):
+    folder = tmp_path / "media"
+    folder.mkdir()
+    write_image(folder / "one.png", 64, 48, seed=9)
+    instruction = tmp_path / "instruction.txt"
+    instruction.write_text("Name the colours of this {kind} in three words.\n")
+    qwen = ["--folder", str(folder), "--text_encoder_qwen", str(tiny_tree / "text_encoder"), "--overwrite"]
+    captions = []
+    for extra in (
+        [],
+        ["--prompt_file", str(instruction)],
+        ["--prompt", "Name the colours of this {kind} in three words."],
+    ):
+        code, _, err = run(capsys, *qwen, *extra)
+        assert code == 0, err
+        captions.append((folder / "one.txt").read_text())
+    assert captions[1] == captions[2] != captions[0]
+    code, _, _ = run(capsys, *qwen, "--prompt", "x", "--prompt_file", str(instruction))
+    assert "give --prompt or --prompt_file, not both" in str(code)
