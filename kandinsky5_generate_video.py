@@ -78,9 +78,15 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--from_file",
         help="a file of prompts, one per line, each with optional --w --h --f --d --s "
-        "--g --n --i --expand overrides; all are generated in one run without reloading the models",
+        "--g --n --i --ei --expand overrides; all are generated in one run without reloading the models",
     )
     what.add_argument("--image", help="first frame (I2V tasks) or source image (I2I tasks)")
+    what.add_argument(
+        "--image_last",
+        help="I2V: the last frame, given in the conditioning of the last latent frame (first+last mode; the I2V "
+        "models learned the first frame only: use a LoRA trained with --i2v_mode first_last)",
+    )
+    what.add_argument("--loop", action="store_true", help="I2V: the first image is the last frame too (a loop)")
     what.add_argument(
         "--width",
         type=SIDE,
@@ -156,10 +162,6 @@ def parser() -> argparse.ArgumentParser:
     add_nabla_arguments(p)
     add_magcache_arguments(p)
     add_notice_options(p, GENERATION_NOTICES, "musubi-tuner options with no effect here")
-    p.add_argument(
-        "--image_last",
-        help="musubi-tuner's last-frame image: refused (Kandinsky 5's I2V conditions on the first frame only)",
-    )
     return annotate_ranges(p)
 
 
@@ -169,11 +171,6 @@ def main(argv=None) -> None:
     announce_notices(args, GENERATION_NOTICES)
     check_vae_tiling(p, args)
     args.given_options = given_options(p, argv) if args.vram else set()
-    if args.image_last:
-        sys.exit(
-            "error: --image_last: Kandinsky 5's I2V models were trained to continue a first frame only (frame 0 "
-            "holds the image, the mask marks it); there is no last-frame conditioning to give. Use --image"
-        )
     task = args.task
     try:
         fill_from_comfy(args, task, ("dit", "vae", "text_encoder_qwen", "text_encoder_clip"))

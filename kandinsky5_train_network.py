@@ -66,6 +66,15 @@ def parser() -> argparse.ArgumentParser:
         "by default training stops and names those files with the command that rebuilds them",
     )
     data.add_argument("--dit", help="DiT checkpoint to train on (required)")
+    data.add_argument(
+        "--i2v_mode",
+        choices=["first", "first_last"],
+        default="first",
+        help="I2V: first frame only, or also the last (in the last latent frame's conditioning)",
+    )
+    data.add_argument(
+        "--first_last_probability", type=number(0, 1), default=1.0, help="share of samples given their last frame"
+    )
     data.add_argument("--vae", help="VAE for --sample_prompts (default: weights/vae or weights/flux/vae)")
     data.add_argument(
         "--text_encoder_qwen", help="Qwen2.5-VL folder for --sample_prompts (default weights/text_encoder)"
@@ -135,12 +144,13 @@ def parser() -> argparse.ArgumentParser:
     )
     net.add_argument(
         "--ema_decay",
+        metavar="D",
         type=number(0, 1, low_open=True, high_open=True),
         help="keep an average of the weights, ema = decay * ema + (1 - decay) * weights (0.99 to 0.9999 usual), "
         "saved as <name>-ema.safetensors beside each save (default: none)",
     )
-    net.add_argument("--ema_start_step", type=NON_NEGATIVE_INT, default=0, help="the EMA's first step")
-    net.add_argument("--ema_update_every", type=POSITIVE_INT, default=1, help="update the EMA every N steps")
+    net.add_argument("--ema_start_step", metavar="N", type=NON_NEGATIVE_INT, default=0, help="the EMA's first step")
+    net.add_argument("--ema_update_every", metavar="N", type=POSITIVE_INT, default=1, help="the EMA's step interval")
     net.add_argument(
         "--ema_device",
         choices=["training", "cpu"],

@@ -7,6 +7,8 @@ Latents, one file per image or video clip::
       latent        (T, H/8, W/8, 16) float32, the scaled VAE latent
       first_frame   (1, H/8, W/8, 16) float32, clips only: frame ``start`` encoded alone, as I2V
                     generation encodes its first frame
+      last_frame    (1, H/8, W/8, 16) float32, clips only: the clip's last frame encoded alone, as
+                    generation encodes --image_last (caches written before it existed lack it)
 
 Text, one file per image or video (all clips of a video share it)::
 

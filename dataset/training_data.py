@@ -88,16 +88,18 @@ def epoch_batches(datasets: list[DatasetSamples], epoch: int, seed: int) -> list
 
 
 def load_batch(samples: list[TrainingSample]) -> dict:
-    """latents (B, T, h, w, 16), first_frame (B, 1, h, w, 16) and control (B, 1, h, w, 16: an edit's
+    """latents (B, T, h, w, 16), first_frame and last_frame (B, 1, h, w, 16) and control (B, 1, h, w, 16: an edit's
     source) when cached, text (B, L, D) padded,
     text_mask (B, L), pooled (B, D2), text_padded: whether any text is padded (known on the host,
     so that the training step need not ask the device), and files: the latent cache files' paths."""
-    latents, firsts, controls, texts, pooled = [], [], [], [], []
+    latents, firsts, lasts, controls, texts, pooled = [], [], [], [], [], []
     for sample in samples:
-        latent = read_tensors(sample.latent_file, LATENT_TENSORS, optional=("first_frame", "control"))
+        latent = read_tensors(sample.latent_file, LATENT_TENSORS, optional=("first_frame", "last_frame", "control"))
         latents.append(latent["latent"])
         if "first_frame" in latent:
             firsts.append(latent["first_frame"])
+        if "last_frame" in latent:
+            lasts.append(latent["last_frame"])
         if "control" in latent:
             controls.append(latent["control"])
         text = read_tensors(sample.text_file, TEXT_TENSORS)
@@ -113,6 +115,8 @@ def load_batch(samples: list[TrainingSample]) -> dict:
     batch["files"] = [str(sample.latent_file) for sample in samples]  # named when the loss goes bad
     if len(firsts) == len(samples):
         batch["first_frame"] = torch.stack(firsts)
+    if len(lasts) == len(samples):
+        batch["last_frame"] = torch.stack(lasts)
     if len(controls) == len(samples):
         batch["control"] = torch.stack(controls)
     return batch

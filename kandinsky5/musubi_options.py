@@ -53,10 +53,6 @@ TRAINING_NOTICES: dict[str, tuple[dict, str]] = {
         {"action": "store_true"},
         "--fp8_base already stores block-scaled fp8 weights (one scale per 64 values); use --fp8_base",
     ),
-    "--i2v_mode": (
-        {"action": "store_true"},
-        "the task decides image-to-video training: use an I2V task, e.g. --task k5-lite-i2v-5s-sd",
-    ),
     "--nabla_add_sta": (
         {"action": "store_true"},
         "the NABLA tasks' presets set add_sta as the official configs do (see --task and docs/attention.md)",

@@ -77,6 +77,7 @@ MUSUBI_COMMAND = [
     "--disable_numpy_memmap",
     "--fp8_scaled",
     "--i2v_mode",
+    "first",
     "--nabla_add_sta",
     "--no_vae_load",
     "--override_dit",
@@ -143,7 +144,7 @@ def test_a_musubi_command_line_and_config_file_train_and_each_notice_is_printed_
     ]
 
 
-def test_generation_accepts_musubis_options_and_refuses_image_last(tiny_tree, tmp_path, capsys):
+def test_generation_accepts_musubis_options_and_names_a_missing_last_frame(tiny_tree, tmp_path, capsys):
     generate(
         tiny_tree,
         "tiny-t2i",
@@ -160,8 +161,9 @@ def test_generation_accepts_musubis_options_and_refuses_image_last(tiny_tree, tm
     notes = capsys.readouterr().err
     for option in GENERATION_NOTICES:
         assert notes.count(f"note: {option} changes nothing here") == 1
-    with pytest.raises(SystemExit, match="first frame only"):
-        kandinsky5_generate_video.main(["--task", "tiny-i2v", "--image_last", "last.png"])
+    with pytest.raises(SystemExit, match="--image_last: cannot read image last.png"):
+        kandinsky5_generate_video.main(["--task", "tiny-i2v", "--image", str(tmp_path / "cat.png"), "--prompt", "x",
+                                        "--image_last", "last.png"])  # fmt: skip
 
 
 def test_weighting_schemes_follow_musubis_formulas():

@@ -87,6 +87,7 @@ def load_units(item: MediaItem, dataset: DatasetConfig, task: TaskPreset, base: 
             "bucket": list(size),
             "clip": list(clip) if clip else None,
             "source_fps": dataset.source_fps,
+            **({"last_frame": True} if clip else {}),  # clips hold their last frame alone too (first+last I2V)
         }
         path = dataset.cache_directory / latent_cache_name(item.key, size, clip)
         chosen = frames if clip is None else frames[clip[0] : clip[0] + clip[1]]
@@ -122,9 +123,10 @@ def encode_units(vae: VAE, units: list[Unit], seed: int, recipe: str) -> list[tu
     written."""
     generator = torch.Generator().manual_seed(seed + zlib.crc32(units[0].path.name.encode()))
     latents = vae.encode(torch.stack([_pixels(u.frames) for u in units]), generator=generator).cpu()
-    first = control = None
-    if units[0].is_clip:  # the first frame alone, as I2V generation encodes its image
+    first = last = control = None
+    if units[0].is_clip:  # the first and the last frame alone, as I2V generation encodes --image and --image_last
         first = vae.encode(torch.stack([_pixels(u.frames[:1]) for u in units]), generator=generator).cpu()
+        last = vae.encode(torch.stack([_pixels(u.frames[-1:]) for u in units]), generator=generator).cpu()
     if units[0].control is not None:  # an edit's source, encoded as I2I generation encodes --image (seeded alone)
         control = torch.cat(
             [vae.encode(_pixels(u.control)[None], generator=torch.Generator().manual_seed(seed)).cpu() for u in units]
@@ -133,7 +135,7 @@ def encode_units(vae: VAE, units: list[Unit], seed: int, recipe: str) -> list[tu
     for i, unit in enumerate(units):
         tensors = {"latent": latents[i]}
         if first is not None:
-            tensors["first_frame"] = first[i]
+            tensors["first_frame"], tensors["last_frame"] = first[i], last[i]
         if control is not None:
             tensors["control"] = control[i]
         if not all(torch.isfinite(t).all() for t in tensors.values()):

@@ -56,6 +56,16 @@ def i2v_channels(shape: tuple[int, int, int, int], device, first_frame: torch.Te
     return channels
 
 
+def with_last_frame(channels: torch.Tensor, last_frame: torch.Tensor) -> torch.Tensor:
+    """First+last-frame I2V: the last frame's latent (B, 1, H, W, 16) in the conditioning channels of the
+    last latent frame, its mask set (musubi-tuner's first_last layout). The first frame keeps the
+    official I2V convention (the noisy latent's frame 0 replaced, the mask of frame 0 set)."""
+    channels = channels.clone()
+    channels[:, -1:, ..., :16] = last_frame.to(channels.dtype)
+    channels[:, -1, ..., 16] = 1.0
+    return channels
+
+
 def i2i_channels(source_latent: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W, 16) source latent -> (B, 1, H, W, 17) with a mask of ones."""
     return torch.cat([source_latent, torch.ones_like(source_latent[..., :1])], dim=-1)

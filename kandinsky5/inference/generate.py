@@ -24,7 +24,14 @@ from kandinsky5.encoders.prompt_expansion import expand_prompt, with_trigger
 from kandinsky5.encoders.prompt_templates import template_for
 from kandinsky5.encoders.text_encoders import QWEN_MODEL, lm_head_missing, load_prompt_encoder
 from kandinsky5.encoders.vae import load_vae
-from kandinsky5.inference.denoiser import Denoiser, TextCondition, i2i_channels, i2v_channels, t2v_channels
+from kandinsky5.inference.denoiser import (
+    Denoiser,
+    TextCondition,
+    i2i_channels,
+    i2v_channels,
+    t2v_channels,
+    with_last_frame,
+)
 from kandinsky5.inference.jobs import (
     GenerationError,
     Job,
@@ -124,16 +131,18 @@ def encode_texts(
     return conditions
 
 
-def encode_images(vae, jobs: list[Job]) -> list[torch.Tensor | None]:
-    latents = []
-    for job in jobs:
-        if not job.image:
-            latents.append(None)
-            continue
-        pixels = image_to_pixels(resize_and_crop(load_image(job.image), job.width, job.height))
-        generator = torch.Generator().manual_seed(job.seed)  # the posterior sample is seeded too
-        latents.append(vae.encode(pixels, generator=generator).cpu())
-    return latents
+def encode_image(vae, path: str | None, job: Job) -> torch.Tensor | None:
+    if not path:
+        return None
+    pixels = image_to_pixels(resize_and_crop(load_image(path), job.width, job.height))
+    generator = torch.Generator().manual_seed(job.seed)  # the posterior sample is seeded too
+    return vae.encode(pixels, generator=generator).cpu()
+
+
+def encode_images(vae, jobs: list[Job]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Per job: the latent of its image (I2V first frame, I2I source) and of its I2V last frame (each
+    encoded alone at the job's size, seeded with the job's seed: with --loop the two are equal)."""
+    return [(encode_image(vae, job.image, job), encode_image(vae, job.image_last, job)) for job in jobs]
 
 
 def lora_multipliers(args) -> list[float]:
@@ -166,7 +175,9 @@ def initial_noise(job: Job, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16).float()
 
 
-def sample_job(dit, task: TaskPreset, job: Job, texts, image_latent, args, device) -> torch.Tensor:
+def sample_job(dit, task: TaskPreset, job: Job, texts, image_latents, args, device) -> torch.Tensor:
+    """``image_latents``: (image latent, last-frame latent), each None when the job has none."""
+    image_latent, last_latent = image_latents
     cond, uncond = (
         TextCondition(t.embeddings.to(device), t.mask.to(device), t.pooled.to(device)) if t else None for t in texts
     )
@@ -176,6 +187,8 @@ def sample_job(dit, task: TaskPreset, job: Job, texts, image_latent, args, devic
     if task.kind == "i2v":
         first_frame = image_latent.to(device)
         channels = i2v_channels(shape, device, first_frame if task.image_in_condition else None)
+        if last_latent is not None:
+            channels = with_last_frame(channels, last_latent.to(device))
     elif task.kind == "i2i":
         channels = i2i_channels(image_latent.to(device)) if image_latent is not None else t2v_channels(shape, device)
     elif dit.in_channels == 33:
@@ -280,7 +293,7 @@ def generate(args: argparse.Namespace, task: TaskPreset, request: Request | None
         image_latents = encode_images(vae, jobs)
         vae.model.to("cpu")
     else:
-        image_latents = [None] * len(jobs)
+        image_latents = [(None, None)] * len(jobs)
 
     dit = load_generation_dit(args, task, device, loras)
     latents = [sample_job(dit, task, job, texts[i], image_latents[i], args, device) for i, job in enumerate(jobs)]

@@ -44,6 +44,7 @@ class Job:
     guidance: float
     image: str | None
     output: Path
+    image_last: str | None = None  # I2V: the last frame (the first image again with --loop)
     expand_prompt: bool = False
     expanded_prompt: str | None = None  # what was encoded, when the prompt was expanded
 
@@ -73,6 +74,23 @@ def check_output(output: Path, frames: int, where: str = "") -> None:
     check_output_file(output, f"{where}output")
 
 
+def last_image(args: argparse.Namespace, line: PromptLine, task: TaskPreset, image: str | None, where: str):
+    """The I2V last frame of a job: the line's --ei, --image_last, or with --loop the first image."""
+    last = line.image_last or getattr(args, "image_last", None)
+    loop = getattr(args, "loop", False)
+    if (last or loop) and task.kind != "i2v":
+        option = "--loop" if loop and not last else "--image_last"
+        raise GenerationError(f"{where}{option} is for image-to-video tasks; {task.name} is {task.kind}")
+    if loop and last:
+        raise GenerationError(f"{where}--loop makes the first image the last one: give it or --image_last, not both")
+    if last:
+        try:
+            load_image(last)  # a missing or unreadable file is named before any model loads
+        except ValueError as error:
+            raise GenerationError(f"{where}--image_last: {error}") from None
+    return image if loop else last
+
+
 def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
     """One job per prompt, with per-line overrides, every size checked before any model loads."""
     if args.from_file:
@@ -91,6 +109,7 @@ def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
             raise GenerationError(f"{where}task {task.name} is image-to-video: give --image (the first frame)")
         if task.kind in ("t2v", "t2i") and image:
             raise GenerationError(f"{where}task {task.name} takes no image; use an i2v or i2i task")
+        image_last = last_image(args, line, task, image, where)
         frames = first_given(line.frames, args.frames, task.frames)
         width, height = first_given(line.width, args.width), first_given(line.height, args.height)
         if image and (width is None or height is None):
@@ -100,6 +119,8 @@ def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
         width, height = first_given(width, task.resolution), first_given(height, task.resolution)
         try:
             check_frames(frames)
+            if image_last and frames < 5:
+                raise GenerationError(f"a last frame needs at least 5 frames (2 latent frames), got {frames}")
             if not task.is_video and frames != 1:
                 raise GenerationError(f"task {task.name} makes images: frames must be 1, got {frames}")
             check_size(width, height, task, 128 if nabla_params(args, task) else None)
@@ -117,6 +138,7 @@ def build_jobs(args: argparse.Namespace, task: TaskPreset) -> list[Job]:
             steps=first_given(line.steps, args.steps, task.steps),
             guidance=first_given(line.guidance, args.guidance, task.guidance),
             image=image,
+            image_last=image_last,
             output=_output_for(args, line, index, frames, seed),
             expand_prompt=first_given(line.expand_prompt, args.expand_prompt, True),
         )

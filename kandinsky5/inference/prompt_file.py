@@ -3,8 +3,9 @@
     A cat walks on the grass --w 768 --h 512 --f 121 --d 42 --s 50 --g 5.0 --n blurry --i first.png
 
 --w width, --h height, --f frames, --d seed, --s steps, --g guidance, --n negative prompt,
---i image (I2V first frame / I2I source), --expand on|off (prompt expansion for this line; ours,
-musubi-tuner has no expansion). Empty lines and lines starting with # are skipped.
+--i image (I2V first frame / I2I source), --ei the I2V last frame (musubi-tuner's end-image key),
+--expand on|off (prompt expansion for this line; ours, musubi-tuner has no expansion). Empty lines and
+lines starting with # are skipped.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class PromptLine:
     guidance: float | None = None
     negative_prompt: str | None = None
     image: str | None = None
+    image_last: str | None = None
     expand_prompt: bool | None = None
 
 
@@ -55,6 +57,7 @@ OPTIONS = {
     "g": ("guidance", FINITE),
     "n": ("negative_prompt", str),
     "i": ("image", str),
+    "ei": ("image_last", str),
     "expand": ("expand_prompt", on_off),
 }
 _OPTION = re.compile(r"(?:^|\s)--([a-z]+)(?=\s|$)")

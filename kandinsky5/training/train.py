@@ -43,6 +43,7 @@ from kandinsky5.model.tasks import NABLA_SIZE_MULTIPLE, TaskPreset
 from kandinsky5.training.cache_check import checked_samples, damaged_caches_message
 from kandinsky5.training.ema import WeightAverage, ema_settings
 from kandinsky5.training.first_checks import first_checks
+from kandinsky5.training.first_last import FirstLastError, check_last_frames, last_frame_conditioning
 from kandinsky5.training.flow_matching import flow_matching_loss, noisy_latents
 from kandinsky5.training.fsdp_options import fsdp_settings
 from kandinsky5.training.lost_process import lost_peer, lost_peer_message
@@ -142,6 +143,9 @@ def training_loss(
         first_frame = batch["first_frame"].to(x_t)
         x_t = torch.cat([first_frame, x_t[:, 1:]], dim=1)
         channels = i2v_channels(shape, device, first_frame if task.image_in_condition else None)
+        if args.i2v_mode == "first_last":
+            last_frame = batch["last_frame"].to(device, torch.float32)
+            channels = last_frame_conditioning(channels, last_frame, args.first_last_probability, generator)
         frame_weight = torch.ones(x0.shape[1], device=device)
         frame_weight[0] = 0.0
     elif task.kind == "i2i":  # the clean source beside the noisy target, with a mask of ones, as I2I generation
@@ -527,6 +531,13 @@ def preflight(args: argparse.Namespace) -> tuple[list, list | None]:
             )
         raise TrainingError(f"no training samples (latent + text caches) in {folders}: run the caching commands first")
     check_latent_kind(datasets, args.task, getattr(args, "force_nabla_attention", False))
+    if args.i2v_mode == "first_last":
+        try:
+            check_last_frames(datasets, args.task, args.dataset_config)
+            if validation_sets:
+                check_last_frames(validation_sets, args.task, args.validation_dataset_config)
+        except FirstLastError as error:
+            raise TrainingError(str(error)) from None
     return datasets, validation_sets
 
 

@@ -46,6 +46,8 @@ class TrainingSampler:
             output=str(self.folder),
             prompt=None,
             image=None,
+            image_last=None,
+            loop=False,
             width=None,
             height=None,
             frames=SAMPLE_FRAMES if task.is_video else 1,
@@ -79,8 +81,8 @@ class TrainingSampler:
         network.eval()
         self.vae.model.to(self.device)
         written = []
-        for job, texts, image_latent in zip(self.jobs, self.texts, self.image_latents, strict=True):
-            latent = sample_job(dit, self.task, job, texts, image_latent, self.settings, self.device)
+        for job, texts, image_latents in zip(self.jobs, self.texts, self.image_latents, strict=True):
+            latent = sample_job(dit, self.task, job, texts, image_latents, self.settings, self.device)
             if not self.write:
                 continue
             movable = self.offload_dit and dit.block_swap is None and not is_sharded(next(dit.parameters()))
