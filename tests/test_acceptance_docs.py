@@ -138,6 +138,9 @@ def test_the_examples_wrote_what_the_docs_say(docs_workspace):
         "output/walk_ema-ema.safetensors",
         "output/walk_post_hoc.safetensors",
         "data/edits/sources/cat_001.txt",  # dataset_config.md's captioning
+        "first_last.mp4",
+        "loop.mp4",
+        "output/walk_first_last.safetensors",
     ]
     missing = [name for name in expected if not (docs_workspace / name).exists()]
     assert not missing, missing

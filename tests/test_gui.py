@@ -42,7 +42,7 @@ def form(tree, **changes):
         frames=9, steps=2, guidance=None, seed=7, fp8=False, blocks_to_swap=0,
         dit=str(tree / "model/tiny_t2v.safetensors"), vae=str(tree / "vae"),
         text_encoder_qwen=str(tree / "text_encoder"), text_encoder_clip=str(tree / "text_encoder2"),
-        comfy_models_dir="", dtype="float32", expand_prompt=True,
+        comfy_models_dir="", dtype="float32", expand_prompt=True, image_last=None, loop=False,
     )  # fmt: skip
     values.update(changes)
     return list(values.values())
@@ -621,3 +621,17 @@ def test_in_a_real_browser_caption_with_qwen_fills_the_captions_table(served, ti
         assert (media / "shot.txt").read_text().startswith("zxq style, ")
     finally:
         page.quit()
+
+
+def test_the_generate_page_takes_an_i2v_last_frame_and_a_loop(served, tiny_tree, tmp_path):
+    from gradio_client import handle_file
+
+    client, _ = served
+    first = write_image(tmp_path / "first.png", 64, 64, seed=4)
+    last = write_image(tmp_path / "last.png", 64, 64, seed=5)
+    values = form(tiny_tree, task="tiny-i2v", image=handle_file(str(first)), image_last=handle_file(str(last)))
+    video, _, _, settings, _ = client.predict(*values, api_name="/generate")
+    assert video and settings["image_last"] and Path(settings["image_last"]).name == "last.png"
+    values = form(tiny_tree, task="tiny-i2v", image=handle_file(str(first)), loop=True)
+    _, _, _, settings, _ = client.predict(*values, api_name="/generate")
+    assert settings["image_last"] == settings["image"]  # the loop: the first image is the last frame

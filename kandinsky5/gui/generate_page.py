@@ -21,7 +21,7 @@ def generation_argv(settings: dict, output: Path) -> list[str]:
     """The command line of one generation from the form's values (empty fields: the task's defaults)."""
     argv = ["--task", settings["task"], "--prompt", settings["prompt"], "--output", str(output)]
     argv += ["--seed", str(int(settings["seed"]))]
-    for option in ("negative_prompt", "image", "dit", "vae", "text_encoder_qwen", "text_encoder_clip"):
+    for option in ("negative_prompt", "image", "image_last", "dit", "vae", "text_encoder_qwen", "text_encoder_clip"):
         if settings.get(option):
             argv += [f"--{option}", str(settings[option])]
     if settings.get("comfy_models_dir"):
@@ -31,6 +31,8 @@ def generation_argv(settings: dict, output: Path) -> list[str]:
             argv += [f"--{option}", str(int(settings[option]))]
     if settings.get("guidance"):  # an empty field (shown as 0): the task's guidance
         argv += ["--guidance", str(settings["guidance"])]
+    if settings.get("loop"):
+        argv.append("--loop")
     if settings.get("fp8"):
         argv.append("--fp8_base")
     if settings.get("blocks_to_swap"):
@@ -109,6 +111,8 @@ def build(defaults: dict, output_folder: Path):
         "comfy_models_dir",
         "dtype",
         "expand_prompt",
+        "image_last",
+        "loop",
     ]
     with gr.Row():
         with gr.Column():
@@ -121,6 +125,9 @@ def build(defaults: dict, output_folder: Path):
             image = gr.Image(
                 label="Image (I2V first frame or I2I source): drop a picture here", type="filepath", height=200
             )
+            with gr.Accordion("I2V: last frame (with a LoRA trained for it)", open=False):
+                image_last = gr.Image(label="Last frame (I2V): drop a picture here", type="filepath", height=160)
+                loop = gr.Checkbox(label="Loop: the first image is the last frame too")
             loras = gr.Textbox(label="LoRAs: one per line, path:multiplier", lines=2)
             with gr.Row():
                 width = gr.Number(
@@ -157,7 +164,7 @@ def build(defaults: dict, output_folder: Path):
                 reuse = gr.Button("Use these settings again")
 
     inputs = [task, prompt, negative, image, loras, width, height, frames, steps, guidance, seed, fp8, blocks]
-    inputs += [dit, vae, qwen, clip, comfy, dtype, expand]
+    inputs += [dit, vae, qwen, clip, comfy, dtype, expand, image_last, loop]
 
     def generate(*values, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio's progress hook)
         settings = dict(zip(fields, values, strict=True))
