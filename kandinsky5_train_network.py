@@ -461,6 +461,8 @@ def arguments(argv=None) -> argparse.Namespace:
     for name in ("dataset_config", "dit", "output_dir"):
         if not getattr(args, name):
             p.error(f"--{name} is required (on the command line or in --config_file)")
+    if args.first_last_probability != 1.0 and args.i2v_mode != "first_last":
+        p.error("--first_last_probability needs --i2v_mode first_last")
     try:
         check_network_args(args.network_module, args.network_args)
     except ValueError as error:

@@ -98,6 +98,11 @@ def test_a_first_only_cache_and_a_t2v_task_are_refused_for_first_last_training(t
     with pytest.raises(SystemExit, match="hold no last frame, such as .*run kandinsky5_cache_latents.py"):
         kandinsky5_train_network.main(train_args(tiny_tree, config, tmp_path / "out", "--task", "tiny-i2v",
                                                  "--i2v_mode", "first_last", "--max_train_steps", "1"))  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        kandinsky5_train_network.arguments(
+            train_args(tiny_tree, video_only, tmp_path, "--first_last_probability", "0.5")
+        )
+    assert stop.value.code == 2  # (argparse's message: it needs --i2v_mode first_last)
     with pytest.raises(SystemExit, match="--i2v_mode first_last is for image-to-video tasks; tiny-t2v is t2v"):
         kandinsky5_train_network.main(train_args(tiny_tree, video_only, tmp_path / "out", "--i2v_mode", "first_last",
                                                  "--max_train_steps", "1"))  # fmt: skip
