@@ -12,10 +12,9 @@ import sys
 import torch
 
 from dataset.config import load_dataset_config
-from kandinsky5.cli import add_task_argument, given_options, run_caching
+from kandinsky5.cli import add_task_argument, add_text_encoder_dtype_argument, given_options, run_caching
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.inference.weight_paths import check_paths
-from kandinsky5.model.dtypes import TEXT_ENCODER_DTYPES
 from kandinsky5.model.tasks import default_paths
 from modules.option_types import POSITIVE_INT, ScriptParser, annotate_ranges
 
@@ -27,12 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text_encoder_qwen", help="Qwen2.5-VL-7B-Instruct folder (default weights/text_encoder)")
     p.add_argument("--text_encoder_clip", help="clip_l.safetensors or a CLIP folder (default weights/text_encoder2)")
     add_comfy_argument(p)
-    p.add_argument(
-        "--text_encoder_dtype",
-        choices=list(TEXT_ENCODER_DTYPES),
-        default="bfloat16",
-        help="Qwen weights: bfloat16 (default), float16, float32 or fp8 (about half the memory)",
-    )
+    add_text_encoder_dtype_argument(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--batch_size", type=POSITIVE_INT, help="captions encoded together (default: the dataset's batch_size)"

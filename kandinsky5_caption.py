@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kandinsky5.cli import add_text_encoder_dtype_argument
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.model.dtypes import TEXT_ENCODER_DTYPES
 from modules.option_types import POSITIVE_INT, ScriptParser, annotate_ranges, integer, number
@@ -31,12 +32,7 @@ def parser() -> argparse.ArgumentParser:
         help="Qwen2.5-VL-7B-Instruct: a folder or ComfyUI's single file (default weights/text_encoder)",
     )
     add_comfy_argument(p)
-    p.add_argument(
-        "--text_encoder_dtype",
-        choices=list(TEXT_ENCODER_DTYPES),
-        default="bfloat16",
-        help="Qwen weights: bfloat16 (default), float16, float32 or fp8 (about half the memory)",
-    )
+    add_text_encoder_dtype_argument(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     text = p.add_argument_group("what Qwen is asked")
     text.add_argument(

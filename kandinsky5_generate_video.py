@@ -22,6 +22,7 @@ from kandinsky5.cli import (
     add_nabla_arguments,
     add_prompt_expansion_arguments,
     add_task_argument,
+    add_text_encoder_dtype_argument,
     add_vae_tiling_arguments,
     check_vae_tiling,
     given_options,
@@ -29,7 +30,7 @@ from kandinsky5.cli import (
 from kandinsky5.comfy_models import add_comfy_argument, fill_from_comfy
 from kandinsky5.inference.jobs import prepare_request
 from kandinsky5.inference.magcache import task_ratios
-from kandinsky5.model.dtypes import DTYPES, TEXT_ENCODER_DTYPES
+from kandinsky5.model.dtypes import DTYPES
 from kandinsky5.model.memory_presets import add_vram_argument
 from kandinsky5.model.tasks import default_paths
 from kandinsky5.musubi_options import GENERATION_NOTICES, add_notice_options, announce_notices
@@ -121,13 +122,7 @@ def parser() -> argparse.ArgumentParser:
         "--vae_dtype", choices=list(DTYPES), default=None, help="VAE dtype (default: bfloat16 on CUDA, float32 on CPU)"
     )
     run.add_argument("--text_encoder_device", help="device for Qwen and CLIP (default: --device)")
-    run.add_argument(
-        "--text_encoder_dtype",
-        choices=list(TEXT_ENCODER_DTYPES),
-        default="bfloat16",
-        help="Qwen weights: bfloat16 (default), float16, float32, or fp8 (block-scaled float8 "
-        "weights computed in bf16: about half the memory)",
-    )
+    add_text_encoder_dtype_argument(run)
     run.add_argument(
         "--separate_cfg_passes",
         action="store_true",

@@ -46,6 +46,19 @@ def add_task_argument(
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
+def add_text_encoder_dtype_argument(parser) -> None:
+    """Qwen's weight dtype, or fp8 (``parser`` may be an argument group)."""
+    from kandinsky5.model.dtypes import TEXT_ENCODER_DTYPES
+
+    parser.add_argument(
+        "--text_encoder_dtype",
+        choices=list(TEXT_ENCODER_DTYPES),
+        default="bfloat16",
+        help="Qwen weights: bfloat16 (default), float16, float32, or fp8 (block-scaled float8 "
+        "weights computed in bf16: about half the memory)",
+    )
+
+
 def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "attention backend (at most one; default: the fastest exact one installed, see docs/attention.md)"

@@ -135,6 +135,22 @@ def _patterns(options: dict, key: str, default: list[str]) -> list[re.Pattern]:
     return patterns
 
 
+def network_factory(module_class: type[AdapterModule]):
+    """The ``create_network`` of a network module (the function musubi-tuner-style trainers call)."""
+
+    def create_network(
+        model: nn.Module,
+        network_dim: int,
+        network_alpha: float | None,
+        network_dropout: float = 0.0,
+        network_args: list[str] | None = None,
+    ) -> AdapterNetwork:
+        return build_network(module_class, model, network_dim, network_alpha, network_dropout, network_args)
+
+    create_network.__doc__ = f"The {module_class.kind} network of ``model``'s targeted Linear layers."
+    return create_network
+
+
 def build_network(
     module_class: type[AdapterModule],
     model: nn.Module,

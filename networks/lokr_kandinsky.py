@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .adapter_module import AdapterModule, wide_linear
-from .adapter_network import AdapterNetwork, build_network
+from .adapter_network import network_factory
 from .network_args import ADAPTERS
 
 
@@ -81,12 +81,4 @@ class LoKrModule(AdapterModule):
 ADAPTER = LoKrModule  # the module class this network is made of
 
 
-def create_network(
-    model: nn.Module,
-    network_dim: int,
-    network_alpha: float | None,
-    network_dropout: float = 0.0,
-    network_args: list[str] | None = None,
-) -> AdapterNetwork:
-    """The LoKr network for ``model``'s targeted Linear layers (see the module docstring)."""
-    return build_network(LoKrModule, model, network_dim, network_alpha, network_dropout, network_args)
+create_network = network_factory(LoKrModule)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter_module import AdapterModule, wide_linear
-from .adapter_network import DEFAULT_INCLUDE, AdapterNetwork, build_network
+from .adapter_network import DEFAULT_INCLUDE, AdapterNetwork, network_factory
 from .network_args import ADAPTERS
 
 __all__ = ["DEFAULT_INCLUDE", "AdapterNetwork", "LoRAModule", "LoRANetwork", "create_network"]
@@ -64,12 +64,4 @@ class LoRAModule(AdapterModule):
 ADAPTER = LoRAModule  # the module class this network is made of
 
 
-def create_network(
-    model: nn.Module,
-    network_dim: int,
-    network_alpha: float | None,
-    network_dropout: float = 0.0,
-    network_args: list[str] | None = None,
-) -> AdapterNetwork:
-    """The LoRA network for ``model``'s targeted Linear layers (see the module docstring)."""
-    return build_network(LoRAModule, model, network_dim, network_alpha, network_dropout, network_args)
+create_network = network_factory(LoRAModule)
