@@ -184,3 +184,19 @@ def test_adapters_train_over_fp8_weights_with_block_swap(adapter, tiny_tree, cac
     started_at_zero = [t for k, t in weights.items() if k.endswith(("hada_w2_a", "lora_up.weight"))]
     assert started_at_zero and all(t.abs().sum() > 0 for t in started_at_zero)  # trained over the fp8 layers
     assert read_lora(tmp_path / "out" / "lora.safetensors").modules
+
+
+def test_an_fsdp_runs_ema_is_saved_in_its_state_and_resumed_exactly(tiny_tree, cached_dataset, tmp_path):
+    _, config, _ = cached_dataset
+    fsdp = ROOT / "examples" / "accelerate" / "fsdp.yaml"
+    options = ["--network_module", "networks.loha_kandinsky", "--max_train_steps", "3", "--ema_decay", "0.5",
+               "--save_every_n_steps", "2", "--save_state"]  # fmt: skip
+    run(accelerate_launch(2, *train_args(tiny_tree, config, tmp_path / "a", *options), config_file=fsdp))
+    state = tmp_path / "a" / "lora-step00000002-state"
+    with safe_open(str(state / "ema.safetensors"), "pt") as f:
+        assert f.metadata()["ss_ema_updates"] == "2"
+    resume = ["--resume", str(state)]
+    run(accelerate_launch(2, *train_args(tiny_tree, config, tmp_path / "b", *options, *resume), config_file=fsdp))
+    ended = load_file(str(tmp_path / "a" / "lora-ema.safetensors"))
+    resumed = load_file(str(tmp_path / "b" / "lora-ema.safetensors"))
+    assert ended.keys() == resumed.keys() and all(torch.equal(ended[k], resumed[k]) for k in ended)

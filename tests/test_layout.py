@@ -20,6 +20,13 @@ ALLOWED = {
         "modules",
         "dataset",
     },
+    "kandinsky5.captioning": {
+        "kandinsky5.model",
+        "kandinsky5.encoders",
+        "kandinsky5.captioning",
+        "modules",
+        "dataset",
+    },
     "kandinsky5.training": {
         "kandinsky5.model",
         "kandinsky5.encoders",
@@ -36,6 +43,7 @@ ALLOWED = {
         "kandinsky5.encoders",
         "kandinsky5.inference",
         "kandinsky5.caching",
+        "kandinsky5.captioning",
         "kandinsky5.training",
         "modules",
         "dataset",
