@@ -118,13 +118,14 @@ def test_start_refuses_with_trainings_own_message_before_a_process_starts(served
     client.predict(str(folder), "image", 64, 9, api_name="/write_config")
     run = [str(folder), "tiny-t2v", str(tiny_tree / "model/tiny_t2v.safetensors"), str(tiny_tree / "vae"),
            str(tiny_tree / "text_encoder"), str(tiny_tree / "text_encoder2"), "80 GB", 20, 1e-3, 4, "", 5,
-           1]  # fmt: skip
+           1, "LoRA", False]  # fmt: skip
     with pytest.raises(AppError, match="run the caching commands first"):
         client.predict(*run, api_name="/start_training")
     with pytest.raises(AppError, match="DiT checkpoint .*missing.safetensors does not exist"):
         client.predict(*run[:2], str(tmp_path / "missing.safetensors"), *run[3:], api_name="/start_training")
     with pytest.raises(AppError, match="--sample_prompts needs the text encoders and the VAE: --vae .*absent"):
-        client.predict(*run[:3], str(tmp_path / "absent"), *run[4:10], "a fox", 5, 1, api_name="/start_training")
+        client.predict(*run[:3], str(tmp_path / "absent"), *run[4:10], "a fox", 5, 1, "LoRA", False,
+                       api_name="/start_training")  # fmt: skip
     assert not projects.Project(folder).pid_file.exists()  # no process was started
 
 
@@ -156,7 +157,7 @@ def test_caching_lists_a_broken_file_and_caches_the_rest_and_start_names_a_damag
     latent.write_bytes(latent.read_bytes()[:100])
     run = [folder, "tiny-t2v", str(tiny_tree / "model/tiny_t2v.safetensors"), str(tiny_tree / "vae"),
            str(tiny_tree / "text_encoder"), str(tiny_tree / "text_encoder2"), "80 GB", 20, 1e-3, 4, "", 5,
-           1]  # fmt: skip
+           1, "LoRA", False]  # fmt: skip
     with pytest.raises(AppError, match=rf"(?s)are damaged:.*{latent}: cut short.*kandinsky5_cache_latents.py"):
         client.predict(*run, api_name="/start_training")
     assert not projects.Project(folder).pid_file.exists()
@@ -380,9 +381,11 @@ def test_a_run_on_two_processes_is_launched_through_accelerate_stopped_with_a_st
     client.predict(folder, "tiny-t2v", str(tiny_tree / "vae"), str(tiny_tree / "text_encoder"),
                    str(tiny_tree / "text_encoder2"), api_name="/cache")  # fmt: skip
     run = [folder, "tiny-t2v", str(tiny_tree / "model/tiny_t2v.safetensors"), "", "", "", "80 GB", 100, 1e-3, 4,
-           "", 25, 2]  # fmt: skip
+           "", 25, 2, "LoKr", True]  # fmt: skip
     assert "training started" in client.predict(*run, api_name="/start_training")
-    assert "accelerate.commands.launch" in open(f"/proc/{projects.training_pid(project)}/cmdline").read()
+    command = open(f"/proc/{projects.training_pid(project)}/cmdline").read().split("\0")
+    assert "accelerate.commands.launch" in command
+    assert "networks.lokr_kandinsky" in command and "dora_wd=True" in command  # the page's adapter choice
     wait_for(lambda: len(projects.curves(project).get("loss/current", [])) >= 2, every=0.1)
     assert "stopping" in client.predict(folder, api_name="/stop_training")
     wait_for(lambda: not projects.running(project))

@@ -100,12 +100,21 @@ def _caption_with_qwen(folder, qwen, rows, prefix, replace, progress=gr.Progress
     return [[t.path.name, written.get(t.path.name, t.existing or "")] for t in targets]
 
 
-def training_options(task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt, every) -> list[str]:
+ADAPTERS = {"LoRA": "networks.lora_kandinsky", "LoHa": "networks.loha_kandinsky", "LoKr": "networks.lokr_kandinsky"}
+
+
+def training_options(
+    task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt, every, adapter="LoRA", dora=False
+) -> list[str]:
     # absolute paths: typed relative to where the UI runs, read by a process running in the project folder
     dit, vae, qwen, clip = (str(Path(p).resolve()) if (p or "").strip() else "" for p in (dit, vae, qwen, clip))
     options = ["--task", task, "--dit", dit, "--max_train_steps", str(int(steps)), "--learning_rate", str(rate)]
     options += ["--network_dim", str(int(rank)), "--save_every_n_steps", str(int(every)), "--save_state"]
     options += ["--max_data_loader_n_workers", "0", "--vram", vram.split()[0]]  # training picks and prints its options
+    if adapter and adapter != "LoRA":
+        options += ["--network_module", ADAPTERS[adapter]]
+    if dora:
+        options += ["--network_args", "dora_wd=True"]
     if (prompt or "").strip():
         options += ["--sample_prompts", "PROMPTS", "--sample_every_n_steps", str(int(every))]
         for option, value in (("--vae", vae), ("--text_encoder_qwen", qwen), ("--text_encoder_clip", clip)):
@@ -115,12 +124,12 @@ def training_options(task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt
 
 
 def _start(folder, *values) -> str:
-    *values, processes = values
+    *values, processes, adapter, dora = values
     processes = max(1, int(processes or 1))
     project = _project(folder)
     if not project.config.exists():
         raise gr.Error("write the dataset config first")
-    options = training_options(*values)
+    options = training_options(*values, adapter, dora)
     if "PROMPTS" in options:
         prompts = project.sample_prompts_file
         prompts.write_text(values[-2].strip() + "\n", encoding="utf-8")
@@ -202,6 +211,9 @@ def build(defaults: dict, lora_target=None) -> None:
                 steps = gr.Number(label="Steps", value=defaults.get("train_steps", 1600), precision=0)
                 rate = gr.Number(label="Learning rate", value=1e-4)
                 rank = gr.Number(label="Rank", value=16, precision=0)
+            with gr.Row():
+                adapter = gr.Dropdown(list(ADAPTERS), value="LoRA", label="Adapter (docs/training.md: LoHa, LoKr)")
+                dora = gr.Checkbox(label="DoRA (weight-decomposed)", value=False)
             processes = gr.Number(
                 label="GPUs (more than 1: accelerate launch --multi_gpu, one process each)", value=1, precision=0
             )
@@ -251,7 +263,7 @@ def build(defaults: dict, lora_target=None) -> None:
         api_name="write_config",
     )
     cache.click(_cache, [folder, task, vae, qwen, clip], cache_report, api_name="cache")
-    run_inputs = [folder, task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt, every, processes]
+    run_inputs = [folder, task, dit, vae, qwen, clip, vram, steps, rate, rank, prompt, every, processes, adapter, dora]
     start.click(_start, run_inputs, message, api_name="start_training")
     stop.click(
         lambda f: (
