@@ -33,6 +33,7 @@ from kandinsky5.model.fp32_steps import gated_add, modulate, rms_norm_rotate
 from kandinsky5.model.nabla import check_grid, fractal_order, nabla_attention, raster_order
 from kandinsky5.model.packed_projections import allocate_packed, packed_outputs
 from kandinsky5.model.rope import RopeCache, frequencies, text_angles, visual_angles
+from kandinsky5.model.sequence_parallel import SequenceSplit, gather_tokens, heads_to_tokens, tokens_to_heads
 from kandinsky5.model.tasks import NablaParams
 from modules.activation_offload import checkpoint_with_offload
 from modules.block_swap import BlockSwap, swap_plan
@@ -125,6 +126,7 @@ class Attention(nn.Module):
         self.query_norm = nn.RMSNorm(head_dim)
         self.key_norm = nn.RMSNorm(head_dim)
         self.out_layer = nn.Linear(model_dim, model_dim)
+        self.split: SequenceSplit | None = None  # visual self-attention under sequence parallelism
 
     def _project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x is context and (qkv := packed_outputs((self.to_query, self.to_key, self.to_value), x)) is not None:
@@ -146,10 +148,14 @@ class Attention(nn.Module):
         """``sparse``: (token grid, NABLA parameters) for block-sparse visual self-attention."""
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in self._project(x, context))
         q, k = rms_norm_rotate(self.query_norm, q, rope, v.dtype), rms_norm_rotate(self.key_norm, k, rope, v.dtype)
+        if self.split is not None:  # every token, this process's heads
+            q, k, v = (tokens_to_heads(t, self.split) for t in (q, k, v))
         if sparse is not None:
             out = nabla_attention(q, k, v, *sparse)
         else:
             out = attention(q, k, v, key_mask, backend)
+        if self.split is not None:
+            out = heads_to_tokens(out, self.split)
         return self.out_layer(out.flatten(-2))
 
 
@@ -280,6 +286,7 @@ class DiffusionTransformer3D(nn.Module):
         self.block_swap: BlockSwap | None = None
         self.attention_backend = DEFAULT_BACKEND
         self._rope = RopeCache()
+        self.sequence_split: SequenceSplit | None = None
 
     @property
     def device(self) -> torch.device:
@@ -311,6 +318,14 @@ class DiffusionTransformer3D(nn.Module):
         """torch.compile every transformer block (the first forward compiles; a new shape recompiles)."""
         for block in [*self.text_transformer_blocks, *self.visual_transformer_blocks]:
             block.compile(**options)
+
+    def enable_sequence_parallel(self, split: SequenceSplit) -> None:
+        """Split the visual tokens over ``split.size`` processes (kandinsky5/model/sequence_parallel.py);
+        every process calls the DiT with the same inputs and gets the whole output."""
+        split.check(self.visual_transformer_blocks[0].self_attention.num_heads)
+        self.sequence_split = split
+        for block in self.visual_transformer_blocks:
+            block.self_attention.split = split
 
     def enable_block_swap(self, requested: int, device: torch.device | str) -> int:
         """Keep ``requested`` blocks (the last ones in execution order, text blocks then visual blocks) in
@@ -393,6 +408,10 @@ class DiffusionTransformer3D(nn.Module):
         if nabla is not None:  # tokens in 8x8 tiles, the rotation angles reordered with them
             visual, sparse = fractal_order(visual, grid), (grid, nabla)
 
+        split = self.sequence_split
+        if split is not None:  # this process's share of the tokens, with their rotation angles
+            split.check(self.visual_transformer_blocks[0].self_attention.num_heads, visual.shape[1])
+            visual, visual_rope = split.local(visual), split.local(visual_rope, dim=0)
         backend, text_count = self.attention_backend, len(self.text_transformer_blocks)
         for i, block in enumerate(self.text_transformer_blocks):
             text_embed = self._run_block(i, block, text_embed, time_embed, text_rope, text_mask, backend)
@@ -406,6 +425,8 @@ class DiffusionTransformer3D(nn.Module):
             return out
 
         visual = run_blocks(slice(None)) if visual_blocks_hook is None else visual_blocks_hook(visual, run_blocks)
+        if split is not None:
+            visual = gather_tokens(visual, split)
         if sparse is not None:
             visual = raster_order(visual, grid)
         out = self.out_layer(visual, time_embed)

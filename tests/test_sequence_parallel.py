@@ -1,0 +1,44 @@
+"""Sequence parallelism (#40, the DiT's part): the visual tokens split over 2 CPU processes (gloo) give
+the one-process output, for a Lite- and a Pro-shaped tiny DiT, with NABLA on and off."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from .training_helpers import ROOT
+
+TOLERANCE = 1e-5  # fp32: the split changes only the order of some sums (measured differences printed)
+
+
+def run_workers(processes: int, task: str, nabla: str) -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+               str(port), "tests/sequence_parallel_worker.py", task, nabla]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("task", ["tiny-t2v", "tiny-pro-t2v"])
+@pytest.mark.parametrize("nabla", ["off", "on"])
+def test_two_processes_give_the_one_process_output(task, nabla):
+    out = run_workers(2, task, nabla)
+    differences = [float(d) for d in re.findall(r"largest difference ([0-9.e+-]+)", out)]
+    print(out)
+    assert len(differences) == 2 and max(differences) <= TOLERANCE
+    tokens = 4 * 8 * 8 if nabla == "on" else 4 * 3 * 3
+    assert out.count(f": {tokens // 2} tokens,") == 2  # each process ran the blocks on half of them
+
+
+def test_heads_that_do_not_split_are_refused_with_the_reason():
+    out = run_workers(3, "tiny-t2v", "off")
+    assert out.count("refused: --sequence_parallel 3: the DiT has 4 attention heads") == 3
