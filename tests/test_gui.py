@@ -277,8 +277,13 @@ def plotted_points(page, plot: int) -> int:
     charts = [c for c in page.find_elements(By.CSS_SELECTOR, "div.vega-embed") if c.is_displayed()]
     if len(charts) <= plot:
         return 0
-    lines = charts[plot].find_elements(By.CSS_SELECTOR, "g.mark-line path")
-    return sum(1 + (line.get_attribute("d") or "").count("L") for line in lines)
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    try:
+        lines = charts[plot].find_elements(By.CSS_SELECTOR, "g.mark-line path")
+        return sum(1 + (line.get_attribute("d") or "").count("L") for line in lines)
+    except StaleElementReferenceException:  # the chart was drawn again meanwhile: the caller looks again
+        return 0
 
 
 def test_in_a_real_browser_a_dataset_is_built_cached_trained_watched_stopped_and_resumed(served, tmp_path):

@@ -842,4 +842,7 @@ def train(args: argparse.Namespace) -> Path:
     if log_with:
         accelerator.end_training()
     upload.wait()
+    if accelerator.num_processes > 1:  # every process leaves the group together: no connection torn mid-exit
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     return final
