@@ -39,6 +39,7 @@ from modules.option_types import (
     FRAMES,
     NON_NEGATIVE_INT,
     POSITIVE,
+    POSITIVE_INT,
     SIDE,
     STEPS,
     ScriptParser,
@@ -120,6 +121,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="DiT compute dtype (default bfloat16)")
     run.add_argument(
         "--vae_dtype", choices=list(DTYPES), default=None, help="VAE dtype (default: bfloat16 on CUDA, float32 on CPU)"
+    )
+    run.add_argument(
+        "--sequence_parallel",
+        type=POSITIVE_INT,
+        metavar="N",
+        help="split each DiT step's visual tokens over N processes started with accelerate launch --num_processes N "
+        "(N divides the attention heads: Lite 28, Pro 32, image models 20; and each job's tokens). Default: all the "
+        "processes launched. See docs/runs.md",
     )
     run.add_argument("--text_encoder_device", help="device for Qwen and CLIP (default: --device)")
     add_text_encoder_dtype_argument(run)

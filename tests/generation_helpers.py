@@ -8,6 +8,7 @@ import kandinsky5_generate_video
 
 DIT_FILES = {
     "tiny-t2v": "tiny_t2v",
+    "tiny-t2v-nabla": "tiny_t2v",
     "tiny-i2v": "tiny_t2v",
     "tiny-i2v-distil": "tiny_t2v",
     "tiny-t2i": "tiny_t2i",
@@ -18,7 +19,7 @@ DIT_FILES = {
 
 def generate(tree: Path, task: str, *extra: str) -> None:
     """The real command-line entry point, in this process (a subprocess test covers the script itself)."""
-    vae = tree / ("vae" if task in ("tiny-t2v", "tiny-i2v", "tiny-i2v-distil", "tiny-pro-t2v") else "flux/vae")
+    vae = tree / ("flux/vae" if task in ("tiny-t2i", "tiny-i2i") else "vae")
     kandinsky5_generate_video.main(
         [
             "--task",

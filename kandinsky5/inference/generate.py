@@ -6,7 +6,9 @@
 4. decoding: the VAE turns the latents into frames (in overlapping tiles unless --no_vae_tiling),
    written as .mp4 or .png with metadata.
 
-So peak memory is the largest stage, not the sum. ``--latent_path`` runs stage 4 alone.
+So peak memory is the largest stage, not the sum. ``--latent_path`` runs stage 4 alone. Launched as
+several processes (--sequence_parallel), the first one runs stages 1, 2 and 4 and all of them stage 3
+(kandinsky5/inference/processes.py).
 """
 
 from __future__ import annotations
@@ -50,12 +52,20 @@ from kandinsky5.inference.media import (
     write_image,
     write_video,
 )
+from kandinsky5.inference.processes import (
+    is_first_process,
+    leave_processes,
+    quiet_unless_first,
+    share_from_first,
+    start_processes,
+)
 from kandinsky5.inference.sampling import flow_schedule, sample_euler
 from kandinsky5.model.attention import attention_backend
 from kandinsky5.model.checkpoint import check_architecture, checkpoint_files, expected_shapes, load_dit, read_layout
 from kandinsky5.model.dtypes import DTYPES
 from kandinsky5.model.memory_presets import apply_choice
 from kandinsky5.model.nabla import nabla_params
+from kandinsky5.model.sequence_parallel import SequenceSplit
 from kandinsky5.model.tasks import TASKS, TaskPreset
 from modules.atomic_save import save_safetensors_atomic
 from networks.lora_files import read_lora
@@ -175,7 +185,9 @@ def initial_noise(job: Job, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16).float()
 
 
-def sample_job(dit, task: TaskPreset, job: Job, texts, image_latents, args, device) -> torch.Tensor:
+def sample_job(
+    dit, task: TaskPreset, job: Job, texts, image_latents, args, device, progress: bool = True
+) -> torch.Tensor:
     """``image_latents``: (image latent, last-frame latent), each None when the job has none."""
     image_latent, last_latent = image_latents
     cond, uncond = (
@@ -206,7 +218,8 @@ def sample_job(dit, task: TaskPreset, job: Job, texts, image_latents, args, devi
         magcache=magcache_for(args, task.name, job.steps, len(dit.visual_transformer_blocks)),
     )
     sigmas = flow_schedule(job.steps, first_given(args.scheduler_scale, task.scheduler_scale), device)
-    with tqdm(total=job.steps, desc=f"sampling {job.index + 1}", unit="step") as bar, torch.no_grad():
+    bar = tqdm(total=job.steps, desc=f"sampling {job.index + 1}", unit="step", disable=not progress)
+    with bar, torch.no_grad():
         latent = sample_euler(denoiser, noise, sigmas, callback=lambda i, x: bar.update(1))
     if denoiser.magcache is not None:
         print(denoiser.magcache.summary())
@@ -266,17 +279,15 @@ def decode_latent_files(args, task: TaskPreset, device, latents: list[tuple[torc
 
 def generate(args: argparse.Namespace, task: TaskPreset, request: Request | None = None) -> None:
     """Run the request (checked by prepare_request(): the script does it before importing this module)."""
-    device = torch.device(args.device)
     request = request or prepare_request(args, task)
-    if args.latent_path:
-        decode_latent_files(args, task, device, request.latents)
-        return
-    jobs = request.jobs
-    if request.vram_choice is not None:
-        print(apply_choice(args, request.vram_choice, args.given_options, args.vram))
-    # Refuse a wrong DiT or a broken LoRA before the text encoders spend any time (LoRAs are read once, here).
-    check_architecture(read_layout(checkpoint_files(args.dit)), task, str(args.dit))
-    loras = [(read_lora(path), m) for path, m in zip(args.lora_weight or [], lora_multipliers(args), strict=True)]
+    split = start_processes(args, request.sequence_parallel) if request.sequence_parallel > 1 else None
+    with quiet_unless_first():
+        run_request(args, task, request, split)
+
+
+def prepare_inputs(args, task: TaskPreset, jobs: list[Job], loras: list, device):
+    """Stages 1 and 2: each job's (cond, uncond) texts and (image, last frame) latents, and the VAE if it
+    was loaded for the images (left in CPU memory)."""
     check_expansion(args, jobs)
     trigger = lora_trigger(args, loras)
     if trigger and not any(job.expand_prompt for job in jobs):
@@ -286,7 +297,6 @@ def generate(args: argparse.Namespace, task: TaskPreset, request: Request | None
         )
     text_device = torch.device(args.text_encoder_device or args.device)
     texts = encode_texts(args, task, jobs, text_device, trigger)
-
     vae = None
     if any(job.image for job in jobs):
         vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)
@@ -294,11 +304,46 @@ def generate(args: argparse.Namespace, task: TaskPreset, request: Request | None
         vae.model.to("cpu")
     else:
         image_latents = [(None, None)] * len(jobs)
+    return texts, image_latents, vae
+
+
+def run_request(args, task: TaskPreset, request: Request, split: SequenceSplit | None) -> None:
+    device = torch.device(args.device)
+    first = split is None or is_first_process()
+    if args.latent_path:
+        if first:
+            decode_latent_files(args, task, device, request.latents)
+        if split is not None:
+            leave_processes()
+        return
+    jobs = request.jobs
+    if request.vram_choice is not None:
+        print(apply_choice(args, request.vram_choice, args.given_options, args.vram))
+    # Refuse a wrong DiT or a broken LoRA before the text encoders spend any time (LoRAs are read once, here).
+    check_architecture(read_layout(checkpoint_files(args.dit)), task, str(args.dit))
+    loras = [(read_lora(path), m) for path, m in zip(args.lora_weight or [], lora_multipliers(args), strict=True)]
+    texts, image_latents, vae = prepare_inputs(args, task, jobs, loras, device) if first else (None, None, None)
+    if split is not None:  # the first process's encodings (and expanded prompts) in every process
+        texts, image_latents, expanded = share_from_first(
+            (texts, image_latents, [job.expanded_prompt for job in jobs]) if first else None
+        )
+        for job, prompt in zip(jobs, expanded, strict=True):
+            job.expanded_prompt = prompt
 
     dit = load_generation_dit(args, task, device, loras)
-    latents = [sample_job(dit, task, job, texts[i], image_latents[i], args, device) for i, job in enumerate(jobs)]
+    if split is not None:
+        dit.enable_sequence_parallel(split)
+        print(f"sequence parallel: each DiT step's visual tokens split over {split.size} processes")
+    latents = [
+        sample_job(dit, task, job, texts[i], image_latents[i], args, device, progress=first)
+        for i, job in enumerate(jobs)
+    ]
     del dit  # the DiT leaves the device before the VAE decodes
     free()
+    if split is not None:
+        leave_processes()
+    if not first:
+        return
 
     if vae is None:
         vae = load_vae(args.vae, task.vae, device=device, dtype=DTYPES[args.vae_dtype], task_name=task.name)

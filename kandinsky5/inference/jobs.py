@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kandinsky5.inference.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, load_image
+from kandinsky5.inference.processes import sequence_parallel_size
 from kandinsky5.inference.prompt_file import PromptLine, parse_prompt_line, read_prompt_file
 from kandinsky5.inference.sizes import check_frames, check_size, i2v_size, nearest_allowed_size
 from kandinsky5.inference.weight_paths import check_weights
@@ -178,6 +179,7 @@ class Request:
     jobs: list[Job]
     latents: list[tuple[torch.Tensor, dict]]
     vram_choice: object | None = None
+    sequence_parallel: int = 1  # processes that share each DiT step (kandinsky5/inference/processes.py)
 
 
 def prepare_request(args: argparse.Namespace, task: TaskPreset) -> Request:
@@ -189,9 +191,10 @@ def prepare_request(args: argparse.Namespace, task: TaskPreset) -> Request:
         return Request([], latents)
     check_backend(attention_backend(args), torch.device(args.device))
     jobs = build_jobs(args, task)
+    split = sequence_parallel_size(getattr(args, "sequence_parallel", None), task, jobs)
     choice = None
     if args.vram:  # what the request needs of the GPU, before the weights are looked for
         tokens = max(video_tokens(job.frames, job.width, job.height) for job in jobs)
         choice = generation_choice(task, tokens, args.vram)
     check_weights(args, task)
-    return Request(jobs, [], choice)
+    return Request(jobs, [], choice, split)

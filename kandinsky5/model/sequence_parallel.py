@@ -8,6 +8,9 @@ process the whole sequence for H/P of the heads; attention (dense, or NABLA, who
 computed per head) runs there, and a second all-to-all returns each process its tokens with all
 heads. The text blocks run whole on every process. The output is gathered whole before the output
 layer. Needs H and the token count divisible by P.
+
+This module imports torch.distributed only when a split runs, so the scripts' option checks use it
+before their heavy imports.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 
 class SequenceSplitError(ValueError):
@@ -47,13 +49,63 @@ class SequenceSplit:
         return x.chunk(self.size, dim=dim)[self.rank]
 
 
+def attention_heads(dit_params) -> int:
+    """The visual self-attention's head count of a DiT built from ``dit_params`` (a task's preset)."""
+    return dit_params["model_dim"] // sum(dit_params["axes_dims"])
+
+
+def check_split(size: int, heads: int, tokens: dict[str, int]) -> None:
+    """Refuse a split the scheme cannot make: ``tokens`` maps what each count belongs to (a job, a
+    bucket) to its visual tokens per latent."""
+    SequenceSplit(0, size).check(heads)
+    for name, count in tokens.items():
+        if count % size:
+            raise SequenceSplitError(
+                f"--sequence_parallel {size}: {name} has {count} visual tokens, which do not split over {size} "
+                f"processes (pick a size or frame count that gives a multiple of {size}, or another split)"
+            )
+
+
+def process_count_error(size: int, processes: int, script: str, groups_allowed: bool) -> str | None:
+    """The message for a split that does not fit the processes launched (None when it fits). Training
+    may run several groups of ``size`` processes (each group one data-parallel share); generation one."""
+    if processes % size == 0 and (groups_allowed or processes == size):
+        return None
+    need = f"a multiple of {size}" if groups_allowed else str(size)
+    return (
+        f"--sequence_parallel {size} needs {need} processes; this run has {processes}. Launch it with "
+        f"accelerate launch --num_processes {size} {script} ... (see docs/runs.md)"
+    )
+
+
+def join_sequence_groups(size: int) -> SequenceSplit:
+    """With the default process group up: groups of ``size`` consecutive ranks, and this process's place
+    in its group (every process must call this, in the same order)."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if size == world:
+        return SequenceSplit(rank, size)
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return SequenceSplit(rank % size, size, mine)
+
+
+def _group(split: SequenceSplit):
+    import torch.distributed as dist
+
+    return split.group or dist.group.WORLD
+
+
 def _all_to_all(x: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
     """x (P, ...): piece p goes to process p; returns (P, ...) with the piece each process sent here."""
-    from torch.distributed.nn.functional import all_to_all_single  # differentiable
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
 
     flat = x.contiguous().view(split.size, -1)
-    out = all_to_all_single(torch.empty_like(flat), flat, group=split.group or dist.group.WORLD)
-    return out.view(x.shape)
+    return all_to_all_single_autograd(flat, None, None, _group(split)).view(x.shape)
 
 
 def tokens_to_heads(x: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
@@ -72,7 +124,8 @@ def heads_to_tokens(x: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
-    """(B, S/P, C) of every process -> (B, S, C), in process order."""
-    from torch.distributed.nn.functional import all_gather  # differentiable
+    """(B, S/P, C) of every process -> (B, S, C), in process order. Its backward sums the gradients of
+    every process (each computes the same loss from the gathered output), see kandinsky5/training."""
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
-    return torch.cat(all_gather(x.contiguous(), group=split.group or dist.group.WORLD), dim=1)
+    return all_gather_single_autograd(x.contiguous(), 1, _group(split))
