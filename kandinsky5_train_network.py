@@ -269,16 +269,19 @@ def parser() -> argparse.ArgumentParser:
         "each moved to the GPU for its forward and its backward; more than exist is clamped",
     )
     mem.add_argument(
+        "--sequence_parallel",
+        type=POSITIVE_INT,
+        default=1,
+        metavar="N",
+        help="split each step's tokens over N processes (N divides the heads; see docs/runs.md)",
+    )
+    mem.add_argument(
         "--gradient_checkpointing_cpu_offload",
         action="store_true",
         help="with --gradient_checkpointing: keep each block's checkpointed input in CPU memory until backward",
     )
-    mem.add_argument(
-        "--full_bf16", action="store_true", help="the LoRA's weights, gradients and optimizer state in bf16 (not fp32)"
-    )
-    mem.add_argument(
-        "--full_fp16", action="store_true", help="the LoRA's weights, gradients and optimizer state in fp16 (not fp32)"
-    )
+    mem.add_argument("--full_bf16", action="store_true", help="LoRA weights, gradients and optimizer state in bf16")
+    mem.add_argument("--full_fp16", action="store_true", help="LoRA weights, gradients and optimizer state in fp16")
     mem.add_argument("--cuda_allow_tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA")
     mem.add_argument("--cuda_cudnn_benchmark", action="store_true", help="let cuDNN pick its fastest kernels")
     add_attention_arguments(p)
@@ -302,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--dynamo_mode", choices=["default", "reduce-overhead", "max-autotune"], help="as --compile_mode")
     comp.add_argument("--dynamo_dynamic", action="store_true", help="as --compile_dynamic true")
     comp.add_argument("--dynamo_fullgraph", action="store_true", help="as --compile_fullgraph")
-    comp.add_argument("--ddp_timeout", type=POSITIVE_INT, help="minutes the processes wait for each other (default 30)")
+    comp.add_argument("--ddp_timeout", type=POSITIVE_INT, metavar="MIN", help="minutes processes wait (default 30)")
 
     out = p.add_argument_group("output and logging")
     out.add_argument("--output_dir", help="where LoRA files go (required)")

@@ -39,6 +39,7 @@ from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import check_architecture, load_dit, read_layout
 from kandinsky5.model.memory_presets import apply_choice, training_choice
 from kandinsky5.model.nabla import nabla_params
+from kandinsky5.model.sequence_parallel import join_sequence_groups
 from kandinsky5.model.tasks import NABLA_SIZE_MULTIPLE, TaskPreset
 from kandinsky5.training.cache_check import checked_samples, damaged_caches_message
 from kandinsky5.training.ema import WeightAverage, ema_settings
@@ -56,6 +57,7 @@ from kandinsky5.training.musubi_runs import (
     state_from_hub,
     training_kwargs_handlers,
 )
+from kandinsky5.training.sequence_groups import check_sequence_split, data_share
 from kandinsky5.training.sharding import base_weight_bytes, shard_dit
 from kandinsky5.training.timesteps import TimestepBuckets, loss_weights, sample_timesteps
 from kandinsky5.training.trackers import SampleLog, chosen_trackers, start_trackers
@@ -531,6 +533,10 @@ def preflight(args: argparse.Namespace) -> tuple[list, list | None]:
             )
         raise TrainingError(f"no training samples (latent + text caches) in {folders}: run the caching commands first")
     check_latent_kind(datasets, args.task, getattr(args, "force_nabla_attention", False))
+    if getattr(args, "sequence_parallel", 1) > 1:
+        why = check_sequence_split(args.sequence_parallel, args.task.dit_params, datasets + (validation_sets or []))
+        if why:
+            raise TrainingError(why)
     if args.i2v_mode == "first_last":
         try:
             check_last_frames(datasets, args.task, args.dataset_config)
@@ -565,8 +571,10 @@ def train(args: argparse.Namespace) -> Path:
         cpu=cpu_processes,
         kwargs_handlers=training_kwargs_handlers(args),
     )
-    set_seed(args.seed)
+    set_seed(args.seed)  # the same draws in every process: a sequence group's processes draw the same noise
     device, main = accelerator.device, accelerator.is_main_process
+    split = join_sequence_groups(args.sequence_parallel) if args.sequence_parallel > 1 else None
+    share, shares = data_share(accelerator.process_index, accelerator.num_processes, args.sequence_parallel)
     check_backend(attention_backend(args), device)  # before anything loads
     if main:
         remove_leftovers(args.output_dir)  # hidden files of saves that were killed
@@ -596,7 +604,7 @@ def train(args: argparse.Namespace) -> Path:
             accelerator.end_training()
         return drawn or Path(args.output_dir)
     fingerprint = samples_fingerprint(datasets)
-    data = EpochBatches(datasets, args.seed, accelerator.process_index, accelerator.num_processes)
+    data = EpochBatches(datasets, args.seed, share, shares)
     note = data.sharing()
     if note and main:
         print(note)
@@ -647,6 +655,12 @@ def train(args: argparse.Namespace) -> Path:
             f"FSDP: process {accelerator.process_index} holds {held / 2**20:.2f} MiB of the {total / 2**20:.2f} MiB "
             f"of base weights ({held / total:.1%}) and its share of the LoRA"
         )
+    if split is not None:
+        dit.enable_sequence_parallel(split)
+        print(
+            f"sequence parallel: process {accelerator.process_index} runs 1/{split.size} of each step's visual tokens "
+            f"in group {share + 1} of {shares}"
+        )
     network.to(device).train()
     ema = WeightAverage(network, ema_settings(args)) if args.ema_decay else None
     compiling = compile_options(args)
@@ -687,7 +701,7 @@ def train(args: argparse.Namespace) -> Path:
         class_path=args.lr_scheduler_type,
         class_args=args.lr_scheduler_args,
     )
-    position, rng_states = Position(0, 1, 0, fingerprint, accelerator.num_processes), None
+    position, rng_states = Position(0, 1, 0, fingerprint, shares), None
     if args.resume and args.resume_from_huggingface:
         args.resume = state_from_hub(args)
     if args.resume:
@@ -696,7 +710,7 @@ def train(args: argparse.Namespace) -> Path:
             print(f"warning: the training data changed since {args.resume} was saved")
         if main:
             print(f"resuming from {args.resume}: step {position.step}, epoch {position.epoch}")
-        position = continue_with_this_process_count(position, accelerator.num_processes, len(data), main)
+        position = continue_with_this_process_count(position, shares, len(data), main)
     started = time.time()
     upload = HubUpload(args)
     checkpoints = Checkpoints(
@@ -712,8 +726,9 @@ def train(args: argparse.Namespace) -> Path:
     start_trackers(accelerator, trackers, args, {"task": task.name, "network_dim": args.network_dim})
     buckets = TimestepBuckets(args.num_timestep_buckets, args.seed) if args.num_timestep_buckets else None
     parameters = [p for p in network.parameters() if p.requires_grad]
-    # a sharded DiT runs only with every process taking part: then all sample and validate, the main one writes
-    everyone = fsdp is not None
+    # a sharded or split DiT runs only with every process taking part: then all sample and validate, the main
+    # one writes
+    everyone = fsdp is not None or split is not None
     with untouched_random_state(device):  # loading the encoders and VAE draws random initial weights
         sampling = args.sample_prompts and (main or everyone)
         sampler = TrainingSampler(args, task, device, write=main) if sampling else None
@@ -809,7 +824,7 @@ def train(args: argparse.Namespace) -> Path:
                 step += 1
                 done_epoch = i + 1 >= total
                 next_batch = 0 if done_epoch else i + 1
-                position = Position(step, epoch + done_epoch, next_batch, fingerprint, accelerator.num_processes)
+                position = Position(step, epoch + done_epoch, next_batch, fingerprint, shares)
                 average = sum(recent) / len(recent)
                 bar.update(1)
                 bar.set_postfix(loss=f"{average:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
