@@ -1,7 +1,8 @@
 """Run by tests/test_sequence_parallel.py under torchrun: the tiny DiT with its visual tokens split over
 the processes, against the same DiT in one process. ``forward`` prints the largest output difference;
-``grad`` the largest relative difference (in norm, per tensor) of a LoRA's gradients of a loss on the whole output (each process's
-gradients averaged over the processes, as training's reduction does) to the one-process gradients."""
+``grad`` the largest relative difference (in norm, per tensor) of a LoRA's gradients of a loss on the
+whole output (each process's gradients averaged over the processes, as training's reduction does) to
+the one-process gradients."""
 
 import sys
 
