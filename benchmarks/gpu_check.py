@@ -28,7 +28,10 @@ bf16, each section guarded so that one failure (out of memory, no compiler) keep
 - a Pro LoRA training step with the spec's flags (fp8, 10 blocks swapped, checkpointing) on a 17-frame
   512x512 clip: time and peak memory, against 24 GB and against the --vram estimate;
 - every stage's peak memory at the real architectures' widths (benchmarks/stage_memory.py on the
-  device: the VAE decodes, Qwen, a DiT step and a LoRA step of Lite, Pro and the image model).
+  device: the VAE decodes, Qwen, a DiT step and a LoRA step of Lite, Pro and the image model);
+- sequence parallelism over the GPUs found (benchmarks/sequence_parallel.py): a Pro DiT step and LoRA
+  step at the Pro 10 s HD length (249,856 tokens, one visual block), memory per GPU and step time with
+  the tokens split over 1, 2, 4 and 8 of them.
 
 Needs a CUDA build of torch and the project's own dependencies; no network and no weights. About 5-8
 minutes on one H100/H200.
@@ -329,6 +332,26 @@ def stage_figures(device, tiny: bool) -> None:
     report("stage memory", "ok" if done.returncode == 0 else "FAIL", done.stderr.strip()[-300:] or "every stage ran")
 
 
+def sequence_parallel_figures(device, tiny: bool) -> None:
+    """benchmarks/sequence_parallel.py over the GPUs found (1, 2, 4, 8 processes, as many as there are
+    GPUs): a Pro DiT step and LoRA step (one visual block) at the Pro 10 s HD length, 249,856 tokens,
+    peak memory per process and step time. Tiny: the script itself, two CPU processes."""
+    import subprocess
+
+    script = Path(__file__).with_name("sequence_parallel.py")
+    if tiny:
+        options = ["--model", "tiny-pro-t2v", "--device", "cpu", "--processes", "1", "2", "--latent", "1", "16", "16",
+                   "--modes", "generate"]  # fmt: skip
+    else:
+        gpus = torch.cuda.device_count()
+        counts = [str(n) for n in (1, 2, 4, 8) if n <= gpus]
+        options = ["--device", "cuda", "--processes", *counts, "--latent", "61", "128", "128"]
+    done = subprocess.run([sys.executable, str(script), *options], capture_output=True, text=True)
+    print(done.stdout, flush=True)
+    status = "ok" if done.returncode == 0 else "FAIL"
+    report("sequence parallel", status, done.stderr.strip()[-300:] if done.returncode else "every split ran")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
@@ -364,6 +387,7 @@ def main(argv=None) -> int:
         lambda: time_memory_options(task, size, device, args.runs),
         lambda: pro_training_step(device, size["tiny"]),
         lambda: stage_figures(device, size["tiny"]),
+        lambda: sequence_parallel_figures(device, size["tiny"]),
     ):
         try:
             section()

@@ -81,11 +81,13 @@ def vae_case(args) -> dict:
 
 
 def reduced_dit(model: str, visual_blocks: int, device: str):
-    """The model's real widths with one text block and ``visual_blocks`` visual blocks, random bf16."""
+    """The model's (a MODELS key or a task name) real widths with one text block and ``visual_blocks``
+    visual blocks, random bf16."""
     from kandinsky5.model.dit import DiffusionTransformer3D
     from kandinsky5.model.tasks import get_task
 
-    params = {**get_task(MODELS[model]).dit_params, "num_text_blocks": 1, "num_visual_blocks": visual_blocks}
+    task = get_task(MODELS.get(model, model))
+    params = {**task.dit_params, "num_text_blocks": 1, "num_visual_blocks": visual_blocks}
     with torch.device("meta"):
         dit = DiffusionTransformer3D(**params)
     dit.to_empty(device=device)

@@ -43,6 +43,8 @@ NOT_RUN = {
     "runs this config with 2 CPU processes)",
     "accelerate launch --config_file examples/accelerate/fsdp.yaml": "'...' stands for the options (tests/test_fsdp.py "
     "runs this config with 2 CPU processes)",
+    "accelerate launch --config_file examples/accelerate/sequence_parallel.yaml": "'...' stands for the options "
+    "(tests/test_sequence_parallel_training.py runs this config with 2 and 4 CPU processes)",
     "accelerate launch --config_file examples/accelerate/fsdp_two_nodes.yaml": "needs two machines",
     "accelerate launch --multi_gpu --num_machines 2": "needs two machines",
     "... --sample_prompts": "options to add to a training command ('...')",

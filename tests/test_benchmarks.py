@@ -121,6 +121,9 @@ def test_gpu_check_runs_every_check_at_tiny_size_on_the_cpu():
     assert "| sdpa |" in result.stdout and ", 0 failed," in result.stdout
     for row in ("| bf16 | ", "| bf16, 16 swapped | ", "| fp8 | ", "| fp8, 16 swapped | "):  # the memory options, timed
         assert any(line.startswith(row) and "failed" not in line for line in result.stdout.splitlines()), row
+    assert "ok    sequence parallel" in result.stdout  # the split benchmark: a row per process count
+    for processes in (1, 2):
+        assert f"| DiT step (CFG batch 2) | 64 | {processes} | " in result.stdout
 
 
 def test_docs_memory_md_shows_the_vram_table_the_presets_compute_today():

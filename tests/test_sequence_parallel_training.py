@@ -19,7 +19,9 @@ from kandinsky5.training.sequence_groups import check_sequence_split
 
 from .generation_helpers import accelerate_launch
 from .test_fsdp import DDP_CONFIG, FSDP_CONFIG, largest_difference, launch
-from .training_helpers import sampling_args, train_args
+from .training_helpers import ROOT, sampling_args, train_args
+
+SP_CONFIG = ROOT / "examples" / "accelerate" / "sequence_parallel.yaml"
 
 # fp32: the split changes only the order of some sums; the LoRA after 3 AdamW steps (measured below)
 LORA_TOLERANCE = 1e-5
@@ -31,7 +33,11 @@ def test_a_split_run_trains_the_one_process_lora_with_and_without_fsdp_and_resum
     launch(accelerate_launch(1, *train_args(tiny_tree, config, tmp_path / "one", *steps)))
     split = ["--sequence_parallel", "2"]
     saving = ["--save_every_n_steps", "2", "--save_state"]
-    ddp = launch(accelerate_launch(2, *train_args(tiny_tree, config, tmp_path / "sp", *steps, *split, *saving)))
+    ddp = launch(
+        accelerate_launch(
+            2, *train_args(tiny_tree, config, tmp_path / "sp", *steps, *split, *saving), config_file=SP_CONFIG
+        )
+    )
     assert ddp.stdout.count("runs 1/2 of each step's visual tokens in group 1 of 1") == 2
     fsdp = launch(
         accelerate_launch(2, *train_args(tiny_tree, config, tmp_path / "fsdp", *steps, *split), config_file=FSDP_CONFIG)
@@ -56,7 +62,8 @@ def test_four_processes_in_two_groups_train_what_two_data_parallel_processes_tra
     steps = ["--max_train_steps", "2", "--network_dim", "4"]
     launch(accelerate_launch(2, *train_args(tiny_tree, config, tmp_path / "ddp", *steps), config_file=DDP_CONFIG))
     split = ["--sequence_parallel", "2"]
-    four = launch(accelerate_launch(4, *train_args(tiny_tree, config, tmp_path / "sp", *steps, *split)))
+    arguments = train_args(tiny_tree, config, tmp_path / "sp", *steps, *split)
+    four = launch(accelerate_launch(4, *arguments, config_file=SP_CONFIG))
     for group in (1, 2):
         assert four.stdout.count(f"runs 1/2 of each step's visual tokens in group {group} of 2") == 2
     difference = largest_difference(tmp_path / "ddp/lora.safetensors", tmp_path / "sp/lora.safetensors")

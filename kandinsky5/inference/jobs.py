@@ -193,8 +193,8 @@ def prepare_request(args: argparse.Namespace, task: TaskPreset) -> Request:
     jobs = build_jobs(args, task)
     split = sequence_parallel_size(getattr(args, "sequence_parallel", None), task, jobs)
     choice = None
-    if args.vram:  # what the request needs of the GPU, before the weights are looked for
-        tokens = max(video_tokens(job.frames, job.width, job.height) for job in jobs)
+    if args.vram:  # what the request needs of the GPU, before the weights are looked for (a split: its share)
+        tokens = max(video_tokens(job.frames, job.width, job.height) for job in jobs) // split
         choice = generation_choice(task, tokens, args.vram)
     check_weights(args, task)
     return Request(jobs, [], choice, split)

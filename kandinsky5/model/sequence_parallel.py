@@ -102,10 +102,10 @@ def _group(split: SequenceSplit):
 
 def _all_to_all(x: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
     """x (P, ...): piece p goes to process p; returns (P, ...) with the piece each process sent here."""
-    from torch.distributed._functional_collectives import all_to_all_single_autograd
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
     flat = x.contiguous().view(split.size, -1)
-    return all_to_all_single_autograd(flat, None, None, _group(split)).view(x.shape)
+    return wait_tensor(all_to_all_single_autograd(flat, None, None, _group(split))).view(x.shape)
 
 
 def tokens_to_heads(x: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
@@ -126,6 +126,7 @@ def heads_to_tokens(x: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
 def gather_tokens(x: torch.Tensor, split: SequenceSplit) -> torch.Tensor:
     """(B, S/P, C) of every process -> (B, S, C), in process order. Its backward sums the gradients of
     every process (each computes the same loss from the gathered output), see kandinsky5/training."""
-    from torch.distributed._functional_collectives import all_gather_single_autograd
+    from torch.distributed._functional_collectives import all_gather_single_autograd, wait_tensor
 
-    return all_gather_single_autograd(x.contiguous(), 1, _group(split))
+    # waited here: an output nobody reads would otherwise leave the exchange pending at exit
+    return wait_tensor(all_gather_single_autograd(x.contiguous(), 1, _group(split)))

@@ -552,6 +552,7 @@ def train(args: argparse.Namespace) -> Path:
     datasets, validation_sets = preflight(args)
     if args.vram:
         tokens = max(t * (h // 2) * (w // 2) for entry in datasets for t, h, w, _ in (s.shape for s in entry.samples))
+        tokens //= args.sequence_parallel  # each process's share of a split step
         line = apply_choice(args, training_choice(task, tokens, args.vram), args.given_options, args.vram)
         if int(os.environ.get("RANK", "0")) == 0:
             print(line)
