@@ -95,12 +95,18 @@ class VisualEmbeddings(nn.Module):
         self.patch_size = tuple(patch_size)
         self.in_layer = nn.Linear(math.prod(patch_size) * in_channels, model_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h, w, c = x.shape
         pt, ph, pw = self.patch_size
         patches = x.view(b, t // pt, pt, h // ph, ph, w // pw, pw, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
-        patches = patches.reshape(b, t // pt, h // ph, w // pw, -1)
+        return patches.reshape(b, t // pt, h // ph, w // pw, -1)
+
+    def project(self, patches: torch.Tensor) -> torch.Tensor:
+        """The per-token projection of patches (any leading shape)."""
         return self.in_layer(patches.to(self.in_layer.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.patchify(x))
 
 
 class Modulation(nn.Module):
@@ -392,9 +398,10 @@ class DiffusionTransformer3D(nn.Module):
 
         time_embed = self.time_embeddings(time) + self.pooled_text_embeddings(pooled_text).float()
         text_embed = self.text_embeddings(text)
-        visual = self.visual_embeddings(x)
-        grid = tuple(visual.shape[1:4])
-        visual = visual.flatten(1, 3)
+        # patches, not model-width tokens, are ordered and split: a process projects only its own share
+        patches = self.visual_embeddings.patchify(x)
+        grid = tuple(patches.shape[1:4])
+        patches = patches.flatten(1, 3)
         if nabla is not None:
             check_grid(grid)
 
@@ -406,12 +413,13 @@ class DiffusionTransformer3D(nn.Module):
         )
         sparse = None
         if nabla is not None:  # tokens in 8x8 tiles, the rotation angles reordered with them
-            visual, sparse = fractal_order(visual, grid), (grid, nabla)
+            patches, sparse = fractal_order(patches, grid), (grid, nabla)
 
         split = self.sequence_split
         if split is not None:  # this process's share of the tokens, with their rotation angles
-            split.check(self.visual_transformer_blocks[0].self_attention.num_heads, visual.shape[1])
-            visual, visual_rope = split.local(visual), split.local(visual_rope, dim=0)
+            split.check(self.visual_transformer_blocks[0].self_attention.num_heads, patches.shape[1])
+            patches, visual_rope = split.local(patches), split.local(visual_rope, dim=0)
+        visual = self.visual_embeddings.project(patches)
         backend, text_count = self.attention_backend, len(self.text_transformer_blocks)
         for i, block in enumerate(self.text_transformer_blocks):
             text_embed = self._run_block(i, block, text_embed, time_embed, text_rope, text_mask, backend)
@@ -425,11 +433,11 @@ class DiffusionTransformer3D(nn.Module):
             return out
 
         visual = run_blocks(slice(None)) if visual_blocks_hook is None else visual_blocks_hook(visual, run_blocks)
-        if split is not None:
-            visual = gather_tokens(visual, split)
+        out = self.out_layer(visual, time_embed)  # per token
+        if split is not None:  # the output patches, 64 wide, gathered rather than the model-width tokens
+            out = gather_tokens(out, split)
         if sparse is not None:
-            visual = raster_order(visual, grid)
-        out = self.out_layer(visual, time_embed)
+            out = raster_order(out, grid)
         return self._unpatchify(out, grid)
 
     def _visual_angles(self, grid, rope_scale, device, fractal: bool) -> torch.Tensor:

@@ -6,8 +6,10 @@ exchange. Visual self-attention does: after the q/k/v projections, q/k normalisa
 rotation (each process rotates its own tokens by their own positions), an all-to-all gives every
 process the whole sequence for H/P of the heads; attention (dense, or NABLA, whose block mask is
 computed per head) runs there, and a second all-to-all returns each process its tokens with all
-heads. The text blocks run whole on every process. The output is gathered whole before the output
-layer. Needs H and the token count divisible by P.
+heads. The text blocks run whole on every process. The input is split as patches, before the input
+projection, and the output layer (per token too) runs on each share, so only the output patches
+(pt*ph*pw*16 = 64 values a token) are gathered: nothing of model width exists whole on a process.
+Needs H and the token count divisible by P.
 
 This module imports torch.distributed only when a split runs, so the scripts' option checks use it
 before their heavy imports.
