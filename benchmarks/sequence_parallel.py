@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stage_memory import GIB, DevicePeak, dit_inputs, reduced_dit  # noqa: E402
+
+from modules.ports import free_port  # noqa: E402
 
 PRO_10S_HD = 61 * 64 * 64  # tokens of k5-pro-t2v-10s-hd: 61 latent frames of 128 x 128 (1024 x 1024 px)
 
@@ -102,9 +103,7 @@ def child(args) -> None:
 
 
 def run_case(args, mode: str, processes: int, latent: list[int]) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                str(port), __file__, "--child", "--mode", mode, "--model", args.model, "--device", args.device,
                "--visual_blocks", str(args.visual_blocks), "--latent", *map(str, latent)]  # fmt: skip

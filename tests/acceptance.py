@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from modules.ports import free_port
+
 from .media_factory import caption, write_image, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +173,8 @@ def launcher(argv: list[str]) -> list[str]:
     if argv[:2] == ["accelerate", "launch"]:
         # one process on the CPU, unless the command asks for several (they then talk over gloo)
         several = "--multi_gpu" in argv or "--config_file" in argv
-        argv = [sys.executable, "-m", "accelerate.commands.launch", *([] if several else ["--cpu"]), *argv[2:]]
+        mode = ["--main_process_port", str(free_port())] if several and "--main_process_port" not in argv else []
+        argv = [sys.executable, "-m", "accelerate.commands.launch", *(mode if several else ["--cpu"]), *argv[2:]]
     elif argv[0] in ("python", "python3"):
         argv = [sys.executable, *argv[1:]]
     return [str(ROOT / word) if word in SCRIPTS or word.startswith("examples/") else word for word in argv]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import kandinsky5_generate_video
+from modules.ports import free_port
 
 DIT_FILES = {
     "tiny-t2v": "tiny_t2v",
@@ -68,6 +69,8 @@ def accelerate_launch(
     mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
     if config_file is not None:
         mode = ["--config_file", str(config_file)]
+    if processes > 1:  # tests run side by side (pytest-xdist): each launch its own rendezvous port
+        mode += ["--main_process_port", str(free_port())]
     return [
         sys.executable,
         "-m",

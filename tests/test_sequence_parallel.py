@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from modules.ports import free_port
 
 from .training_helpers import ROOT
 
@@ -23,9 +24,7 @@ GRADIENT_TOLERANCE = 2e-4
 
 
 def run_workers(processes: int, task: str, nabla: str, *mode: str) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                str(port), "tests/sequence_parallel_worker.py", task, nabla, *mode]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

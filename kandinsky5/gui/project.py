@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from modules.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".gif"}
@@ -184,11 +186,13 @@ def training_arguments(project: Project, options: list[str], resume: Path | None
 
 
 def training_command(project: Project, options: list[str], resume: Path | None = None, processes: int = 1) -> list[str]:
-    """One process, or ``accelerate launch --multi_gpu`` with one process per GPU."""
+    """One process, or ``accelerate launch --multi_gpu`` with one process per GPU (on a port of its own:
+    another run on this machine may hold the default one)."""
     script = str(ROOT / "kandinsky5_train_network.py")
     if processes > 1:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
-        launcher += ["--num_processes", str(processes), "--dynamo_backend", "no", script]
+        launcher += ["--num_processes", str(processes), "--main_process_port", str(free_port())]
+        launcher += ["--dynamo_backend", "no", script]
     else:
         launcher = [sys.executable, script]
     return launcher + training_arguments(project, options, resume)
