@@ -1,6 +1,6 @@
 """--sequence_parallel in generation (#40): the command launched with 2 CPU processes (gloo) writes what
 one process writes, for a Lite-shaped task with NABLA and MagCache, a Pro-shaped task with a prompt file,
-and I2V with a first and last frame; only the first process writes. Splits the scheme cannot make are
+I2V with a first and last frame, and image editing; only the first process writes. Splits the scheme cannot make are
 refused before any model loads."""
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ TOLERANCE = 1e-5  # fp32; the split only changes the order of some sums (measure
 
 
 def weights(tree, task: str) -> list[str]:
-    dit = DIT_FILES.get(task, "tiny_t2v")
-    return ["--task", task, "--dit", str(tree / "model" / f"{dit}.safetensors"), "--vae", str(tree / "vae"),
+    dit, vae = DIT_FILES[task], "flux/vae" if task in ("tiny-t2i", "tiny-i2i") else "vae"
+    return ["--task", task, "--dit", str(tree / "model" / f"{dit}.safetensors"), "--vae", str(tree / vae),
             "--text_encoder_qwen", str(tree / "text_encoder"), "--text_encoder_clip", str(tree / "text_encoder2"),
             "--dtype", "float32"]  # fmt: skip
 
@@ -41,6 +41,7 @@ CASES = {
                                               "128", "--steps", "4", "--magcache", "--guidance", "5"]),
     "pro-prompt-file": ("tiny-pro-t2v", ["--steps", "3"]),
     "i2v-first-last": ("tiny-i2v", ["--prompt", "waves", "--frames", "9", "--steps", "3", "--separate_cfg_passes"]),
+    "i2i": ("tiny-i2i", ["--prompt", "make it winter", "--steps", "3"]),
 }  # fmt: skip
 
 
@@ -57,10 +58,12 @@ def test_two_processes_write_what_one_process_writes(tiny_tree, tmp_path, case):
             outputs[name] = [tmp_path / name / "000_3.mp4", tmp_path / name / "001_4.mp4"]
     else:
         for name in ("one", "two"):
-            outputs[name] = [tmp_path / name / "out.mp4"]
+            outputs[name] = [tmp_path / name / ("out.png" if case == "i2i" else "out.mp4")]
     if case == "i2v-first-last":
         first, last = pictures(tmp_path)
         extra += ["--image", str(first), "--image_last", str(last)]
+    if case == "i2i":
+        extra += ["--image", str(pictures(tmp_path)[0])]
 
     def output_option(name):
         return ["--output", str(tmp_path / name if case == "pro-prompt-file" else outputs[name][0])]
