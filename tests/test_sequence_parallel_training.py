@@ -57,7 +57,7 @@ def test_a_split_run_trains_the_one_process_lora_with_and_without_fsdp_and_resum
     assert all(bool((first[k] == second[k]).all()) for k in first)  # continues exactly
 
 
-def test_four_processes_in_two_groups_train_what_two_data_parallel_processes_train(tiny_tree, cached_dataset, tmp_path):
+def test_four_processes_in_two_groups_train_what_two_data_parallel_processes_train_with_and_without_fsdp(tiny_tree, cached_dataset, tmp_path):
     _, config, _ = cached_dataset
     steps = ["--max_train_steps", "2", "--network_dim", "4"]
     launch(accelerate_launch(2, *train_args(tiny_tree, config, tmp_path / "ddp", *steps), config_file=DDP_CONFIG))
@@ -66,9 +66,17 @@ def test_four_processes_in_two_groups_train_what_two_data_parallel_processes_tra
     four = launch(accelerate_launch(4, *arguments, config_file=SP_CONFIG))
     for group in (1, 2):
         assert four.stdout.count(f"runs 1/2 of each step's visual tokens in group {group} of 2") == 2
-    difference = largest_difference(tmp_path / "ddp/lora.safetensors", tmp_path / "sp/lora.safetensors")
-    print(f"2 groups of 2 against 2 data-parallel processes: largest difference {difference:.3g}")
-    assert difference <= LORA_TOLERANCE
+    # and the weights sharded over all 4 with FSDP, each clip split over a group of 2
+    sharded = launch(
+        accelerate_launch(
+            4, *train_args(tiny_tree, config, tmp_path / "fsdp", *steps, *split), config_file=FSDP_CONFIG
+        )
+    )
+    assert sharded.stdout.count("FSDP: process") == 4 and "in group 2 of 2" in sharded.stdout
+    for name in ("sp", "fsdp"):
+        difference = largest_difference(tmp_path / "ddp/lora.safetensors", tmp_path / name / "lora.safetensors")
+        print(f"2 groups of 2 ({name}) against 2 data-parallel processes: largest difference {difference:.3g}")
+        assert difference <= LORA_TOLERANCE
 
 
 def test_lokr_with_dora_in_bf16_with_checkpointing_validates_and_samples_as_one_process(
