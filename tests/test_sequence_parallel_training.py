@@ -1,6 +1,7 @@
 """--sequence_parallel in training (#40): a LoRA trained with each step's tokens split over 2 CPU processes
 (gloo) equals the LoRA one process trains, alone and sharded with FSDP; its states resume exactly; 4
-processes train as 2 groups of 2 what 2 data-parallel processes train; bf16 runs; splits that do not fit
+processes train as 2 groups of 2 what 2 data-parallel processes train, with the weights sharded over
+all 4 too; bf16 runs; splits that do not fit
 are refused before loading."""
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def test_a_split_run_trains_the_one_process_lora_with_and_without_fsdp_and_resum
     assert all(bool((first[k] == second[k]).all()) for k in first)  # continues exactly
 
 
-def test_four_processes_in_two_groups_train_what_two_data_parallel_processes_train_with_and_without_fsdp(tiny_tree, cached_dataset, tmp_path):
+def test_two_groups_of_two_train_what_two_data_parallel_processes_train_with_and_without_fsdp(
+    tiny_tree, cached_dataset, tmp_path
+):
     _, config, _ = cached_dataset
     steps = ["--max_train_steps", "2", "--network_dim", "4"]
     launch(accelerate_launch(2, *train_args(tiny_tree, config, tmp_path / "ddp", *steps), config_file=DDP_CONFIG))
@@ -68,9 +71,7 @@ def test_four_processes_in_two_groups_train_what_two_data_parallel_processes_tra
         assert four.stdout.count(f"runs 1/2 of each step's visual tokens in group {group} of 2") == 2
     # and the weights sharded over all 4 with FSDP, each clip split over a group of 2
     sharded = launch(
-        accelerate_launch(
-            4, *train_args(tiny_tree, config, tmp_path / "fsdp", *steps, *split), config_file=FSDP_CONFIG
-        )
+        accelerate_launch(4, *train_args(tiny_tree, config, tmp_path / "fsdp", *steps, *split), config_file=FSDP_CONFIG)
     )
     assert sharded.stdout.count("FSDP: process") == 4 and "in group 2 of 2" in sharded.stdout
     for name in ("sp", "fsdp"):
