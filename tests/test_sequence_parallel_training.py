@@ -1,8 +1,7 @@
 """--sequence_parallel in training (#40): a LoRA trained with each step's tokens split over 2 CPU processes
 (gloo) equals the LoRA one process trains, alone and sharded with FSDP; its states resume exactly; 4
 processes train as 2 groups of 2 what 2 data-parallel processes train, with the weights sharded over
-all 4 too; bf16 runs; splits that do not fit
-are refused before loading."""
+all 4 too; bf16 runs; splits that do not fit are refused before loading."""
 
 from __future__ import annotations
 
