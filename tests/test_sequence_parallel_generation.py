@@ -1,6 +1,7 @@
 """--sequence_parallel in generation (#40): the command launched with 2 CPU processes (gloo) writes what
 one process writes, for a Lite-shaped task with NABLA and MagCache, a Pro-shaped task with a prompt file,
-I2V with a first and last frame, and image editing; only the first process writes. Splits the scheme cannot make are
+I2V with a first and last frame (with fp8 weights and block swap), and image editing; only the first
+process writes. Splits the scheme cannot make are
 refused before any model loads."""
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ CASES = {
     "lite-nabla-magcache": ("tiny-t2v-nabla", ["--prompt", "a dog", "--frames", "9", "--width", "128", "--height",
                                               "128", "--steps", "4", "--magcache", "--guidance", "5"]),
     "pro-prompt-file": ("tiny-pro-t2v", ["--steps", "3"]),
-    "i2v-first-last": ("tiny-i2v", ["--prompt", "waves", "--frames", "9", "--steps", "3", "--separate_cfg_passes"]),
+    "i2v-first-last": ("tiny-i2v", ["--prompt", "waves", "--frames", "9", "--steps", "3", "--separate_cfg_passes",
+                                    "--fp8_base", "--blocks_to_swap", "2"]),
     "i2i": ("tiny-i2i", ["--prompt", "make it winter", "--steps", "3"]),
 }  # fmt: skip
 
