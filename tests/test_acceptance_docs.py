@@ -187,7 +187,10 @@ def test_ctrl_c_under_the_docs_accelerate_launch_ends_with_the_resume_command(do
     argv += ["--output_name", "ctrl_c", "--save_every_n_steps", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     saved = docs_workspace / "output" / "ctrl_c-step00000002.safetensors"
-    process = running_until(argv, saved, 300, cwd=docs_workspace, env=env, start_new_session=True)
+    # Ctrl-C as in a terminal, where SIGINT has its default action: a test run started in the background
+    # of a shell without job control inherits SIGINT ignored, and the launcher would not see it
+    default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = running_until(argv, saved, 300, cwd=docs_workspace, env=env, start_new_session=True, preexec_fn=default)
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the group
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr[-3000:]
