@@ -191,7 +191,7 @@ def prepare_request(args: argparse.Namespace, task: TaskPreset) -> Request:
         return Request([], latents)
     check_backend(attention_backend(args), torch.device(args.device))
     jobs = build_jobs(args, task)
-    split = sequence_parallel_size(getattr(args, "sequence_parallel", None), task, jobs)
+    split = sequence_parallel_size(args.sequence_parallel, task, jobs)
     choice = None
     if args.vram:  # what the request needs of the GPU, before the weights are looked for (a split: its share)
         tokens = max(video_tokens(job.frames, job.width, job.height) for job in jobs) // split

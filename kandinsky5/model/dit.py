@@ -33,7 +33,13 @@ from kandinsky5.model.fp32_steps import gated_add, modulate, rms_norm_rotate
 from kandinsky5.model.nabla import check_grid, fractal_order, nabla_attention, raster_order
 from kandinsky5.model.packed_projections import allocate_packed, packed_outputs
 from kandinsky5.model.rope import RopeCache, frequencies, text_angles, visual_angles
-from kandinsky5.model.sequence_parallel import SequenceSplit, gather_tokens, heads_to_tokens, tokens_to_heads
+from kandinsky5.model.sequence_parallel import (
+    SequenceSplit,
+    check_split,
+    gather_tokens,
+    heads_to_tokens,
+    tokens_to_heads,
+)
 from kandinsky5.model.tasks import NablaParams
 from modules.activation_offload import checkpoint_with_offload
 from modules.block_swap import BlockSwap, swap_plan
@@ -328,7 +334,7 @@ class DiffusionTransformer3D(nn.Module):
     def enable_sequence_parallel(self, split: SequenceSplit) -> None:
         """Split the visual tokens over ``split.size`` processes (kandinsky5/model/sequence_parallel.py);
         every process calls the DiT with the same inputs and gets the whole output."""
-        split.check(self.visual_transformer_blocks[0].self_attention.num_heads)
+        check_split(split.size, self.visual_transformer_blocks[0].self_attention.num_heads)
         self.sequence_split = split
         for block in self.visual_transformer_blocks:
             block.self_attention.split = split
@@ -417,7 +423,8 @@ class DiffusionTransformer3D(nn.Module):
 
         split = self.sequence_split
         if split is not None:  # this process's share of the tokens, with their rotation angles
-            split.check(self.visual_transformer_blocks[0].self_attention.num_heads, patches.shape[1])
+            heads = self.visual_transformer_blocks[0].self_attention.num_heads
+            check_split(split.size, heads, {"this step": patches.shape[1]})
             patches, visual_rope = split.local(patches), split.local(visual_rope, dim=0)
         visual = self.visual_embeddings.project(patches)
         backend, text_count = self.attention_backend, len(self.text_transformer_blocks)

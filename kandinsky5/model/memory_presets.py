@@ -252,3 +252,9 @@ def add_vram_argument(parser: argparse.ArgumentParser, what: str) -> None:
 def video_tokens(frames: int, width: int, height: int) -> int:
     """Visual tokens of one DiT step: latent frames x (H/16) x (W/16)."""
     return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+
+
+def latent_tokens(shape: tuple[int, ...]) -> int:
+    """Visual tokens of a cached latent of shape (T, H/8, W/8, C): T x (H/16) x (W/16)."""
+    frames, height, width = shape[:3]
+    return frames * (height // 2) * (width // 2)

@@ -34,18 +34,6 @@ class SequenceSplit:
     size: int
     group: object = None
 
-    def check(self, heads: int, tokens: int | None = None) -> None:
-        if heads % self.size:
-            raise SequenceSplitError(
-                f"--sequence_parallel {self.size}: the DiT has {heads} attention heads, which do not split over "
-                f"{self.size} processes (use a divisor of {heads})"
-            )
-        if tokens is not None and tokens % self.size:
-            raise SequenceSplitError(
-                f"--sequence_parallel {self.size}: {tokens} visual tokens do not split over {self.size} processes "
-                "(change the frame count or size)"
-            )
-
     def local(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This process's share of ``x`` along ``dim`` (the token dimension)."""
         return x.chunk(self.size, dim=dim)[self.rank]
@@ -56,11 +44,15 @@ def attention_heads(dit_params) -> int:
     return dit_params["model_dim"] // sum(dit_params["axes_dims"])
 
 
-def check_split(size: int, heads: int, tokens: dict[str, int]) -> None:
-    """Refuse a split the scheme cannot make: ``tokens`` maps what each count belongs to (a job, a
-    bucket) to its visual tokens per latent."""
-    SequenceSplit(0, size).check(heads)
-    for name, count in tokens.items():
+def check_split(size: int, heads: int, tokens: dict[str, int] | None = None) -> None:
+    """Refuse a split the scheme cannot make: ``heads`` that do not divide by ``size``, or a token count
+    that does not; ``tokens`` maps what each count belongs to (a job, a bucket, a step) to its count."""
+    if heads % size:
+        raise SequenceSplitError(
+            f"--sequence_parallel {size}: the DiT has {heads} attention heads, which do not split over {size} "
+            f"processes (use a divisor of {heads})"
+        )
+    for name, count in (tokens or {}).items():
         if count % size:
             raise SequenceSplitError(
                 f"--sequence_parallel {size}: {name} has {count} visual tokens, which do not split over {size} "

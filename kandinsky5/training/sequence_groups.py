@@ -13,8 +13,8 @@ averaged over the groups: what data-parallel training over the groups would give
 
 from __future__ import annotations
 
-import os
-
+from kandinsky5.inference.processes import launched_processes
+from kandinsky5.model.memory_presets import latent_tokens
 from kandinsky5.model.sequence_parallel import attention_heads, check_split, process_count_error
 
 SCRIPT = "kandinsky5_train_network.py"
@@ -23,8 +23,7 @@ SCRIPT = "kandinsky5_train_network.py"
 def check_sequence_split(size: int, dit_params, datasets: list) -> str | None:
     """The reason the processes launched, the DiT's heads or a cached sample's tokens cannot be split
     over ``size`` processes (None when they can); ``datasets`` as preflight reads them."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    error = process_count_error(size, processes, SCRIPT, groups_allowed=True)
+    error = process_count_error(size, launched_processes(), SCRIPT, groups_allowed=True)
     if error:
         return error
     tokens, seen = {}, set()
@@ -35,7 +34,7 @@ def check_sequence_split(size: int, dit_params, datasets: list) -> str | None:
             seen.add(sample.shape)
             frames, height, width, _ = sample.shape
             name = f"the bucket of {sample.latent_file} ({width * 8}x{height * 8} px, {frames} latent frames)"
-            tokens[name] = frames * (height // 2) * (width // 2)
+            tokens[name] = latent_tokens(sample.shape)
     try:
         check_split(size, attention_heads(dit_params), tokens)
     except ValueError as error:

@@ -37,7 +37,7 @@ from kandinsky5.encoders.prompt_expansion import stored_trigger
 from kandinsky5.inference.denoiser import i2i_channels, i2v_channels, t2v_channels
 from kandinsky5.model.attention import attention_backend, check_backend
 from kandinsky5.model.checkpoint import check_architecture, load_dit, read_layout
-from kandinsky5.model.memory_presets import apply_choice, training_choice
+from kandinsky5.model.memory_presets import apply_choice, latent_tokens, training_choice
 from kandinsky5.model.nabla import nabla_params
 from kandinsky5.model.sequence_parallel import join_sequence_groups
 from kandinsky5.model.tasks import NABLA_SIZE_MULTIPLE, TaskPreset
@@ -533,7 +533,7 @@ def preflight(args: argparse.Namespace) -> tuple[list, list | None]:
             )
         raise TrainingError(f"no training samples (latent + text caches) in {folders}: run the caching commands first")
     check_latent_kind(datasets, args.task, getattr(args, "force_nabla_attention", False))
-    if getattr(args, "sequence_parallel", 1) > 1:
+    if args.sequence_parallel > 1:
         why = check_sequence_split(args.sequence_parallel, args.task.dit_params, datasets + (validation_sets or []))
         if why:
             raise TrainingError(why)
@@ -551,7 +551,7 @@ def train(args: argparse.Namespace) -> Path:
     task = args.task
     datasets, validation_sets = preflight(args)
     if args.vram:
-        tokens = max(t * (h // 2) * (w // 2) for entry in datasets for t, h, w, _ in (s.shape for s in entry.samples))
+        tokens = max(latent_tokens(sample.shape) for entry in datasets for sample in entry.samples)
         tokens //= args.sequence_parallel  # each process's share of a split step
         line = apply_choice(args, training_choice(task, tokens, args.vram), args.given_options, args.vram)
         if int(os.environ.get("RANK", "0")) == 0:
