@@ -18,26 +18,17 @@ DIT_FILES = {
 }
 
 
+def model_args(tree: Path, task: str) -> list[str]:
+    """The generation options naming the tiny tree's models for ``task``, the DiT in float32."""
+    vae = tree / ("flux/vae" if task in ("tiny-t2i", "tiny-i2i") else "vae")
+    return ["--task", task, "--dit", str(tree / "model" / f"{DIT_FILES[task]}.safetensors"), "--vae", str(vae),
+            "--text_encoder_qwen", str(tree / "text_encoder"), "--text_encoder_clip", str(tree / "text_encoder2"),
+            "--dtype", "float32"]  # fmt: skip
+
+
 def generate(tree: Path, task: str, *extra: str) -> None:
     """The real command-line entry point, in this process (a subprocess test covers the script itself)."""
-    vae = tree / ("flux/vae" if task in ("tiny-t2i", "tiny-i2i") else "vae")
-    kandinsky5_generate_video.main(
-        [
-            "--task",
-            task,
-            "--dit",
-            str(tree / "model" / f"{DIT_FILES[task]}.safetensors"),
-            "--vae",
-            str(vae),
-            "--text_encoder_qwen",
-            str(tree / "text_encoder"),
-            "--text_encoder_clip",
-            str(tree / "text_encoder2"),
-            "--dtype",
-            "float32",
-            *extra,
-        ]
-    )
+    kandinsky5_generate_video.main([*model_args(tree, task), *extra])
 
 
 def sampled_latent(tree: Path, folder: Path, name: str, *extra: str, prompt: str = "a dog"):

@@ -18,22 +18,15 @@ from kandinsky5.inference.processes import sequence_parallel_size
 from kandinsky5.model.sequence_parallel import SequenceSplitError
 from kandinsky5.model.tasks import get_task
 
-from .generation_helpers import DIT_FILES, accelerate_launch, generate
+from .generation_helpers import accelerate_launch, generate, model_args
 from .test_first_last import pictures
 from .training_helpers import ROOT
 
 TOLERANCE = 1e-5  # fp32; the split only changes the order of some sums (measured: 0)
 
 
-def weights(tree, task: str) -> list[str]:
-    dit, vae = DIT_FILES[task], "flux/vae" if task in ("tiny-t2i", "tiny-i2i") else "vae"
-    return ["--task", task, "--dit", str(tree / "model" / f"{dit}.safetensors"), "--vae", str(tree / vae),
-            "--text_encoder_qwen", str(tree / "text_encoder"), "--text_encoder_clip", str(tree / "text_encoder2"),
-            "--dtype", "float32"]  # fmt: skip
-
-
 def split_run(tree, task: str, *extra: str, processes: int = 2) -> subprocess.CompletedProcess:
-    command = accelerate_launch(processes, *weights(tree, task), *extra, script="kandinsky5_generate_video.py")
+    command = accelerate_launch(processes, *model_args(tree, task), *extra, script="kandinsky5_generate_video.py")
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -89,7 +82,7 @@ def test_two_processes_write_what_one_process_writes(tiny_tree, tmp_path, case):
 
 
 def test_splits_that_do_not_fit_are_refused_before_models_load(tiny_tree, tmp_path, monkeypatch):
-    common = [*weights(tiny_tree, "tiny-t2v"), "--prompt", "a dog", "--output", str(tmp_path / "x.mp4")]
+    common = [*model_args(tiny_tree, "tiny-t2v"), "--prompt", "a dog", "--output", str(tmp_path / "x.mp4")]
     # one process asked to split over 2
     one = subprocess.run([sys.executable, "kandinsky5_generate_video.py", *common, "--sequence_parallel", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
